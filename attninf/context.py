@@ -1,0 +1,55 @@
+"""What a stage function receives: its folder, the frozen config, its inputs, a tracker."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from attninf import manifest
+from attninf.tracking import NullTracker, Tracker
+
+
+class MissingInput(RuntimeError):
+    """An upstream stage has not finished; the message says which stage to run."""
+
+
+class Incomplete(RuntimeError):
+    """This worker did its share but the stage is not finished (other shards/ranks pending)."""
+
+
+@dataclass
+class StageContext:
+    name: str
+    arm: str | None
+    run_dir: Path
+    out: Path
+    cfg: DictConfig
+    dirs: dict[tuple[str, str | None], Path] = field(default_factory=dict)
+    tracker: Tracker = field(default_factory=NullTracker)
+
+    def section(self, key: str) -> Any:
+        """A resolved config section (DictConfig), or None when absent."""
+        return self.cfg.get(key)
+
+    def upstream(self, stage: str, arm: str | None = None) -> Path:
+        """Folder of a finished upstream stage; raises MissingInput naming what to run."""
+        path = self.dirs.get((stage, arm))
+        if path is None:
+            path = self.run_dir / stage / arm if arm else self.run_dir / stage
+        m = manifest.read(path)
+        if m is None or m.get("status") != "done":
+            what = f"{stage}" + (f" (arm {arm})" if arm else "")
+            raise MissingInput(
+                f"stage '{self.name}' needs the outputs of '{what}' at {path}, which has no "
+                f"finished manifest: run it first, e.g. `attninf stages=[{stage},{self.name}] "
+                f"run_dir={self.run_dir}`")
+        return path
+
+    @property
+    def arm_cfg(self) -> Any:
+        if self.arm is None:
+            return None
+        return self.cfg.arms[self.arm]

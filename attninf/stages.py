@@ -1,0 +1,76 @@
+"""The stage registry: what each stage reads (config sections, upstream stages) and runs.
+
+Stage functions are imported lazily ("module:function") so `attninf stages=[report]` never
+imports Megatron or torch. Artifacts flow one way:
+detect -> score -> select -> mix -> pretrain[arm] -> eval[arm] -> report,
+with `mirror` (paper Table 6 on probes) and `eval_masked` (Table 6 through lm-eval) hanging off
+detect.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+from omegaconf import DictConfig
+
+Needs = Callable[[DictConfig, "str | None"], list[tuple[str, "str | None"]]]
+
+
+def _arms(cfg: DictConfig) -> list[str]:
+    return list((cfg.get("arms") or {}).keys())
+
+
+def _none(cfg, arm):
+    return []
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    target: str  # "module:function" taking a StageContext, returning a JSON-able outputs summary
+    sections: tuple[str, ...]  # config sections that define this stage's work
+    needs: Needs = _none
+    per_arm: Callable[[DictConfig], bool] = lambda cfg: False
+
+    def fn(self):
+        mod, _, attr = self.target.partition(":")
+        return getattr(importlib.import_module(mod), attr)
+
+    def arms(self, cfg: DictConfig) -> list[str | None]:
+        return _arms(cfg) if self.per_arm(cfg) else [None]
+
+
+def _heads_needs(cfg, arm):
+    # A user-given head list or heads.json replaces detection.
+    heads = cfg.get("heads") or {}
+    if heads.get("file") or heads.get("list") or heads.get("set") in ("random", "none"):
+        return []
+    return [("detect", None)]
+
+
+def _eval_is_per_arm(cfg) -> bool:
+    return not (cfg.get("eval") or {}).get("model") and bool(_arms(cfg))
+
+
+STAGES: dict[str, StageSpec] = {s.name: s for s in [
+    StageSpec("detect", "selection.detect:run", ("model", "detect")),
+    StageSpec("mirror", "selection.mirror:run", ("model", "detect", "heads", "mirror"), _heads_needs),
+    StageSpec("score", "selection.score:run", ("model", "heads", "corpus", "score"), _heads_needs),
+    StageSpec("select", "selection.select:run", ("select",), lambda cfg, arm: [("score", None)]),
+    StageSpec("mix", "pretrain.mix:run", ("corpus", "mix", "arms", "tokenizer"),
+              lambda cfg, arm: [("select", None)] if any(
+                  (a or {}).get("selection") for a in (cfg.get("arms") or {}).values()) else []),
+    StageSpec("pretrain", "pretrain.train:run", ("pretrain",), lambda cfg, arm: [("mix", None)],
+              per_arm=lambda cfg: bool(_arms(cfg))),
+    StageSpec("eval", "eval.run:run", ("eval",),
+              lambda cfg, arm: [("pretrain", arm)] if arm is not None else [],
+              per_arm=_eval_is_per_arm),
+    StageSpec("eval_masked", "eval.masked:run", ("model", "heads", "eval"), _heads_needs),
+    StageSpec("report", "eval.report:run", ("report", "arms"),
+              lambda cfg, arm: [("eval", a) for a in _arms(cfg)]
+              + ([("eval_masked", None)] if "eval_masked" in list(cfg.get("stages") or []) else [])),
+]}
+
+ORDER = ["detect", "mirror", "score", "select", "mix", "pretrain", "eval", "eval_masked", "report"]
