@@ -1,0 +1,1 @@
+"""The AttentionInfluence method: selector models, retrieval-head detection, masking, scoring, selection."""

