@@ -1,0 +1,108 @@
+"""Runner: skip finished stages, move changed ones aside, name what is missing, sweep folders."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+from omegaconf import OmegaConf
+
+from attninf import stages as st
+from attninf.config import ConfigError, build, check
+from attninf.context import MissingInput
+from attninf.runner import run_pipeline, stage_dirs
+from tests import toy_stages
+
+
+@pytest.fixture
+def toy(monkeypatch):
+    monkeypatch.setitem(st.STAGES, "detect", st.StageSpec("detect", "tests.toy_stages:produce", ("detect",)))
+    monkeypatch.setitem(st.STAGES, "score", st.StageSpec(
+        "score", "tests.toy_stages:consume", ("score",), lambda cfg, arm: [("detect", None)]))
+    toy_stages.CALLS.clear()
+    return toy_stages.CALLS
+
+
+def _cfg(tmp_path, **kw):
+    base = {"run_dir": str(tmp_path / "run"), "stages": ["detect", "score"], "detect": {"value": 3},
+            "score": {"x": 1}, "wandb": {"mode": "disabled"}, "arms": {}}
+    base.update(kw)
+    return OmegaConf.create(base)
+
+
+def test_second_run_skips_finished_stages(tmp_path, toy):
+    cfg = _cfg(tmp_path)
+    run_pipeline(cfg)
+    run_pipeline(cfg)
+    assert toy == [("detect", None), ("score", None)]
+    m = json.loads((tmp_path / "run/score/manifest.json").read_text())
+    assert m["status"] == "done" and m["outputs"] == {"double": 6}
+    assert m["inputs"]["detect"]["key"] == json.loads((tmp_path / "run/detect/manifest.json").read_text())["key"]
+    assert (tmp_path / "run/score/config.yaml").exists()
+
+
+def test_changed_upstream_config_reruns_downstream_and_keeps_old_outputs(tmp_path, toy):
+    run_pipeline(_cfg(tmp_path))
+    run_pipeline(_cfg(tmp_path, detect={"value": 5}))
+    assert toy == [("detect", None), ("score", None)] * 2
+    assert json.loads((tmp_path / "run/score/double.json").read_text()) == {"v": 10}
+    olds = sorted(p.name for p in (tmp_path / "run").iterdir() if ".old-" in p.name)
+    assert [o.split(".old-")[0] for o in olds] == ["detect", "score"]
+
+
+def test_downstream_config_change_does_not_rerun_upstream(tmp_path, toy):
+    run_pipeline(_cfg(tmp_path))
+    run_pipeline(_cfg(tmp_path, score={"x": 2}))
+    assert toy == [("detect", None), ("score", None), ("score", None)]
+
+
+def test_missing_upstream_names_the_stage_to_run(tmp_path, toy):
+    with pytest.raises(MissingInput, match=r"needs the outputs of 'detect'.*add 'detect' to stages"):
+        run_pipeline(_cfg(tmp_path, stages=["score"]))
+
+
+def test_failed_stage_is_recorded_and_resumed(tmp_path, toy):
+    cfg = _cfg(tmp_path, fail_once=True)
+    with pytest.raises(RuntimeError, match="boom"):
+        run_pipeline(cfg)
+    m = json.loads((tmp_path / "run/detect/manifest.json").read_text())
+    assert m["status"] == "failed" and "boom" in m["error"]
+    run_pipeline(cfg)
+    assert json.loads((tmp_path / "run/detect/manifest.json").read_text())["status"] == "done"
+
+
+def test_unknown_stage_is_a_config_error(tmp_path, toy):
+    with pytest.raises(ConfigError, match=r"unknown stage\(s\) \['scor'\]"):
+        run_pipeline(_cfg(tmp_path, stages=["scor"]))
+
+
+def test_sweep_folders_share_untouched_stages(tmp_path):
+    cfg = OmegaConf.create({"run_dir": str(tmp_path), "arms": {"baseline": {"selection": None},
+                                                              "ai": {"selection": "attention_influence"}}})
+    dirs = stage_dirs(cfg, ["select.ratio=0.1", "wandb.mode=disabled"], multirun=True)
+    assert dirs[("score", None)] == tmp_path / "score"
+    assert dirs[("select", None)] == tmp_path / "select-select.ratio=0.1"
+    assert dirs[("pretrain", "ai")] == tmp_path / "pretrain-select.ratio=0.1" / "ai"
+    assert dirs[("eval", "baseline")].parent.name == "eval-select.ratio=0.1"
+    plain = stage_dirs(cfg, ["select.ratio=0.1"], multirun=False)
+    assert plain[("select", None)] == tmp_path / "select"
+
+
+@dataclasses.dataclass
+class _Cfg:
+    fraction: float = 0.05
+    name: str = "x"
+
+    def validate(self):
+        check(0 < self.fraction <= 1, "fraction", f"{self.fraction} outside (0, 1]")
+
+
+def test_typed_config_rejects_unknown_keys_types_and_ranges():
+    assert build(_Cfg, {"fraction": 0.5}, "heads").fraction == 0.5
+    with pytest.raises(ConfigError, match=r"unknown config key\(s\) heads.fractoin"):
+        build(_Cfg, {"fractoin": 0.5}, "heads")
+    with pytest.raises(ConfigError, match="heads"):
+        build(_Cfg, {"fraction": "lots"}, "heads")
+    with pytest.raises(ConfigError, match=r"heads.fraction: 1.5 outside \(0, 1\]"):
+        build(_Cfg, {"fraction": 1.5}, "heads")
