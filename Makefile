@@ -4,8 +4,14 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export WANDB_MODE ?= offline
 
-.PHONY: setup demo test test-slow bench clean
+.PHONY: setup setup-debs demo test test-slow clean
 setup: $(VENV)/.installed
+
+# Debian docs for the demo corpus's textbook and math domains (root). Without them the corpus
+# builder falls back to text that is always present and records that in its manifest.
+DEMO_DEBS := python3-doc python-sympy-doc pari-doc maxima-doc gap-doc debian-reference-en abs-guide
+setup-debs:
+	apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(DEMO_DEBS)
 
 $(VENV)/.installed: pyproject.toml requirements-cpu.txt requirements-offline.txt
 	$(PY) -m venv $(VENV)
@@ -14,7 +20,11 @@ $(VENV)/.installed: pyproject.toml requirements-cpu.txt requirements-offline.txt
 	$(BIN)/pip install -q --no-deps -e .
 	touch $@
 
-demo: setup
+# The corpus builder installs DEMO_DEBS itself when run as root (--install-debs).
+data/demo_corpus/manifest.json: | setup
+	$(BIN)/python -m selection.demo_corpus --out data/demo_corpus $(if $(filter 0,$(shell id -u)),--install-debs,)
+
+demo: setup data/demo_corpus/manifest.json
 	$(BIN)/attninf +experiment=demo
 
 test: setup

@@ -18,7 +18,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from attninf.config import ConfigError
-from attninf.context import MissingInput
+from attninf.context import Incomplete, MissingInput
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -34,6 +34,8 @@ def _main(cfg: DictConfig) -> None:
     multirun = hc.mode == RunMode.MULTIRUN
     try:
         run_pipeline(cfg, overrides=list(hc.overrides.task), multirun=multirun)
+    except Incomplete as e:
+        log.info("%s (other workers are still running; re-run to finish the stage)", e)
     except (ConfigError, MissingInput) as e:
         log.error("%s", e)
         if multirun:
