@@ -14,6 +14,7 @@ untouched stages (e.g. `score` in a ratio sweep) share one folder and run once.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import logging
 import os
 import re
@@ -65,7 +66,10 @@ def stage_dirs(cfg: DictConfig, overrides: list[str], multirun: bool) -> dict[tu
         folder = name
         if multirun and variant[name]:
             tag = ",".join(variant[name])
-            folder = f"{name}-" + re.sub(r"[^A-Za-z0-9_.=,+-]", "_", tag)[:120]
+            safe = re.sub(r"[^A-Za-z0-9_.=,+-]", "_", tag)
+            if len(safe) > 120:  # keep names short without letting two sweeps share a folder
+                safe = safe[:103] + "-" + hashlib.sha256(tag.encode()).hexdigest()[:16]
+            folder = f"{name}-{safe}"
         for arm in spec.arms(cfg):
             dirs[(name, arm)] = run_dir / folder / arm if arm else run_dir / folder
     return dirs

@@ -44,8 +44,11 @@ class StageSpec:
 
 def _heads_needs(cfg, arm):
     # A user-given head list or heads.json replaces detection.
+    # Random heads only need detection when they must avoid the retrieval heads (paper Table 6).
     heads = cfg.get("heads") or {}
-    if heads.get("file") or heads.get("list") or heads.get("set") in ("random", "none"):
+    if heads.get("file") or heads.get("list") or heads.get("set") in ("list", "none"):
+        return []
+    if heads.get("set") == "random" and not heads.get("exclude_retrieval", True):
         return []
     return [("detect", None)]
 

@@ -89,6 +89,14 @@ def test_sweep_folders_share_untouched_stages(tmp_path):
     assert plain[("select", None)] == tmp_path / "select"
 
 
+def test_long_sweep_tags_stay_short_and_distinct(tmp_path):
+    cfg = OmegaConf.create({"run_dir": str(tmp_path), "arms": {}})
+    long = "corpus.paths=[" + ",".join(f"shard-{i:05d}.jsonl" for i in range(30))
+    a = stage_dirs(cfg, [long + ",a.jsonl]"], multirun=True)[("score", None)]
+    b = stage_dirs(cfg, [long + ",b.jsonl]"], multirun=True)[("score", None)]
+    assert a != b and len(a.name) <= 130 and len(b.name) <= 130
+
+
 @dataclasses.dataclass
 class _Cfg:
     fraction: float = 0.05
