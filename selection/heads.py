@@ -1,0 +1,217 @@
+"""Head sets: which attention heads a later stage masks.
+
+Every stage that masks heads (mirror, score, eval_masked) takes its set from here, so an
+ablation is one config switch (`heads.set=random`, `heads.fraction=0.1`, `heads.file=...`):
+- retrieval: the top heads by detected retrieval score (the paper: top 5% of layer x head);
+- bottom:    the lowest-scoring heads (a "least retrieval-like" control);
+- random:    seeded random heads, by default excluding the retrieval heads of the same size
+             (the paper's Table 6 control: "random non-retrieval heads");
+- list:      an explicit [[layer, head], ...] list (`heads.list`), or a file holding one;
+- none:      no heads (the unmasked reference).
+Head identifiers are zero-based [layer, query_head] everywhere.
+
+Size: `count` when given, else round-half-up(fraction x n_layers x n_heads), at least 1
+(5% of 30 x 9 = 13.5 -> 14 heads on SmolLM2-135M; the paper's 16 x 20 selector -> 16).
+Ranking ties are broken by (layer, head) so the same scores always give the same set.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from attninf.config import ConfigError, check
+
+log = logging.getLogger(__name__)
+
+Head = tuple[int, int]
+SETS = ("retrieval", "random", "bottom", "list", "none")
+MASK_MODES = ("uniform", "zero")
+
+
+@dataclass
+class HeadsConfig:
+    """The `heads` config group (conf/heads/*.yaml)."""
+
+    set: str = "retrieval"
+    fraction: float = 0.05  # paper: top 5% of all heads
+    count: int | None = None  # overrides fraction
+    exclude_retrieval: bool = True  # random: draw only among non-retrieval heads (paper Table 6)
+    seed: int = 0  # random sets
+    file: str | None = None  # a detect/heads.json (or a JSON list of [layer, head]) to use instead of this run's detect
+    list: Any = None  # explicit [[layer, head], ...] for set=list
+    mode: str = "uniform"  # masking: uniform = causal running mean of values (paper), zero = output 0
+
+    def validate(self) -> None:
+        check(self.set in SETS, "set", f"'{self.set}' is not one of {list(SETS)}")
+        check(0.0 < self.fraction <= 1.0, "fraction", f"{self.fraction} is outside (0, 1]")
+        check(self.count is None or self.count >= 1, "count", f"{self.count} must be >= 1 (or null)")
+        check(self.mode in MASK_MODES, "mode", f"'{self.mode}' is not one of {list(MASK_MODES)}")
+        if self.list is not None:
+            check(self.set == "list", "list", f"a head list is given but heads.set={self.set}; "
+                                              "set heads.set=list to use it")
+            parse_head_list(self.list, "heads.list")
+        if self.set == "list":
+            check(self.list is not None or self.file is not None, "list",
+                  "heads.set=list needs heads.list=[[layer,head],...] or heads.file=PATH")
+
+
+def parse_head_list(obj: Any, where: str) -> list[Head]:
+    """[[l, h], ...] (lists, tuples or "l,h"/"l:h" strings) -> list of int tuples; clear errors."""
+    if not isinstance(obj, (list, tuple)):
+        raise ConfigError(f"{where}: expected a list of [layer, head] pairs, got {type(obj).__name__}")
+    out: list[Head] = []
+    for i, item in enumerate(obj):
+        if isinstance(item, str):
+            item = item.replace(":", ",").split(",")
+        try:
+            l, h = (int(x) for x in item)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}[{i}]: {item!r} is not a [layer, head] pair") from None
+        out.append((l, h))
+    if len(set(out)) != len(out):
+        dup = sorted({x for x in out if out.count(x) > 1})
+        raise ConfigError(f"{where}: duplicate heads {dup}")
+    return out
+
+
+def check_heads(heads: Sequence[Head], n_layers: int, n_heads: int, where: str) -> None:
+    """Every head inside the model, or a ConfigError naming the first one that is not."""
+    for l, h in heads:
+        if not (0 <= l < n_layers and 0 <= h < n_heads):
+            raise ConfigError(f"{where}: head [{l}, {h}] is outside the model "
+                              f"({n_layers} layers x {n_heads} heads, zero-based)")
+
+
+def n_selected(fraction: float, total: int, count: int | None = None) -> int:
+    if count is not None:
+        return min(count, total)
+    return max(1, min(total, int(fraction * total + 0.5)))
+
+
+def rank_heads(scores: Sequence[Sequence[float]], descending: bool = True) -> list[Head]:
+    """All heads ordered by score (best first unless descending=False); ties by (layer, head)."""
+    flat = [(float(s), l, h) for l, row in enumerate(scores) for h, s in enumerate(row)]
+    flat.sort(key=lambda x: ((-x[0]) if descending else x[0], x[1], x[2]))
+    return [(l, h) for _, l, h in flat]
+
+
+def load_heads_json(path: str | Path) -> dict:
+    """A detect/heads.json, or a JSON file holding just a list of heads (wrapped as `selected`)."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"heads.file: {path} does not exist")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"heads.file: {path} is not valid JSON ({e.msg}, line {e.lineno})") from None
+    if isinstance(data, list):
+        return {"selected": [list(h) for h in parse_head_list(data, str(path))], "scores": None}
+    if not isinstance(data, dict) or "selected" not in data:
+        raise ConfigError(f"heads.file: {path} has no 'selected' field (expected detect/heads.json)")
+    parse_head_list(data["selected"], f"{path}: selected")
+    scores = data.get("scores")
+    if scores is not None:
+        if (not isinstance(scores, list) or not scores or not all(isinstance(r, list) for r in scores)
+                or len({len(r) for r in scores}) != 1):
+            raise ConfigError(f"{path}: 'scores' must be a [n_layers][n_heads] list of floats")
+    return data
+
+
+def _check_geometry(heads_json: dict, n_layers: int, n_heads: int, where: str) -> None:
+    scores = heads_json.get("scores")
+    if scores is not None and (len(scores) != n_layers or len(scores[0]) != n_heads):
+        raise ConfigError(
+            f"{where}: scores are for {len(scores)} layers x {len(scores[0])} heads "
+            f"(model {heads_json.get('model')}), but this model has {n_layers} x {n_heads}")
+
+
+def resolve_heads(cfg: HeadsConfig, heads_json: dict | None, n_layers: int, n_heads: int,
+                  where: str = "heads") -> list[Head]:
+    """The head set `cfg` names, for a model of n_layers x n_heads query heads.
+
+    heads_json: the detection result (or heads.file) when the set needs scores
+    (retrieval, bottom, random with exclude_retrieval); None otherwise.
+    """
+    total = n_layers * n_heads
+    n = n_selected(cfg.fraction, total, cfg.count)
+    if heads_json is not None:
+        _check_geometry(heads_json, n_layers, n_heads, where)
+    if cfg.set == "none":
+        return []
+    if cfg.set == "list":
+        if cfg.list is not None:
+            heads = parse_head_list(cfg.list, "heads.list")
+        elif heads_json is not None:
+            heads = parse_head_list(heads_json["selected"], "heads.file: selected")
+        else:
+            raise ConfigError("heads.set=list needs heads.list or heads.file")
+        check_heads(heads, n_layers, n_heads, "heads.list" if cfg.list is not None else "heads.file")
+        return heads
+    if cfg.set in ("retrieval", "bottom") or (cfg.set == "random" and cfg.exclude_retrieval):
+        if heads_json is None:
+            need = ("heads.set=random with heads.exclude_retrieval=true" if cfg.set == "random"
+                    else f"heads.set={cfg.set}")
+            raise ConfigError(f"{need} needs retrieval scores: run the detect stage in this run_dir "
+                              "or give heads.file=PATH/heads.json"
+                              + (" (or set heads.exclude_retrieval=false)" if cfg.set == "random" else ""))
+    if cfg.set == "retrieval":
+        retrieval = _retrieval(heads_json, n)
+        check_heads(retrieval, n_layers, n_heads, where)
+        return retrieval
+    if cfg.set == "bottom":
+        if heads_json.get("scores") is None:
+            raise ConfigError("heads.set=bottom needs a heads.json with 'scores' (a plain list has none)")
+        return rank_heads(heads_json["scores"], descending=False)[:n]
+    # random
+    excluded: set[Head] = set()
+    if cfg.exclude_retrieval:
+        excluded = set(_retrieval(heads_json, n))
+    pool = [(l, h) for l in range(n_layers) for h in range(n_heads) if (l, h) not in excluded]
+    if n > len(pool):
+        raise ConfigError(f"heads: {n} random heads requested but only {len(pool)} non-retrieval heads exist")
+    return random.Random(cfg.seed).sample(pool, n)
+
+
+def _retrieval(heads_json: dict, n: int) -> list[Head]:
+    """Top-n by score when scores exist (so a different fraction than detection's still works);
+    a plain list file is used as given."""
+    if heads_json.get("scores") is not None:
+        return rank_heads(heads_json["scores"])[:n]
+    return [tuple(h) for h in parse_head_list(heads_json["selected"], "heads.file: selected")]  # type: ignore[misc]
+
+
+def heads_json_for_stage(ctx, cfg: HeadsConfig) -> tuple[dict | None, str | None]:
+    """(heads_json, where it came from): heads.file, else this run's detect output when present."""
+    if cfg.file:
+        return load_heads_json(cfg.file), str(cfg.file)
+    needs_scores = cfg.set in ("retrieval", "bottom") or (cfg.set == "random" and cfg.exclude_retrieval)
+    if cfg.set == "list" or not needs_scores:
+        return None, None
+    from attninf.context import MissingInput
+
+    try:
+        folder = ctx.upstream("detect")
+    except MissingInput:
+        if cfg.set == "random":
+            raise ConfigError("heads.set=random with heads.exclude_retrieval=true needs this run's "
+                              "detect output (add detect to stages) or heads.file=PATH/heads.json; "
+                              "or set heads.exclude_retrieval=false") from None
+        raise
+    path = Path(folder) / "heads.json"
+    return load_heads_json(path), str(path)
+
+
+def heads_for_stage(ctx, model) -> list[Head]:
+    """The head set of `ctx.cfg.heads` for `model` (a stage's one-liner)."""
+    from attninf.config import build
+    from selection.models import head_geometry
+
+    cfg = build(HeadsConfig, ctx.cfg.get("heads"), "heads")
+    n_layers, n_heads, _ = head_geometry(model)
+    heads_json, _ = heads_json_for_stage(ctx, cfg)
+    return resolve_heads(cfg, heads_json, n_layers, n_heads)
