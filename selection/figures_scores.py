@@ -1,0 +1,129 @@
+"""Figures for the select stage: what the AI score looks like per domain, and what it picks.
+
+- scores_by_domain.png: histogram of AI scores per domain with the selection threshold;
+- loss_vs_score.png: reference loss L_base against the AI score (selected rows highlighted), to
+  see whether the score is more than a perplexity filter in disguise;
+- examples.md: the top and bottom documents of each domain (text re-read from the corpus), for a
+  person to judge what "reasoning-intensive" meant in this run.
+
+Plots read a bounded sample (DuckDB reservoir sample) so they stay cheap at any corpus size.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SAMPLE_ROWS = 200_000
+
+
+def _load(score_dir: Path, select_dir: Path):
+    import duckdb
+
+    con = duckdb.connect()
+    df = con.execute(
+        f"""SELECT s.doc_id, s.domain, s.score, s.loss_base, sel.doc_id IS NOT NULL AS selected
+            FROM (SELECT * FROM read_parquet('{score_dir}/shard-*.parquet')
+                  USING SAMPLE reservoir({SAMPLE_ROWS} ROWS) REPEATABLE (0)) s
+            LEFT JOIN (SELECT doc_id FROM read_parquet('{select_dir}/selected.parquet')
+                       WHERE method = 'attention_influence') sel USING (doc_id)""").fetchall()
+    return df, con
+
+
+def make_figures(score_dir: Path, out: Path, summary: dict, cfg, corpus_cfg=None) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rows, con = _load(score_dir, out)
+    domains = sorted({r[1] for r in rows})
+    written = []
+    if domains:
+        thr = summary.get("methods", {}).get("attention_influence", {})
+        n = len(domains)
+        fig, axes = plt.subplots(1, n, figsize=(4 * n, 3.2), squeeze=False)
+        for ax, d in zip(axes[0], domains):
+            s = np.array([r[2] for r in rows if r[1] == d])
+            ax.hist(s, bins=min(60, max(5, len(s) // 5)), color="#4c72b0")
+            t = (thr.get(d) or {}).get("threshold")
+            if t is not None:
+                ax.axvline(t, color="#c44e52", ls="--", label=f"top {summary.get('ratio', 0):.0%}")
+                ax.legend(fontsize=8)
+            ax.set_title(f"{d} (n={len(s)})", fontsize=9)
+            ax.set_xlabel("AI score (L_masked - L_base) / L_base")
+        axes[0][0].set_ylabel("documents")
+        fig.tight_layout()
+        p = out / "scores_by_domain.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        written.append(p)
+
+        fig, axes = plt.subplots(1, n, figsize=(4 * n, 3.2), squeeze=False)
+        for ax, d in zip(axes[0], domains):
+            sel = np.array([r[4] for r in rows if r[1] == d], dtype=bool)
+            x = np.array([r[3] for r in rows if r[1] == d])
+            y = np.array([r[2] for r in rows if r[1] == d])
+            ax.scatter(x[~sel], y[~sel], s=4, alpha=0.5, color="#999999", label="not selected")
+            ax.scatter(x[sel], y[sel], s=4, alpha=0.7, color="#c44e52", label="selected (AI)")
+            ax.set_title(d, fontsize=9)
+            ax.set_xlabel("L_base (nats/token)")
+        axes[0][0].set_ylabel("AI score")
+        axes[0][0].legend(fontsize=7)
+        fig.tight_layout()
+        p = out / "loss_vs_score.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        written.append(p)
+
+    if cfg.examples > 0 and corpus_cfg is not None:
+        p = _examples(con, score_dir, out, cfg, corpus_cfg)
+        if p is not None:
+            written.append(p)
+    con.close()
+    return written
+
+
+def _examples(con, score_dir: Path, out: Path, cfg, corpus_cfg) -> Path | None:
+    """Top/bottom `cfg.examples` documents per domain with a text excerpt (a second corpus pass)."""
+    from attninf.config import build
+    from selection.corpora import CorpusConfig, iter_documents
+
+    k = int(cfg.examples)
+    picks = con.execute(f"""
+        WITH r AS (SELECT doc_id, domain, score, loss_base,
+                     row_number() OVER (PARTITION BY domain ORDER BY score DESC, doc_id) AS top,
+                     row_number() OVER (PARTITION BY domain ORDER BY score ASC, doc_id) AS bottom
+                   FROM read_parquet('{score_dir}/shard-*.parquet'))
+        SELECT doc_id, domain, score, loss_base, top <= {k} AS is_top FROM r
+        WHERE top <= {k} OR bottom <= {k} ORDER BY domain, score DESC""").fetchall()
+    wanted = {p[0] for p in picks}
+    text: dict[str, str] = {}
+    try:
+        ccfg = build(CorpusConfig, corpus_cfg, "corpus")
+        if ccfg.kind == "hf":
+            return None  # a second pass over a hub corpus is too costly for an illustration
+        for doc in iter_documents(ccfg):
+            if doc.doc_id in wanted:
+                text[doc.doc_id] = doc.text
+                if len(text) == len(wanted):
+                    break
+    except Exception as e:  # noqa: BLE001
+        log.warning("examples: cannot re-read the corpus: %s", e)
+        return None
+    lines = ["# Top and bottom documents by AI score", "",
+             "Score = (L_masked - L_base) / L_base; higher = leans on the retrieval heads.", ""]
+    cur = None
+    for doc_id, dom, score, lb, is_top in picks:
+        if dom != cur:
+            lines += [f"## {dom}", ""]
+            cur = dom
+        body = text.get(doc_id, "(text not found)")[: cfg.example_chars].replace("```", "'''")
+        lines += [f"### {'top' if is_top else 'bottom'}: `{doc_id}` score {score:.4f}, L_base {lb:.3f}", "",
+                  "```", body, "```", ""]
+    p = out / "examples.md"
+    p.write_text("\n".join(lines))
+    return p

@@ -1,0 +1,283 @@
+"""Stage `score`: reference loss with and without the retrieval heads for every document, sharded.
+
+Sharding: the corpus stream (selection.corpora, deterministic order) is cut into contiguous
+blocks of `score.shard_size` rows (skipped rows included, so a shard's content never depends on
+the tokenizer). Shard i belongs to worker `i % world` (attninf.dist.rank_world: torchrun rank,
+Slurm array task, or a single process). A finished shard is two files, written atomically (temp
++ rename), stats first:
+
+  score/shard-00007.stats.json   counts, skips by reason (with the first few file:row), tokens, wall
+  score/shard-00007.parquet      doc_id, domain, n_tokens, n_tokens_full, loss_base, loss_masked, score
+
+The parquet's presence is the completion marker, so a worker killed at any moment leaves either
+a whole shard or nothing, and a re-run recomputes exactly the missing shards: no document is
+lost or duplicated, and rows come out identical (same shard -> same batches -> same kernels).
+Every worker streams the whole corpus but tokenises and scores only its own shards; when it has
+done its share and other shards are still missing it raises Incomplete, and the run that finds
+every shard present writes the summary. Reading local jsonl/parquet is cheap next to scoring
+(~1,000x fewer operations per byte); streaming a hub corpus of the paper's size once per worker
+is not, so at that scale export the hub configs to local parquet first (corpus=parquet).
+
+Precision: the selector runs in `score.dtype` (default: the model config's dtype, bf16 in the
+shipped configs) with the loss in fp32; `score.dtype=float32` forces the full fp32 path.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from attninf import manifest
+from attninf.config import build, check
+from attninf.context import Incomplete
+from attninf.dist import rank_world
+from attninf.progress import Progress
+from selection.corpora import CorpusConfig, Document, iter_documents
+
+log = logging.getLogger(__name__)
+
+SCHEMA_COLUMNS = ("doc_id", "domain", "n_tokens", "n_tokens_full", "loss_base", "loss_masked", "score")
+
+
+@dataclass
+class ScoreConfig:
+    """`score` config group (conf/score/default.yaml documents each choice)."""
+
+    max_tokens: int = 4096  # truncation length (the paper's selector context); recorded per row
+    min_tokens: int = 2  # shorter documents have no next-token loss: counted skip "too_short"
+    bos: str = "auto"  # auto (tokenizer's own special tokens) | always | never
+    dtype: str | None = None  # override model.dtype (float32 forces the fp32 path)
+    device: str | None = None  # override model.device
+    attn_impl: str | None = None  # override model.attn_impl
+    shard_size: int = 2000  # documents (rows) per shard
+    batch_tokens: int = 16384  # padded tokens per batch (length-bucketed)
+    max_batch_size: int = 64
+    ce_chunk: int = 4096  # positions per lm_head/log-softmax chunk
+    share_prefix: bool = True  # compute the layers below the first masked layer once
+    tokenize_batch: int = 256  # documents per tokenizer call
+    progress: bool = True
+    skip_examples: int = 5  # file:row examples kept per skip reason in the stats
+
+    def validate(self) -> None:
+        check(self.max_tokens >= 2, "max_tokens", "must be >= 2")
+        check(self.min_tokens >= 2, "min_tokens", "must be >= 2 (a loss needs a next token)")
+        check(self.bos in ("auto", "always", "never"), "bos", "use auto, always or never")
+        check(self.dtype in (None, "float32", "bfloat16", "float16"), "dtype",
+              "use float32, bfloat16, float16 or null (= model.dtype)")
+        check(self.shard_size > 0, "shard_size", "must be positive")
+        check(self.batch_tokens >= self.max_tokens, "batch_tokens",
+              f"must be >= max_tokens ({self.max_tokens}) so the longest document fits a batch")
+        check(self.max_batch_size > 0 and self.ce_chunk > 0, "max_batch_size", "must be positive")
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i:05d}"
+
+
+def iter_shards(docs: Iterator[Document], shard_size: int) -> Iterator[tuple[int, list[Document]]]:
+    """Contiguous blocks of `shard_size` rows in corpus order: (shard index, rows)."""
+    block: list[Document] = []
+    i = 0
+    for d in docs:
+        block.append(d)
+        if len(block) == shard_size:
+            yield i, block
+            block, i = [], i + 1
+    if block:
+        yield i, block
+
+
+def _write_parquet_atomic(table, path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def score_shard(docs: list[Document], *, tokenizer, scorer, cfg: ScoreConfig, progress=None) -> tuple[dict, dict]:
+    """Score one shard: (columns dict in corpus order, stats). Skips are counted with a reason."""
+    from selection import scoring
+
+    t0 = time.perf_counter()
+    skipped: dict[str, int] = {}
+    examples: dict[str, list[str]] = {}
+
+    def skip(d: Document, reason: str) -> None:
+        skipped[reason] = skipped.get(reason, 0) + 1
+        ex = examples.setdefault(reason, [])
+        if len(ex) < cfg.skip_examples:
+            ex.append(d.where or d.doc_id)
+
+    good = []
+    for d in docs:
+        if d.skip is not None:
+            skip(d, d.skip)
+        else:
+            good.append(d)
+    encoded: list[tuple[list[int], int]] = []
+    for s in range(0, len(good), cfg.tokenize_batch):
+        encoded.extend(scoring.encode(tokenizer, [d.text for d in good[s:s + cfg.tokenize_batch]],
+                                      cfg.max_tokens, cfg.bos))
+    keep = []
+    for d, (ids, n_full) in zip(good, encoded):
+        if len(ids) < cfg.min_tokens:
+            skip(d, "too_short")
+        else:
+            keep.append((d, ids, n_full))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    on_batch = (lambda n, t: progress.update(n, t)) if progress is not None else None
+    base, masked = scoring.score_tokens(scorer, [k[1] for k in keep], max_batch_tokens=cfg.batch_tokens,
+                                        max_batch_size=cfg.max_batch_size, pad_id=pad_id, on_batch=on_batch)
+    if progress is not None:
+        progress.update(len(docs) - len(keep), 0)  # skipped rows count as processed
+    cols = {
+        "doc_id": [k[0].doc_id for k in keep],
+        "domain": [k[0].domain for k in keep],
+        "n_tokens": [len(k[1]) for k in keep],
+        "n_tokens_full": [k[2] for k in keep],
+        "loss_base": base,
+        "loss_masked": masked,
+        "score": [float(scoring.ai_score(b, m)) for b, m in zip(base, masked)],
+    }
+    stats = {
+        "rows": len(docs),
+        "scored": len(keep),
+        "max_tokens": cfg.max_tokens,
+        "bos": cfg.bos,
+        "skipped": skipped,
+        "skip_examples": examples,
+        "tokens_scored": int(sum(cols["n_tokens"])),
+        "tokens_full": int(sum(cols["n_tokens_full"])),
+        "truncated": int(sum(1 for k in keep if k[2] > len(k[1]))),
+        "wall_s": time.perf_counter() - t0,
+    }
+    return cols, stats
+
+
+def write_shard(out: Path, i: int, cols: dict, stats: dict) -> Path:
+    """Stats first, then the parquet (the completion marker), both atomically."""
+    import pyarrow as pa
+
+    schema = pa.schema([("doc_id", pa.string()), ("domain", pa.string()), ("n_tokens", pa.int64()),
+                        ("n_tokens_full", pa.int64()), ("loss_base", pa.float64()),
+                        ("loss_masked", pa.float64()), ("score", pa.float64())])
+    table = pa.table({k: cols[k] for k in SCHEMA_COLUMNS}, schema=schema)
+    manifest.write_json(out / f"{shard_name(i)}.stats.json", stats)
+    path = out / f"{shard_name(i)}.parquet"
+    _write_parquet_atomic(table, path)
+    return path
+
+
+def _count_rows(cfg: CorpusConfig) -> int | None:
+    """Rows in local files (for the progress bar's ETA); None when unknown or costly."""
+    if cfg.kind == "hf":
+        return None
+    from selection.corpora import local_files
+
+    total = 0
+    try:
+        for path, _ in local_files(cfg):
+            if path.name.endswith(".parquet"):
+                import pyarrow.parquet as pq
+
+                total += pq.ParquetFile(path).metadata.num_rows
+            elif path.suffix == ".gz":
+                return None
+            else:
+                with open(path, "rb") as fh:
+                    total += sum(buf.count(b"\n") for buf in iter(lambda: fh.read(1 << 20), b""))
+    except Exception:  # noqa: BLE001 - the reader will name the bad file properly
+        return None
+    if cfg.max_docs_per_domain and cfg.domains:
+        total = min(total, cfg.max_docs_per_domain * len(cfg.domains))
+    if cfg.max_docs:
+        total = min(total, cfg.max_docs)
+    return total
+
+
+def summarize(out: Path, n_shards: int) -> dict:
+    """Merge shard stats into score/stats.json (the stage's outputs summary)."""
+    skipped: dict[str, int] = {}
+    tot = {"rows": 0, "scored": 0, "tokens_scored": 0, "tokens_full": 0, "truncated": 0, "wall_s": 0.0}
+    for i in range(n_shards):
+        st = json.loads((out / f"{shard_name(i)}.stats.json").read_text())
+        for k in tot:
+            tot[k] += st.get(k, 0)
+        for r, c in st.get("skipped", {}).items():
+            skipped[r] = skipped.get(r, 0) + c
+    summary = {"shards": n_shards, **tot, "skipped": skipped}
+    if n_shards:
+        first = json.loads((out / f"{shard_name(0)}.stats.json").read_text())
+        summary.update({k: first.get(k) for k in ("max_tokens", "bos", "model", "dtype", "attn_impl")})
+    manifest.write_json(out / "stats.json", summary)
+    return summary
+
+
+def model_config(ctx, cfg: ScoreConfig):
+    from selection.models import ModelConfig
+
+    mc = build(ModelConfig, ctx.cfg.model, "model")
+    for key in ("dtype", "device", "attn_impl"):
+        if getattr(cfg, key) is not None:
+            setattr(mc, key, getattr(cfg, key))
+    return mc
+
+
+def run(ctx) -> dict:
+    cfg = build(ScoreConfig, ctx.cfg.get("score"), "score")
+    ccfg = build(CorpusConfig, ctx.cfg.get("corpus"), "corpus")
+    out: Path = ctx.out
+    rank, world = rank_world()
+    state: dict = {}
+
+    def ensure_model():
+        if "scorer" not in state:
+            from selection import scoring
+            from selection.heads import HeadsConfig, heads_for_stage
+            from selection.models import load_selector
+
+            mc = model_config(ctx, cfg)
+            model, tok = load_selector(mc)
+            heads = heads_for_stage(ctx, model)
+            mode = build(HeadsConfig, ctx.cfg.get("heads"), "heads").mode
+            state["tok"] = tok
+            state["scorer"] = scoring.BranchScorer(model, list(heads), mode=mode,
+                                                   ce_chunk=cfg.ce_chunk, share_prefix=cfg.share_prefix)
+            state["info"] = {"model": mc.path, "dtype": mc.dtype, "attn_impl": mc.attn_impl,
+                             "device": str(next(model.parameters()).device), "heads": len(heads),
+                             "first_masked_layer": state["scorer"].split}
+            log.info("score: rank %d/%d, %s", rank, world, state["info"])
+        return state["scorer"], state["tok"]
+
+    total = _count_rows(ccfg)
+    prog = Progress(total=(total + world - 1) // world if total else None, desc=f"score[{rank}/{world}]",
+                    tracker=ctx.tracker, prefix="score", disable=not cfg.progress)
+    n_shards = 0
+    done_here = 0
+    with prog:
+        for i, block in iter_shards(iter_documents(ccfg, with_skips=True), cfg.shard_size):
+            n_shards = i + 1
+            if i % world != rank:
+                continue
+            if (out / f"{shard_name(i)}.parquet").exists():
+                prog.total = None if prog.total is None else max(prog.total - len(block), 0)
+                continue
+            scorer, tok = ensure_model()
+            cols, stats = score_shard(block, tokenizer=tok, scorer=scorer, cfg=cfg, progress=prog)
+            stats.update(shard=i, rank=rank, world=world, **state["info"])
+            write_shard(out, i, cols, stats)
+            done_here += 1
+    manifest.write_json(out / "plan.json", {"shards": n_shards, "shard_size": cfg.shard_size})
+    missing = [i for i in range(n_shards) if not (out / f"{shard_name(i)}.parquet").exists()]
+    if missing:
+        raise Incomplete(f"score: rank {rank}/{world} scored {done_here} shard(s); {len(missing)} of "
+                         f"{n_shards} still missing (e.g. {shard_name(missing[0])})")
+    summary = summarize(out, n_shards)
+    ctx.tracker.summary({f"score/{k}": v for k, v in summary.items() if not isinstance(v, dict)})
+    return summary

@@ -1,0 +1,113 @@
+"""Selection against a plain-Python reference on synthetic score shards (no model needed)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from attninf.config import ConfigError, build
+from selection.select import SelectConfig, select_scores
+
+
+def _shards(tmp_path, n=120, seed=0, ties=True):
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        score = round(rng.random(), 1) if ties else rng.random()  # rounding makes many ties
+        rows.append({"doc_id": f"d{i:04d}", "domain": ["web", "code", "math"][i % 3],
+                     "n_tokens": rng.randint(2, 50), "n_tokens_full": rng.randint(50, 500),
+                     "loss_base": 1 + rng.random(), "loss_masked": 2.0, "score": score})
+    for s in range(3):
+        part = rows[s::3]
+        pq.write_table(pa.Table.from_pylist(part), tmp_path / f"shard-{s:05d}.parquet")
+    return rows
+
+
+def _reference(rows, cfg: SelectConfig) -> dict[str, dict[str, list[str]]]:
+    """Obvious version: sort each domain, cut by count or tokens."""
+    keys = {
+        "attention_influence": lambda r: (-r["score"], r["doc_id"]),
+        "inverse": lambda r: (r["score"], r["doc_id"]),
+        "perplexity": lambda r: (r["loss_base"], r["doc_id"]),
+        "random": lambda r: (hashlib.md5(f"{cfg.seed}:{r['doc_id']}".encode()).hexdigest(), r["doc_id"]),
+    }
+    out: dict[str, dict[str, list[str]]] = {}
+    for m in ["attention_influence"] + [x for x in cfg.methods if x != "attention_influence"]:
+        out[m] = {}
+        for dom in sorted({r["domain"] for r in rows}):
+            ranked = sorted((r for r in rows if r["domain"] == dom), key=keys[m])
+            total = sum(r["n_tokens_full"] for r in ranked)
+            if m == "random":
+                budget = sum(r["n_tokens_full"] for r in rows if r["doc_id"] in set(out["attention_influence"][dom]))
+            elif cfg.budget == "tokens":
+                budget = cfg.ratio * total
+            else:
+                budget = None
+            picked, acc = [], 0
+            for r in ranked:
+                if budget is None and len(picked) >= max(1, math.ceil(cfg.ratio * len(ranked) - 1e-9)):
+                    break
+                if budget is not None and acc >= budget:
+                    break
+                picked.append(r["doc_id"])
+                acc += r["n_tokens_full"]
+            out[m][dom] = picked
+    return out
+
+
+@pytest.mark.parametrize("budget,ratio", [("documents", 0.2), ("documents", 0.1), ("tokens", 0.3)])
+def test_selection_matches_reference(tmp_path, budget, ratio):
+    rows = _shards(tmp_path)
+    cfg = SelectConfig(ratio=ratio, budget=budget, figures=False)
+    summary = select_scores(str(tmp_path / "shard-*.parquet"), tmp_path / "sel", cfg)
+    got: dict = {}
+    for r in pq.read_table(tmp_path / "sel/selected.parquet").to_pylist():
+        got.setdefault(r["method"], {}).setdefault(r["domain"], []).append((r["rank"], r["doc_id"]))
+    got = {m: {d: [x for _, x in sorted(v)] for d, v in per.items()} for m, per in got.items()}
+    assert got == _reference(rows, cfg)
+    ai = summary["methods"]["attention_influence"]["web"]
+    assert ai["documents"] == 40 and ai["selected"] == len(got["attention_influence"]["web"])
+    assert ai["threshold"] == min(r["score"] for r in rows if r["doc_id"] in got["attention_influence"]["web"])
+    # Jaccard from the selections themselves
+    a, b = set(got["attention_influence"]["math"]), set(got["perplexity"]["math"])
+    assert summary["jaccard"]["attention_influence|perplexity"]["math"] == pytest.approx(len(a & b) / len(a | b))
+    assert summary["jaccard"]["attention_influence|inverse"]["web"] == 0.0 or ratio > 0.5
+
+
+def test_random_control_matches_ai_tokens_and_seed(tmp_path):
+    _shards(tmp_path, ties=False)
+    s0 = select_scores(str(tmp_path / "shard-*.parquet"), tmp_path / "a", SelectConfig(figures=False, seed=0))
+    select_scores(str(tmp_path / "shard-*.parquet"), tmp_path / "b", SelectConfig(figures=False, seed=1))
+    for dom in ("web", "code", "math"):
+        target = s0["methods"]["attention_influence"][dom]["selected_tokens"]
+        got = s0["methods"]["random"][dom]["selected_tokens"]
+        assert target <= got < target + 500  # crosses the target by at most one document
+    ids = lambda d: {r["doc_id"] for r in pq.read_table(d / "selected.parquet").to_pylist() if r["method"] == "random"}
+    assert ids(tmp_path / "a") != ids(tmp_path / "b")
+    again = select_scores(str(tmp_path / "shard-*.parquet"), tmp_path / "c", SelectConfig(figures=False, seed=0))
+    assert ids(tmp_path / "c") == ids(tmp_path / "a") and again == s0
+
+
+def test_bad_inputs(tmp_path):
+    pq.write_table(pa.table({"doc_id": ["a", "a"], "domain": ["x", "x"], "n_tokens": [3, 4],
+                             "loss_base": [1.0, 1.0], "score": [0.1, 0.2]}), tmp_path / "shard-00000.parquet")
+    with pytest.raises(ValueError, match="not unique"):
+        select_scores(str(tmp_path / "shard-*.parquet"), tmp_path / "o", SelectConfig(figures=False))
+    with pytest.raises(ConfigError, match="select.ratio"):
+        build(SelectConfig, {"ratio": 0}, "select")
+    with pytest.raises(ConfigError, match="select.methods"):
+        build(SelectConfig, {"methods": ["random"]}, "select")
+
+
+def test_summary_is_json_and_out_of_core_settings(tmp_path):
+    _shards(tmp_path)
+    cfg = SelectConfig(figures=False, threads=1, memory_limit="256MB", methods=["attention_influence"])
+    select_scores(str(tmp_path / "shard-*.parquet"), tmp_path / "s", cfg)
+    s = json.loads((tmp_path / "s/summary.json").read_text())
+    assert set(s["methods"]) == {"attention_influence"} and s["token_column"] == "n_tokens_full"
