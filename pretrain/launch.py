@@ -1,0 +1,107 @@
+"""Entry point of one training process: `python -m pretrain.launch <pretrain stage folder>`.
+
+Started by `pretrain.train.run` (one process on CPU, torchrun on one node), by torchrun under
+srun, or directly by srun with one task per GPU (slurm/pretrain.sbatch). It reads the frozen,
+resolved `config.yaml` and `job.json` from the stage folder (written by the `attninf` runner, never
+re-composed with Hydra, so all ranks agree and no rank writes Hydra output folders).
+
+Rank and rendezvous: torchrun's RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT when present,
+else Slurm's SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID with MASTER_ADDR taken from the first host of
+SLURM_JOB_NODELIST (the sbatch script exports it) and MASTER_PORT from the environment or 29500.
+
+The `__main__` guard matters: dist_checkpointing spawns helper processes that re-import __main__.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+
+def _env_from_slurm() -> None:
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return
+    if "SLURM_PROCID" not in env:
+        raise SystemExit("pretrain.launch: no RANK/WORLD_SIZE (torchrun) and no SLURM_PROCID (srun); "
+                         "start it through `attninf`, torchrun or srun")
+    env["RANK"] = env["SLURM_PROCID"]
+    env["WORLD_SIZE"] = env["SLURM_NTASKS"]
+    env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    if "MASTER_ADDR" not in env:
+        hosts = subprocess.run(["scontrol", "show", "hostnames", env["SLURM_JOB_NODELIST"]],
+                               capture_output=True, text=True, check=True).stdout.split()
+        env["MASTER_ADDR"] = hosts[0]
+    env.setdefault("MASTER_PORT", "29500")
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+    from omegaconf import OmegaConf
+
+    args = argv if argv is not None else sys.argv[1:]
+    if len(args) != 1:
+        raise SystemExit("usage: python -m pretrain.launch <pretrain stage folder>")
+    stage = Path(args[0])
+    _env_from_slurm()
+    rank = int(os.environ["RANK"])
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [rank{rank}] %(levelname).1s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    # Megatron logs every config object and bucket at INFO: keep its warnings, our progress lines.
+    logging.getLogger("megatron").setLevel(logging.WARNING)
+    from pretrain import cpu_compat
+    from pretrain.train import load_config, train
+
+    cfg_all = OmegaConf.load(stage / "config.yaml")
+    job = json.loads((stage / "job.json").read_text())
+    cfg = load_config(cfg_all.get("pretrain"))
+    mix_dir = Path(job["mix_dir"])
+    blend = json.loads((mix_dir / "blend.json").read_text())
+
+    on_cpu = cpu_compat.enable()
+    if not on_cpu:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    torch.distributed.init_process_group("gloo" if on_cpu else "nccl", timeout=timedelta(minutes=30))
+
+    tracker = None
+    if rank == 0:
+        from attninf.tracking import Tracker
+
+        w = cfg_all.get("wandb") or {}
+        tracker = Tracker(mode=w.get("mode", "offline"), project=w.get("project", "attention-influence"),
+                          group=w.get("group") or cfg_all.get("experiment_name"),
+                          name=f"pretrain/{job['arm']}", dir=stage / "wandb",
+                          config={"stage": "pretrain", "arm": job["arm"],
+                                  "pretrain": OmegaConf.to_container(cfg_all.get("pretrain"), resolve=True)},
+                          tags=["pretrain", job["arm"]])
+    try:
+        summary = train(cfg, blend, mix_dir, job["arm"], stage,
+                        log_fn=(lambda m, s: tracker.log({f"train/{k}" if "/" not in k else k: v
+                                                          for k, v in m.items()}, step=s)) if tracker else None)
+        if rank == 0:
+            (stage / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            if tracker is not None:
+                tracker.summary({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+        if summary["finished"] and cfg.export_hf and int(os.environ["WORLD_SIZE"]) == 1:
+            # One process, TP=PP=1: export here and save a process start; several ranks export
+            # afterwards in one process (`python -m pretrain.export`), resharding the checkpoint.
+            from pretrain.export import export_all
+
+            export_all(stage, cfg, blend, mix_dir)
+    finally:
+        if tracker is not None:
+            tracker.finish()
+    # Only on success: after a failure on one rank a barrier would hang the others.
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
