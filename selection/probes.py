@@ -30,6 +30,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
+from attninf.config import ConfigError
+
 KEY_ALPHABET = string.ascii_letters + string.digits
 
 # The instruction follows the paper's description ("extract the value for the given key from the
@@ -284,7 +286,7 @@ def make_probe(pid: int, tokenizer, pool: ValuePool, rng: random.Random, max_tok
         if total <= max_tokens:
             break
         if k <= shots + 1:
-            raise ValueError(
+            raise ConfigError(
                 f"detect.max_tokens={max_tokens} cannot hold even {shots + 1} pairs "
                 f"({total} tokens needed); raise max_tokens or lower detect.shots")
         # Overshoot: drop the estimated excess (at least one pair) and redraw.
