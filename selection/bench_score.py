@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
     p.add_argument("--batch-tokens", type=int, default=16384)
     p.add_argument("--max-batch-size", type=int, default=64)
-    p.add_argument("--ce-chunk", type=int, default=4096)
+    p.add_argument("--ce-chunk", type=int, default=None, help="default: 64 on CPU, 4096 on GPU")
     p.add_argument("--no-share-prefix", action="store_true")
     p.add_argument("--heads", default=None)
     p.add_argument("--heads-fraction", type=float, default=0.05)

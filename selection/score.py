@@ -57,7 +57,7 @@ class ScoreConfig:
     shard_size: int = 2000  # documents (rows) per shard
     batch_tokens: int = 16384  # padded tokens per batch (length-bucketed)
     max_batch_size: int = 64
-    ce_chunk: int = 4096  # positions per lm_head/log-softmax chunk
+    ce_chunk: int | None = None  # positions per lm_head/log-softmax chunk; null = 64 on CPU, 4096 on GPU
     share_prefix: bool = True  # compute the layers below the first masked layer once
     tokenize_batch: int = 256  # documents per tokenizer call
     progress: bool = True
@@ -72,7 +72,7 @@ class ScoreConfig:
         check(self.shard_size > 0, "shard_size", "must be positive")
         check(self.batch_tokens >= self.max_tokens, "batch_tokens",
               f"must be >= max_tokens ({self.max_tokens}) so the longest document fits a batch")
-        check(self.max_batch_size > 0 and self.ce_chunk > 0, "max_batch_size", "must be positive")
+        check(self.max_batch_size > 0 and (self.ce_chunk or 1) > 0, "max_batch_size", "must be positive")
 
 
 def shard_name(i: int) -> str:

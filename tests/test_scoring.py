@@ -47,11 +47,21 @@ def test_plan_batches_covers_once_under_budget():
     assert batches == scoring.plan_batches(lengths, 100, 3)  # deterministic
 
 
+def test_plan_batches_bounds_padding():
+    lengths = [100, 98, 97, 60, 59, 20, 19, 18]
+    for b in scoring.plan_batches(lengths, max_batch_tokens=10_000, max_batch_size=64, max_padding=0.1):
+        real = sum(lengths[i] for i in b)
+        assert len(b) == 1 or 1 - real / (len(b) * max(lengths[i] for i in b)) <= 0.1
+    assert len(scoring.plan_batches(lengths, 10_000, 64, max_padding=1.0)) == 1
+
+
 @pytest.mark.parametrize("share_prefix", [True, False])
 def test_fast_path_matches_naive_reference_fp32(model, share_prefix):
     docs = _docs()
     sc = scoring.BranchScorer(model, HEADS, share_prefix=share_prefix, ce_chunk=16)
-    fb, fm = scoring.score_tokens(sc, docs, max_batch_tokens=150, max_batch_size=4, pad_id=0)
+    # max_padding=1: wide, heavily right-padded batches (the scorer passes no padding mask)
+    fb, fm = scoring.score_tokens(sc, docs, max_batch_tokens=150, max_batch_size=4, pad_id=0, max_padding=1.0)
+    assert max(len(b) for b in scoring.plan_batches([len(d) for d in docs], 150, 4, 1.0)) > 1
     nb, nm = scoring.naive_losses(model, docs, HEADS)
     assert max(abs(a - b) for a, b in zip(fb, nb)) < 1e-5
     assert max(abs(a - b) for a, b in zip(fm, nm)) < 1e-5
