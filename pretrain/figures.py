@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from attninf import plots
+
 
 def _rows(path) -> list[dict]:
     p = Path(path)
@@ -18,12 +20,7 @@ def _rows(path) -> list[dict]:
 
 
 def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return plots.pyplot()
 
 
 def plot_run(metrics_file, out_png, schedule_cfg=None, total_steps: int | None = None,
@@ -52,12 +49,7 @@ def plot_run(metrics_file, out_png, schedule_cfg=None, total_steps: int | None =
         ax2.plot([r["step"] for r in va], [r[k] for r in va], marker=".", lw=1, label=k)
     ax2.set(xlabel="step", ylabel="loss (nats/token)", title=f"loss {title}".strip())
     ax2.legend(fontsize=8)
-    fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=120)
-    plt.close(fig)
-    return out_png
+    return plots.save(fig, out_png)
 
 
 def plot_loss_curves(metrics_files: dict[str, str | Path], out_png) -> Path:
@@ -75,9 +67,4 @@ def plot_loss_curves(metrics_files: dict[str, str | Path], out_png) -> Path:
     ax2.set(xlabel="step", ylabel="held-out loss (mean over domains)", title="validation loss per arm")
     ax1.legend()
     ax2.legend()
-    fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=120)
-    plt.close(fig)
-    return out_png
+    return plots.save(fig, out_png)

@@ -10,13 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from attninf import plots
+
 
 def plot_head_scores(scores: Sequence[Sequence[float]], selected: Sequence[Sequence[int]],
                      path: str | Path, title: str = "retrieval scores") -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")  # headless: stages run on cluster nodes without a display
-    import matplotlib.pyplot as plt
+    plt = plots.pyplot()
     from matplotlib.patches import Rectangle
     import numpy as np
 
@@ -35,12 +34,7 @@ def plot_head_scores(scores: Sequence[Sequence[float]], selected: Sequence[Seque
     ax.set_yticks(range(0, n_layers, max(1, n_layers // 16)))
     ax.set_title(f"{title}\n{len(selected)} selected heads boxed")
     fig.colorbar(im, ax=ax, label="retrieval score (token recall)")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return plots.save(fig, path)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from attninf import plots
+
 log = logging.getLogger(__name__)
 
 SAMPLE_ROWS = 200_000
@@ -33,12 +35,9 @@ def _load(score_dir: Path, select_dir: Path):
 
 
 def make_figures(score_dir: Path, out: Path, summary: dict, cfg, corpus_cfg=None) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
+    plt = plots.pyplot()
     rows, con = _load(score_dir, out)
     domains = sorted({r[1] for r in rows})
     written = []
@@ -56,11 +55,7 @@ def make_figures(score_dir: Path, out: Path, summary: dict, cfg, corpus_cfg=None
             ax.set_title(f"{d} (n={len(s)})", fontsize=9)
             ax.set_xlabel("AI score (L_masked - L_base) / L_base")
         axes[0][0].set_ylabel("documents")
-        fig.tight_layout()
-        p = out / "scores_by_domain.png"
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        written.append(p)
+        written.append(plots.save(fig, out / "scores_by_domain.png", dpi=110))
 
         fig, axes = plt.subplots(1, n, figsize=(4 * n, 3.2), squeeze=False)
         for ax, d in zip(axes[0], domains):
@@ -73,11 +68,7 @@ def make_figures(score_dir: Path, out: Path, summary: dict, cfg, corpus_cfg=None
             ax.set_xlabel("L_base (nats/token)")
         axes[0][0].set_ylabel("AI score")
         axes[0][0].legend(fontsize=7)
-        fig.tight_layout()
-        p = out / "loss_vs_score.png"
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        written.append(p)
+        written.append(plots.save(fig, out / "loss_vs_score.png", dpi=110))
 
     if cfg.examples > 0 and corpus_cfg is not None:
         p = _examples(con, score_dir, out, cfg, corpus_cfg)
