@@ -31,9 +31,14 @@ class MaskedEvalSettings:
     # default); random = as many random non-retrieval heads (seed heads.seed). The masking mode
     # (uniform, the paper's; or zero) is heads.mode, shared with scoring.
     head_sets: list[str] = field(default_factory=lambda: list(HEAD_SETS))
+    # Table 6 reports GSM8K, BBH, MMLU, MMLU-Pro and HellaSwag, not Table 1's suite; null = eval.tasks.
+    tasks: list[str] | None = None
+    limit: float | None = None          # items per subtask for the masked runs; null = eval.limit
 
     def validate(self) -> None:
         check(bool(self.head_sets), "masked.head_sets", "must not be empty")
+        check(self.tasks is None or bool(self.tasks), "masked.tasks", "must be null or name a task")
+        check(self.limit is None or self.limit > 0, "masked.limit", "must be > 0 (or null)")
         bad = [h for h in self.head_sets if h not in HEAD_SETS]
         check(not bad, "masked.head_sets", f"unknown {bad}; known: {list(HEAD_SETS)}")
 

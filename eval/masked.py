@@ -55,6 +55,8 @@ def run(ctx) -> dict:
     from selection.models import ModelConfig, head_geometry, load_selector
 
     ecfg = build(EvalConfig, ctx.section("eval"), "eval")
+    ecfg = dataclasses.replace(ecfg, tasks=list(ecfg.masked.tasks or ecfg.tasks),
+                               limit=ecfg.masked.limit if ecfg.masked.limit is not None else ecfg.limit)
     mcfg = build(ModelConfig, ctx.section("model"), "model")
     hcfg = build(HeadsConfig, ctx.section("heads"), "heads")
     heads_json, heads_source = heads_json_for_stage(ctx, hcfg)

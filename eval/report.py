@@ -20,10 +20,12 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from attninf import plots
 from attninf.config import build, digest, to_plain
 from attninf.manifest import MANIFEST, write_atomic, write_json
 from eval import paper as paper_mod
@@ -275,6 +277,49 @@ def provenance_markdown(cfg_digest: str, mans: list[dict], results: dict[str, di
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------- the selector side
+
+def selection_markdown(stage_dirs: dict[str, Path], out: Path | None = None) -> str:
+    """Detection, the probe mirror check and the per-domain selection, when those stages ran.
+
+    On small selectors these are the numbers that carry the method (which heads, how much the
+    retrieval loss rises, what gets selected); benchmark deltas need paper-scale training.
+    """
+    lines: list[str] = []
+    heads_p = stage_dirs.get("detect", Path("-")) / "heads.json"
+    if heads_p.exists():
+        h = json.loads(heads_p.read_text())
+        sel = ", ".join(f"({l},{k})" for l, k in h.get("selected", [])[:16])
+        lines += [f"- Detection: `{h.get('model')}`, {h.get('num_probes')} probes of <= {h.get('max_tokens')} "
+                  f"tokens, mode `{h.get('mode')}`; probe accuracy {h.get('probe_accuracy', float('nan')):.3f}; "
+                  f"top {h.get('fraction', 0):.0%} = {len(h.get('selected', []))} of "
+                  f"{h.get('n_layers', 0) * h.get('n_heads', 0)} heads [layer, head]: {sel}"]
+    mirror_md = stage_dirs.get("mirror", Path("-")) / "mirror.md"
+    if mirror_md.exists():
+        lines += ["", mirror_md.read_text().strip(), ""]
+    summary_p = stage_dirs.get("select", Path("-")) / "summary.json"
+    if summary_p.exists():
+        sm = json.loads(summary_p.read_text())
+        methods = sm.get("methods") or {}
+        lines += ["", f"Selection: top {sm.get('ratio', 0):.0%} per domain by {sm.get('budget')}; "
+                  "selected tokens as a share of the domain's tokens.", "",
+                  "| domain | documents | tokens | " + " | ".join(methods) + " | AI score threshold |",
+                  "|---|---:|---:|" + "---:|" * len(methods) + "---:|"]
+        for dom, d in sorted((sm.get("domains") or {}).items()):
+            cells = []
+            for m in methods:
+                v = methods[m].get(dom) or {}
+                cells.append(f"{v.get('selected', 0)} docs, {v.get('selected_tokens', 0) / max(1, d['tokens']):.0%}")
+            thr = (methods.get("attention_influence", {}).get(dom) or {}).get("threshold")
+            thr_s = f"{thr:.3f}" if thr is not None else "–"
+            lines.append(f"| {dom} | {d['documents']:,} | {d['tokens']:,} | " + " | ".join(cells) + f" | {thr_s} |")
+    if out is not None:  # the stages' own figures, linked rather than copied
+        figs = [stage_dirs.get(st, Path("-")) / f for st, f in
+                (("detect", "heatmap.png"), ("select", "scores_by_domain.png"), ("select", "loss_vs_score.png"))]
+        lines += [""] + [f"![{f.stem}]({os.path.relpath(f, out)})" for f in figs if f.exists()]
+    return "\n".join(lines).strip()
+
+
 # ---------------------------------------------------------------- figures
 
 def plot_deltas(t1: dict, paper: dict, out_png: Path) -> Path | None:
@@ -282,11 +327,7 @@ def plot_deltas(t1: dict, paper: dict, out_png: Path) -> Path | None:
     rows = [r for r in t1["rows"] if t1["treated"] in r["delta"]]
     if not rows:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = plots.pyplot()
     scale = t1["scale"]
     x = range(len(rows))
     fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(rows) + 2), 3.8))
@@ -300,10 +341,7 @@ def plot_deltas(t1: dict, paper: dict, out_png: Path) -> Path | None:
     ax.set_ylabel("Δ score (points)")
     ax.set_title("Benchmark deltas vs the baseline arm")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=120)
-    plt.close(fig)
-    return out_png
+    return plots.save(fig, out_png)
 
 
 def plot_mirror(t6: dict | None, out_png: Path) -> Path | None:
@@ -312,11 +350,7 @@ def plot_mirror(t6: dict | None, out_png: Path) -> Path | None:
     rows = [r for r in t6["rows"] if any(r["ours"].values())]
     if not rows:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = plots.pyplot()
     cols = list(t6["columns"])
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
     w = 0.8 / len(cols)
@@ -331,16 +365,14 @@ def plot_mirror(t6: dict | None, out_png: Path) -> Path | None:
     axes[0].set_ylabel("score")
     axes[0].legend(fontsize=8)
     fig.suptitle("Mirror effect: masking retrieval vs random heads")
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=120)
-    plt.close(fig)
-    return out_png
+    return plots.save(fig, out_png)
 
 
 # ---------------------------------------------------------------- the stage
 
 def render(run_dir: Path, cfg, rcfg: ReportConfig, out: Path, arms: list[str],
-           eval_dirs: dict[str, Path | None], masked_dir: Path | None) -> dict:
+           eval_dirs: dict[str, Path | None], masked_dir: Path | None,
+           selector_dirs: dict[str, Path] | None = None) -> dict:
     """Build report.md/report.json/figures from a run directory; pure file in, file out."""
     out.mkdir(parents=True, exist_ok=True)
     paper = paper_mod.load(rcfg.paper_numbers)
@@ -384,8 +416,11 @@ def render(run_dir: Path, cfg, rcfg: ReportConfig, out: Path, arms: list[str],
           "± one standard error (sqrt of the summed squared per-arm stderrs). Points (×100).", "",
           table1_markdown(t1, paper), "",
           "## Table 6: mirror effect (the selector with heads masked)", "",
-          paper["table6"]["caption"].strip(), "", table6_markdown(t6), "",
-          "## Figures", ""]
+          paper["table6"]["caption"].strip(), "", table6_markdown(t6), ""]
+    sel_md = selection_markdown(selector_dirs or {}, out)
+    if sel_md:
+        md += ["## The selector: retrieval heads, probe mirror check, selection", "", sel_md, ""]
+    md += ["## Figures", ""]
     md += [f"![{k}]({v})" for k, v in figs.items()] or ["(none)"]
     md += [f"- {n}" for n in fig_notes]
     md += ["", "## Provenance", "", provenance_markdown(cfg_digest, mans, results, masked, tokens, cfg), ""]
@@ -417,7 +452,8 @@ def run(ctx) -> dict:
         masked_dir = ctx.upstream("eval_masked")
     except MissingInput:
         masked_dir = None
-    out = render(ctx.run_dir, ctx.cfg, rcfg, ctx.out, arms, eval_dirs, masked_dir)
+    selector_dirs = {st: ctx.dirs.get((st, None), ctx.run_dir / st) for st in ("detect", "mirror", "select")}
+    out = render(ctx.run_dir, ctx.cfg, rcfg, ctx.out, arms, eval_dirs, masked_dir, selector_dirs)
     for f in out["figures"]:
         ctx.tracker.artifact(ctx.out / f, type="figure", name=f"report-{f}")
     return out

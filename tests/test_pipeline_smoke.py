@@ -101,9 +101,14 @@ def test_every_stage_hands_real_artifacts_to_the_next(smoke_run, corpus):
         assert {"mmlu", "gsm8k", "humaneval"} <= set(res["results"])
         assert res["attninf"]["mirror"]["used"] is True
 
+    masked = json.loads((run / "eval_masked/results.json").read_text())["head_sets"]
+    assert set(masked) == {"none", "random", "retrieval"}
+    assert all(set(v["headline"]) == {"mmlu"} for v in masked.values())  # eval.masked.tasks
+
     report = (run / "report/report.md").read_text()
     assert "Ours: attention_influence" in report and "Ours: random" in report
     assert "Retrieval heads masked (2 heads)" in report
+    assert "## The selector" in report and "Mirror effect" in report and "| python_edu |" in report
 
 
 def test_rerun_recomputes_nothing(smoke_run, env, corpus):
