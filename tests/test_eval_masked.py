@@ -20,15 +20,7 @@ from tests.test_eval_run import CONF, mirror_dir  # noqa: F401 - shared session 
 N_LAYERS, N_HEADS = 4, 4  # tests/conftest.py make_tiny_llama
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models: one thread is fastest, and it avoids OpenMP spin-waiting on a busy machine."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

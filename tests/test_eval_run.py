@@ -29,15 +29,7 @@ def composed(*overrides: str):
         return compose(overrides=["+eval=smoke", "+report=default", *overrides])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models: one thread is fastest, and it avoids OpenMP spin-waiting on a busy machine."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="session")
