@@ -24,8 +24,9 @@ $(VENV)/.installed: pyproject.toml requirements-cpu.txt requirements-offline.txt
 data/demo_corpus/manifest.json: | setup
 	$(BIN)/python -m selection.demo_corpus --out data/demo_corpus $(if $(filter 0,$(shell id -u)),--install-debs,)
 
+# HumanEval executes model-written code (sandboxed); the demo confirms it here and in its config.
 demo: setup data/demo_corpus/manifest.json
-	$(BIN)/attninf +experiment=demo
+	HF_ALLOW_CODE_EVAL=1 $(BIN)/attninf +experiment=demo
 
 test: setup
 	$(BIN)/python -m pytest -q
