@@ -47,8 +47,8 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def read(stage_dir: Path) -> dict | None:
-    p = Path(stage_dir) / MANIFEST
+def read(stage_dir: Path, name: str = MANIFEST) -> dict | None:
+    p = Path(stage_dir) / name
     if not p.exists():
         return None
     try:

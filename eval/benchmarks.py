@@ -271,14 +271,11 @@ def build_mirror(out: Path, cfg: MirrorConfig = MirrorConfig()) -> dict:
 
 
 def read_mirror(path: Path) -> dict | None:
-    p = Path(path) / MANIFEST
-    if not p.exists():
-        return None
-    try:
-        info = json.loads(p.read_text())
-    except json.JSONDecodeError:
-        return None
-    return info if info.get("version") == MIRROR_VERSION else None
+    """mirror.json of a finished build of this version; None when absent, torn or outdated."""
+    from attninf.manifest import read
+
+    info = read(path, MANIFEST)
+    return info if info and info.get("version") == MIRROR_VERSION else None
 
 
 def ensure_mirror(path: Path | None = None, cfg: MirrorConfig = MirrorConfig()) -> tuple[Path, dict]:
