@@ -68,19 +68,6 @@ class TokenizerConfig:
     eod: int | None = None  # end-of-document id appended to every document; null = eos_token_id
 
 
-def load_tokenizer(path: str):
-    """The selector's tokenizer through selection.models when present, else AutoTokenizer."""
-    try:
-        from selection.models import load_tokenizer as _load
-    except ImportError:
-        _load = None
-    if _load is not None:
-        return _load(path)
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)
-
-
 # --- pure helpers ---------------------------------------------------------------------------------
 
 def arm_blend(corpus: dict[str, int], subset: tuple[str, int] | None,
@@ -157,6 +144,8 @@ def run(ctx) -> dict[str, Any]:
     # 1. Tokenizer, saved with the data (the pretrain export ships it with the model).
     tok_dir = out / "tokenizer"
     if not (tok_dir / "tokenizer_config.json").exists():
+        from selection.models import load_tokenizer
+
         tok = load_tokenizer(tcfg.path)
         tok.save_pretrained(tok_dir)
     from transformers import AutoTokenizer
