@@ -92,8 +92,13 @@ def verify_tokens(vocab: int, seq: int, n: int = 2, seed: int = 0) -> torch.Tens
 
 
 def export_checkpoint(ckpt_dir: Path, shape: ModelShape, vocab_size: int, tokenizer_dir: Path,
-                      out_dir: Path, real_vocab: int | None = None) -> dict:
-    """Load `ckpt_dir` into a TP=1/PP=1 model (process group must exist), write `out_dir`."""
+                      out_dir: Path, real_vocab: int | None = None, reference: Path | None = None) -> dict:
+    """Load `ckpt_dir` into a TP=1/PP=1 model (process group must exist), write `out_dir`.
+
+    `reference`: logits the multi-rank training computed in its own layout (TP shards gathered) at
+    the same step. The check against the TP=1 reload alone cannot see a resharding error (both
+    sides would share it); this one can, so a mismatch fails the export before `out_dir` appears.
+    """
     from megatron.core import parallel_state as ps
     from transformers import AutoTokenizer, LlamaForCausalLM
 
@@ -132,6 +137,19 @@ def export_checkpoint(ckpt_dir: Path, shape: ModelShape, vocab_size: int, tokeni
     diff = float((got - ref).abs().max())
     info = {"checkpoint": str(ckpt_dir), "max_abs_logit_diff": diff, "verify_tokens": list(tokens.shape),
             "parameters": sum(p.numel() for p in reloaded.parameters())}
+    if reference is not None:
+        r = torch.load(reference)
+        if int(r["step"]) != int(Path(ckpt_dir).name[5:]):
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise RuntimeError(f"export: {reference} is from step {r['step']}, not from {ckpt_dir}")
+        with torch.no_grad():
+            d2 = float((reloaded(r["tokens"]).logits.float() - r["logits"]).abs().max())
+        info.update(training_layout={"tp": int(r["tp"]), "dp": int(r["dp"])},
+                    max_abs_logit_diff_training_layout=d2)
+        if not d2 < 1e-3:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise RuntimeError(f"export: HF logits differ from the training layout's ({reference}) by "
+                               f"{d2:.3g} (> 1e-3): the checkpoint was resharded wrongly")
     (tmp / "export.json").write_text(json.dumps(info, indent=2) + "\n")
     if out_dir.exists():
         shutil.rmtree(out_dir)
@@ -156,8 +174,10 @@ def export_all(stage: Path, cfg, blend: dict, mix_dir: Path) -> list[dict]:
     for step, out in todo:
         if step is None:
             raise FileNotFoundError(f"export: no checkpoint under {root}")
+        ref = stage / "reference_logits.pt"  # written by a multi-rank training run at its end
         info = export_checkpoint(checkpoint.step_dir(root, step), cfg.model, vocab,
-                                 mix_dir / blend["tokenizer"]["dir"], out, real_vocab)
+                                 mix_dir / blend["tokenizer"]["dir"], out, real_vocab,
+                                 reference=ref if out.name == "hf" and ref.exists() else None)
         infos.append(info)
         logging.getLogger("pretrain.export").info("exported step %d -> %s (max abs logit diff %.3g)",
                                                   step, out, info["max_abs_logit_diff"])

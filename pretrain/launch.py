@@ -5,9 +5,12 @@ srun, or directly by srun with one task per GPU (slurm/pretrain.sbatch). It read
 resolved `config.yaml` and `job.json` from the stage folder (written by the `attninf` runner, never
 re-composed with Hydra, so all ranks agree and no rank writes Hydra output folders).
 
-Rank and rendezvous: torchrun's RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT when present,
-else Slurm's SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID with MASTER_ADDR taken from the first host of
-SLURM_JOB_NODELIST (the sbatch script exports it) and MASTER_PORT from the environment or 29500.
+Rank and rendezvous (`rendezvous_env`): torchrun's RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT
+when present, else Slurm's SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID; MASTER_ADDR/MASTER_PORT as
+exported, else 127.0.0.1 on a one-node step (first host of SLURM_JOB_NODELIST otherwise) and
+20000 + SLURM_JOB_ID % 20000. One Slurm task per rank runs exactly
+`python -m pretrain.launch <stage folder>` (e.g. `srun --ntasks=2 python -m pretrain.launch DIR`);
+a requeued job re-runs the same command and resumes from `ckpt/latest`.
 
 The `__main__` guard matters: dist_checkpointing spawns helper processes that re-import __main__.
 """
@@ -21,23 +24,43 @@ import subprocess
 import sys
 from datetime import timedelta
 from pathlib import Path
+from typing import Mapping
 
 
-def _env_from_slurm() -> None:
-    env = os.environ
+def rendezvous_env(env: Mapping[str, str]) -> dict[str, str]:
+    """RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT for this process, from torchrun or srun.
+
+    torchrun (or `attninf`'s own launch) already sets RANK and WORLD_SIZE: they win, and only a
+    missing MASTER_ADDR/PORT gets a default. Under srun without torchrun, Slurm's task variables
+    map one to one: SLURM_PROCID -> RANK, SLURM_STEP_NUM_TASKS (else SLURM_NTASKS) -> WORLD_SIZE,
+    SLURM_LOCALID -> LOCAL_RANK. Rendezvous under srun: MASTER_ADDR as exported by the batch
+    script, else 127.0.0.1 when the job step has one node (SLURM_STEP_NUM_NODES, else
+    SLURM_JOB_NUM_NODES / SLURM_NNODES, = 1: no scontrol needed), else the first host of
+    SLURM_JOB_NODELIST (`scontrol show hostnames`); MASTER_PORT as exported, else 20000 + SLURM_JOB_ID % 20000 (slurm/pretrain.sbatch's rule: every task of the job
+    computes the same port, and two jobs on one node rarely collide).
+    """
+    out: dict[str, str] = {}
     if "RANK" in env and "WORLD_SIZE" in env:
-        return
-    if "SLURM_PROCID" not in env:
-        raise SystemExit("pretrain.launch: no RANK/WORLD_SIZE (torchrun) and no SLURM_PROCID (srun); "
-                         "start it through `attninf`, torchrun or srun")
-    env["RANK"] = env["SLURM_PROCID"]
-    env["WORLD_SIZE"] = env["SLURM_NTASKS"]
-    env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+        out["LOCAL_RANK"] = env.get("LOCAL_RANK", "0")
+    elif "SLURM_PROCID" in env and ("SLURM_STEP_NUM_TASKS" in env or "SLURM_NTASKS" in env):
+        # the job step's task count (srun --ntasks) first: the allocation's may be larger
+        out.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", "")),
+                   LOCAL_RANK=env.get("SLURM_LOCALID", "0"))
+    else:
+        raise SystemExit("pretrain.launch: no RANK/WORLD_SIZE (torchrun) and no SLURM_PROCID/SLURM_NTASKS "
+                         "(srun); start it through `attninf`, torchrun or srun")
     if "MASTER_ADDR" not in env:
-        hosts = subprocess.run(["scontrol", "show", "hostnames", env["SLURM_JOB_NODELIST"]],
-                               capture_output=True, text=True, check=True).stdout.split()
-        env["MASTER_ADDR"] = hosts[0]
-    env.setdefault("MASTER_PORT", "29500")
+        nodes = next((env[k] for k in ("SLURM_STEP_NUM_NODES", "SLURM_JOB_NUM_NODES", "SLURM_NNODES")
+                      if k in env), None)
+        if "SLURM_JOB_NODELIST" in env and nodes != "1":
+            hosts = subprocess.run(["scontrol", "show", "hostnames", env["SLURM_JOB_NODELIST"]],
+                                   capture_output=True, text=True, check=True).stdout.split()
+            out["MASTER_ADDR"] = hosts[0]
+        else:
+            out["MASTER_ADDR"] = "127.0.0.1"
+    if "MASTER_PORT" not in env:
+        out["MASTER_PORT"] = str(20000 + int(env["SLURM_JOB_ID"]) % 20000) if "SLURM_JOB_ID" in env else "29500"
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1:
         raise SystemExit("usage: python -m pretrain.launch <pretrain stage folder>")
     stage = Path(args[0])
-    _env_from_slurm()
+    os.environ.update(rendezvous_env(os.environ))
     rank = int(os.environ["RANK"])
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank{rank}] %(levelname).1s %(name)s: %(message)s",

@@ -166,11 +166,24 @@ def _datasets(cfg: PretrainConfig, blend: dict, mix_dir: Path, arm: str, total: 
     return train, valid
 
 
-def _batch(ds, indices) -> dict:
+def _batch(ds, indices, pad_to: int | None = None) -> dict:
+    """Stack samples into one microbatch; `pad_to` fills it up with loss-masked copies.
+
+    Why padding: Megatron's pipeline schedule posts every activation receive with the fixed shape
+    (seq_length, micro_batch_size, hidden); a short last microbatch (a validation split whose
+    length is not a multiple of micro_batch_size) makes the sent and the posted sizes differ,
+    which over gloo (PP > 1) hung or failed in the loss. A padded row has loss_mask 0, so it
+    changes no loss: validation is the token-weighted mean over real rows only.
+    """
     import torch
 
     items = [ds[int(i)] for i in indices]
-    return {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in ("tokens", "labels", "loss_mask", "position_ids")}
+    b = {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in ("tokens", "labels", "loss_mask", "position_ids")}
+    short = (pad_to or 0) - len(items)
+    if short > 0:
+        b = {k: torch.cat([v, v[-1:].expand(short, *v.shape[1:])]) for k, v in b.items()}
+        b["loss_mask"][len(items):] = 0
+    return b
 
 
 def _forward_step(data_iterator, model):
@@ -187,23 +200,54 @@ def _forward_step(data_iterator, model):
 
 def _loss_func(mask, output):
     losses = output.float()
-    loss = (losses * mask).sum() / mask.sum().clamp(min=1)
+    total = (losses * mask).sum()
+    loss = total / mask.sum().clamp(min=1)
     # clone: Megatron's schedule divides the returned loss by the number of microbatches in place
-    return loss, {"lm loss": loss.detach().clone()}
+    return loss, {"lm loss": loss.detach().clone(), "lm sum": total.detach().clone(),
+                  "lm tokens": mask.sum().detach().clone()}
 
 
-def _reduce_last_stage(value: float | None):
-    """Mean of a loss known on the last pipeline stage, available on every rank."""
+def _reduce_last_stage(num: float, den: float) -> float:
+    """sum(num) / sum(den) over the last-pipeline-stage ranks (float64), available on every rank.
+
+    Training passes (sum of its microbatch losses, their count): the mean over every microbatch
+    of the global batch, the same number whatever the data-parallel split (equal microbatches).
+    TP ranks of the last stage hold identical values and count once each, so the ratio is unchanged.
+    """
     import torch
     from megatron.core import parallel_state as ps
 
     last = ps.is_pipeline_last_stage()
     # NCCL reduces only CUDA tensors; gloo (CPU) only CPU ones.
     dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    t = torch.tensor([value if (last and value is not None) else 0.0, 1.0 if last else 0.0],
-                     dtype=torch.float64, device=dev)
+    t = torch.tensor([num if last else 0.0, den if last else 0.0], dtype=torch.float64, device=dev)
     torch.distributed.all_reduce(t)
     return float(t[0] / t[1]) if t[1] > 0 else float("nan")
+
+
+def _reference_logits(model, shape, vocab: int, tp: int) -> "Any":
+    """Logits of the trained model in its own parallel layout (TP shards gathered), for the export check.
+
+    Collective over the model-parallel ranks (PP = 1 only). The export reloads the checkpoint into one
+    process and compares its HF model against these, which checks the resharding end to end.
+    """
+    import torch
+    from megatron.core import parallel_state as ps
+
+    from pretrain.checkpoint import unwrap
+    from pretrain.export import verify_tokens
+
+    tokens = verify_tokens(vocab, shape.seq_length)
+    pos = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+    gpt = unwrap(model)
+    dev = next(gpt.parameters()).device
+    with torch.no_grad():
+        local = gpt(tokens.to(dev), pos.to(dev), None).float().contiguous()
+        if tp > 1:
+            parts = [torch.empty_like(local) for _ in range(tp)]
+            torch.distributed.all_gather(parts, local, group=ps.get_tensor_model_parallel_group())
+            local = torch.cat(parts, dim=-1)
+    return {"tokens": tokens, "logits": local.cpu()}
 
 
 def train(cfg: PretrainConfig, blend: dict, mix_dir: Path, arm: str, out: Path,
@@ -277,6 +321,8 @@ def train(cfg: PretrainConfig, blend: dict, mix_dir: Path, arm: str, out: Path,
     metrics_path = out / "metrics.jsonl"
     if rank == 0:
         _truncate_metrics(metrics_path, start)
+        if resume is None:  # a fresh run: an earlier run's export reference is stale
+            (out / "reference_logits.pt").unlink(missing_ok=True)
 
     fwd_bwd = get_forward_backward_func()
     seq = cfg.model.seq_length
@@ -291,25 +337,22 @@ def train(cfg: PretrainConfig, blend: dict, mix_dir: Path, arm: str, out: Path,
             log_fn({k: v for k, v in row.items() if k != "step"}, row["step"])
 
     eval_interval = cfg.eval_interval
-    if pp > 1 and eval_interval:
-        # Known gap: the forward-only pass of Megatron's pipeline schedule deadlocked here over gloo
-        # (CPU, PP=2); not checked on NCCL. Skip validation rather than hang a multi-node job.
-        if rank == 0:
-            log.warning("pipeline_parallel=%d: validation loss is not computed (eval_interval ignored)", pp)
-        eval_interval = 0
-
     def evaluate(step: int) -> dict:
         ddp.eval()
         res = {}
         for dom, ds in valid_ds.items():
-            n = len(ds)
-            mb = [_batch(ds, range(i, min(i + mbs, n))) for i in range(0, n, mbs)]
+            n = min(len(ds), cfg.eval_samples)  # a GPTDataset holds whole epochs: >= eval_samples
+            if n == 0:
+                continue
+            mb = [_batch(ds, range(i, min(i + mbs, n)), pad_to=mbs) for i in range(0, n, mbs)]
             with torch.no_grad():
                 losses = fwd_bwd(forward_step_func=_forward_step, data_iterator=iter(mb), model=[ddp],
                                  num_microbatches=len(mb), seq_length=seq, micro_batch_size=mbs,
                                  forward_only=True) if mb else []
-            v = float(torch.stack([x["lm loss"] for x in losses]).mean()) if losses else None
-            res[f"val/{dom}"] = _reduce_last_stage(v)
+            # every rank evaluates the same rows: the token-weighted mean, replicated over DP/TP
+            v = (float(sum(float(x["lm sum"]) for x in losses) / sum(float(x["lm tokens"]) for x in losses))
+                 if losses else 0.0)
+            res[f"val/{dom}"] = _reduce_last_stage(v, 1.0)
         ddp.train()
         if res:
             res["val/mean"] = sum(res.values()) / len(res)
@@ -335,8 +378,8 @@ def train(cfg: PretrainConfig, blend: dict, mix_dir: Path, arm: str, out: Path,
         t_fb = time.perf_counter() - t0 - t_data
         ok, grad_norm, _ = opt.step()
         sched.step(1)
-        loss = float(torch.stack([x["lm loss"] for x in losses]).mean()) if losses else None
-        loss = _reduce_last_stage(loss)
+        # the unscaled per-microbatch losses (the schedule divided only the returned tensor)
+        loss = _reduce_last_stage(sum(float(x["lm loss"]) for x in losses), float(len(losses)))
         if on_gpu:
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
@@ -367,6 +410,10 @@ def train(cfg: PretrainConfig, blend: dict, mix_dir: Path, arm: str, out: Path,
                 log.info("exit_after_steps=%d reached at step %d; a re-run resumes", cfg.exit_after_steps, step)
             break
     wall = time.perf_counter() - t_run
+    if step >= total and cfg.export_hf and world > 1 and pp == 1:
+        ref = _reference_logits(ddp, cfg.model, cfg.model.vocab_size or blend["tokenizer"]["vocab_size"], tp)
+        if rank == 0:
+            torch.save({**ref, "step": step, "tp": tp, "dp": dp}, out / "reference_logits.pt")
     summary = {"steps": total, "finished": step >= total, "last_step": step,
                "steps_this_run": steps_this_run, "wall_s": wall,
                "tokens_per_s": tok_total / wall if wall > 0 else None,
