@@ -13,7 +13,9 @@ Two halves:
   parallelism), blended GPT datasets, distributed checkpoints.
 
 `pretrain.launch.mode`: `local` (default) launches here, `nproc_per_node` processes on this
-machine; `external` only prepares the stage folder and raises Incomplete with the sbatch command
+machine, or, when this process is one task of a multi-task srun step (`srun --ntasks=N python -m
+attninf.worker <stage folder>`), one rank per task, after which task 0 exports and writes the
+summary; `external` only prepares the stage folder and raises Incomplete with the sbatch command
 to run (multi-node Slurm, slurm/pretrain.sbatch); re-running the pipeline afterwards finds the
 finished checkpoints, exports them and completes the stage.
 
@@ -485,6 +487,27 @@ def launch_local(stage_dir: Path, nproc: int, port: int | None = None) -> None:
         raise RuntimeError(f"pretrain: training exited with code {rc}; see {stage_dir / 'train.log'}")
 
 
+def srun_task() -> tuple[int, int] | None:
+    """(task, ntasks) when this process is one task of a multi-task srun step, else None.
+
+    SLURM_STEP_NUM_TASKS is set by srun for its step only (not in the batch script itself), and a
+    torchrun child has RANK: neither of those counts as a task that must train as one rank.
+    """
+    env = os.environ
+    if "RANK" in env or "SLURM_PROCID" not in env:
+        return None
+    n = int(env.get("SLURM_STEP_NUM_TASKS", "1"))
+    return (int(env["SLURM_PROCID"]), n) if n > 1 else None
+
+
+def launch_srun_task(stage_dir: Path, task: int) -> None:
+    """This srun task trains as one rank: a fresh `python -m pretrain.launch` with srun's variables."""
+    log_path = stage_dir / ("train.log" if task == 0 else f"train.task{task}.log")
+    rc = _stream([sys.executable, "-m", "pretrain.launch", str(stage_dir)], log_path, _env())
+    if rc != 0:
+        raise RuntimeError(f"pretrain: training (srun task {task}) exited with code {rc}; see {log_path}")
+
+
 def export_stage(stage_dir: Path) -> None:
     rc = _stream([sys.executable, "-m", "pretrain.export", str(stage_dir)], stage_dir / "export.log", _env())
     if rc != 0:
@@ -513,10 +536,17 @@ def run(ctx) -> dict[str, Any]:
             raise Incomplete(
                 f"pretrain[{arm}]: prepared {out}; submit the training job, e.g. "
                 f"`sbatch slurm/pretrain.sbatch {out}`, then re-run this pipeline to export and finish")
-        launch_local(out, cfg.launch.nproc_per_node, cfg.launch.master_port)
+        task = srun_task()
+        if task is not None:  # `srun --ntasks=N python -m attninf.worker <stage>`: one rank per task
+            launch_srun_task(out, task[0])
+        else:
+            launch_local(out, cfg.launch.nproc_per_node, cfg.launch.master_port)
         if checkpoint.latest_step(ckpt_root) != total:
             raise Incomplete(f"pretrain[{arm}]: stopped before step {total} (exit_after_steps); "
                              f"re-run to resume from {ckpt_root}")
+    task = srun_task()
+    if task is not None and task[0] != 0:
+        raise Incomplete(f"pretrain[{arm}]: srun task {task[0]} of {task[1]} trained; task 0 exports")
     if cfg.export_hf and not (out / "hf" / "config.json").exists():
         export_stage(out)
     rows = read_metrics(out / "metrics.jsonl")

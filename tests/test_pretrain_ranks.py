@@ -322,3 +322,54 @@ def test_dp2_tp2_pp2_against_one_rank(mix, ref, tmp_path):
                 assert v <= TOL, (name, k, v)
             else:
                 assert v == 0.0, (name, v)  # the schedule is layout-free
+
+
+_STAGE_TASK = """
+import sys
+from pathlib import Path
+from omegaconf import OmegaConf
+from attninf.context import Incomplete, StageContext
+from pretrain.train import run
+stage, mix = Path(sys.argv[1]), Path(sys.argv[2])
+ctx = StageContext(name="pretrain", arm="attention_influence", run_dir=stage.parent, out=stage,
+                   cfg=OmegaConf.load(stage / "config.yaml"), dirs={("mix", None): mix})
+try:
+    print("SUMMARY", run(ctx)["loss_last"])
+except Incomplete as e:
+    print("INCOMPLETE", e)
+"""
+
+
+@pytest.mark.slow
+def test_stage_as_two_srun_tasks(tmp_path, tiny_tokenizer, env1):
+    """What `srun --ntasks=2 python -m attninf.worker <stage>` runs: the stage edge in each task.
+
+    Each task trains as one rank (TP=2); task 0 then exports (resharding the TP shards, checked
+    against the TP=2 model's logits) and writes summary.json; task 1 ends with Incomplete.
+    """
+    import subprocess
+    import sys
+
+    from attninf import manifest
+    from pretrain.train import _env
+
+    m = _mix(tmp_path, tiny_tokenizer)
+    manifest.write(m, stage="mix", arm=None, key="test", status="done", config={}, inputs={})
+    stage = _stage(tmp_path, "stage", m, train_iters=4, eval_interval=4, save_interval=0,
+                   export_hf=True, tensor_parallel=2)
+    (stage / "job.json").unlink()  # run() writes it
+    env = {k: v for k, v in _env().items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                          "MASTER_PORT")}
+    env.update(SLURM_JOB_ID=str(os.getpid() % 15000 + 3), SLURM_STEP_NUM_TASKS="2", SLURM_NTASKS="2",
+               SLURM_STEP_NUM_NODES="1", SLURM_JOB_NODELIST="localhost", PYTHONPATH=str(ROOT))
+    procs = [subprocess.Popen([sys.executable, "-c", _STAGE_TASK, str(stage), str(m)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True,
+                              env={**env, "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i)}) for i in range(2)]
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[-2000:] for o in outs]
+    assert "SUMMARY" in outs[0] and "INCOMPLETE" in outs[1] and "task 1 of 2" in outs[1]
+    s = json.loads((stage / "summary.json").read_text())
+    assert s["steps"] == 4 and (stage / "hf" / "config.json").exists()
+    t = json.loads((stage / "train_summary.json").read_text())
+    assert (t["world"], t["tp"], t["dp"]) == (2, 2, 1)
+    assert json.loads((stage / "hf" / "export.json").read_text())["max_abs_logit_diff_training_layout"] < 1e-4
