@@ -195,8 +195,16 @@ SECTION_CONFIGS = {
 }
 
 
-def validate_sections(cfg: DictConfig) -> None:
-    """Build every present section whose owner is a registered (real) stage; ConfigError names the key."""
+# Inputs a later command supplies: required only when a selected stage reads the section.
+_DEFERRED = ("corpus.paths", "corpus.sources", "corpus.domain_field")
+
+
+def validate_sections(cfg: DictConfig, names: list[str] | None = None) -> None:
+    """Build every present section whose owner is a registered (real) stage; ConfigError names the key.
+
+    Ranges, types and unknown keys are checked in every section whichever stages run; inputs
+    (corpus files) only where a selected stage reads them.
+    """
     import importlib
 
     from attninf.config import build
@@ -207,9 +215,15 @@ def validate_sections(cfg: DictConfig) -> None:
     for sec, target in SECTION_CONFIGS.items():
         if sec not in real or cfg.get(sec) is None:
             continue
+        used = names is None or any(sec in STAGES[n].sections for n in names)
         mod, _, cls = target.partition(":")
-        obj = build(getattr(importlib.import_module(mod), cls), cfg.get(sec), sec)
-        if sec == "corpus" and obj.kind != "hf":  # paths that must exist, before any compute
+        try:
+            obj = build(getattr(importlib.import_module(mod), cls), cfg.get(sec), sec)
+        except ConfigError as e:
+            if used or not str(e).startswith(_DEFERRED):
+                raise
+            continue
+        if sec == "corpus" and used and obj.kind != "hf":  # paths that must exist, before any compute
             from selection.corpora import CorpusError, local_files
 
             try:
@@ -290,7 +304,7 @@ def remove_stale_temp_files(run_dir: Path) -> list[Path]:
 def run_pipeline(cfg: DictConfig, overrides: list[str] | None = None, multirun: bool = False) -> dict:
     """Run `cfg.stages` in pipeline order. Returns {(stage, arm): manifest}."""
     names = selected_stages(cfg)
-    validate_sections(cfg)
+    validate_sections(cfg, names)
     run_dir = Path(cfg.run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"run_dir={run_dir}: is a file, not a folder; point run_dir at a folder")
