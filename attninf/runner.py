@@ -223,6 +223,8 @@ def validate_sections(cfg: DictConfig, names: list[str] | None = None) -> None:
             if used or not str(e).startswith(_DEFERRED):
                 raise
             continue
+        if sec == "heads" and getattr(obj, "list", None) is not None:
+            _check_heads_geometry(obj.list, cfg.get("model"))
         if sec == "corpus" and used and obj.kind != "hf":  # paths that must exist, before any compute
             from selection.corpora import CorpusError, local_files
 
@@ -230,6 +232,26 @@ def validate_sections(cfg: DictConfig, names: list[str] | None = None) -> None:
                 local_files(obj)
             except CorpusError as e:
                 raise ConfigError(f"corpus.paths: {e}") from None
+
+
+def _check_heads_geometry(heads, model_cfg) -> None:
+    """heads.list against the model's layers x heads, when its config.json is readable locally."""
+    import json
+
+    from selection.heads import parse_head_list
+
+    path = Path(os.path.expanduser(str((model_cfg or {}).get("path") or ""))) / "config.json"
+    try:
+        mc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return  # hub id or alias: checked when the model loads
+    n_l, n_h = mc.get("num_hidden_layers"), mc.get("num_attention_heads")
+    if not (n_l and n_h):
+        return
+    for i, (l, h) in enumerate(parse_head_list(to_plain(heads), "heads.list")):
+        if not (0 <= l < n_l and 0 <= h < n_h):
+            raise ConfigError(f"heads.list[{i}]: [{l}, {h}] is outside the model ({n_l} layers x "
+                              f"{n_h} heads, {path})")
 
 
 def run_key(cfg: DictConfig) -> str:

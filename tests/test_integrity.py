@@ -159,3 +159,12 @@ def test_cli_expected_failures_are_one_line_exit_2(tmp_path):
     assert not (tmp_path / "r/detect").exists()
     p = _cli(tmp_path, "--debug", "stages=[select]", f"run_dir={f}")
     assert p.returncode != 2 and "Traceback" in p.stdout + p.stderr  # asked for: the traceback
+
+
+def test_head_list_outside_the_model_is_refused_before_loading(tmp_path, tiny_model_dir):
+    cfg = _cfg(tmp_path, tiny_model_dir, _corpus(tmp_path, n=12))
+    n_l = json.loads((tiny_model_dir / "config.json").read_text())["num_hidden_layers"]
+    cfg.heads.list = [[1, 0], [n_l, 0]]
+    with pytest.raises(ConfigError, match=rf"heads.list\[1\]: \[{n_l}, 0\] is outside the model"):
+        run_pipeline(cfg)
+    assert not (tmp_path / "run/score").exists()
