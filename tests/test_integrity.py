@@ -168,3 +168,10 @@ def test_head_list_outside_the_model_is_refused_before_loading(tmp_path, tiny_mo
     with pytest.raises(ConfigError, match=rf"heads.list\[1\]: \[{n_l}, 0\] is outside the model"):
         run_pipeline(cfg)
     assert not (tmp_path / "run/score").exists()
+
+
+def test_unreadable_corpus_file_is_an_input_error_naming_it(tmp_path, tiny_model_dir):
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(InputError, match=r"bad\.parquet: not a readable parquet file"):
+        run_pipeline(_cfg(tmp_path, tiny_model_dir, [str(bad)]))
