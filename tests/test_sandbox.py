@@ -97,8 +97,9 @@ def test_program_cannot_kill_the_evaluator_nor_leave_temp_files(tmp_path):
 
 
 def test_program_cannot_write_outside_its_private_work_dir(tmp_path):
-    targets = [tmp_path / "escaped.txt", Path(os.path.realpath(sys.base_prefix)) / "escaped.txt",
-               Path("/tmp") / f"escaped-{uuid.uuid4().hex}.txt", Path.home() / "escaped.txt"]
+    name = f"escaped-{uuid.uuid4().hex}.txt"  # unique: nothing of an earlier run can answer
+    targets = [tmp_path / name, Path(os.path.realpath(sys.base_prefix)) / name, Path("/tmp") / name,
+               Path.home() / name]
     prog = (f"targets = {[str(t) for t in targets]!r}\nwritten = []\nfor t in targets:\n"
             f"    try:\n        open(t, 'w').write('x')\n        written.append(t)\n"
             f"    except OSError:\n        pass\nopen('scratch.txt', 'w').write('ok')\n"
