@@ -301,7 +301,8 @@ def run(ctx) -> dict:
             stats.update(shard=i, rank=rank, world=world, key=key, **state["info"])
             write_shard(out, i, cols, stats)
             done_here += 1
-    missing = [i for i in range(n_shards) if not (out / f"{shard_name(i)}.parquet").exists()]
+    # Other ranks' shards count only when intact and made under this key.
+    missing = [i for i in range(n_shards) if shard_problem(out, i, key) is not None]
     if missing:
         manifest.write_json(out / "plan.json", {"shards": n_shards, "shard_size": cfg.shard_size,
                                                 "key": key})
