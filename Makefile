@@ -4,8 +4,15 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export WANDB_MODE ?= offline
 
-.PHONY: setup setup-debs demo test test-slow clean
-setup: $(VENV)/.installed
+.PHONY: setup setup-debs setup-sandbox demo test test-slow clean
+setup: $(VENV)/.installed setup-sandbox
+
+# HumanEval runs model-written code under bubblewrap (eval/code_exec.py refuses without it).
+# Installed when missing and root; otherwise say how (idempotent: nothing to do once present).
+setup-sandbox:
+	@command -v bwrap >/dev/null 2>&1 || { if [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends bubblewrap; \
+	else echo "bubblewrap missing: run 'sudo apt-get install bubblewrap' (HumanEval's sandbox)"; fi; }
 
 # Debian docs for the demo corpus's textbook and math domains (root). Without them the corpus
 # builder falls back to text that is always present and records that in its manifest.

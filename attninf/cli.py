@@ -9,6 +9,7 @@ Examples:
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from attninf.config import ConfigError
-from attninf.context import Incomplete, MissingInput
+from attninf.context import Incomplete, InputError, MissingInput
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -39,11 +40,16 @@ def _main(cfg: DictConfig) -> None:
         run_pipeline(cfg, overrides=overrides, multirun=multirun)
     except Incomplete as e:
         log.info("%s (other workers are still running; re-run to finish the stage)", e)
-    except (ConfigError, MissingInput) as e:
-        log.error("%s", e)
-        if multirun:
+    except (ConfigError, MissingInput, InputError) as e:
+        # Expected failures: one line and exit 2; a traceback only when asked for.
+        if multirun or _debug():
             raise
+        log.error("%s", e)
         sys.exit(2)
+
+
+def _debug() -> bool:
+    return os.environ.get("HYDRA_FULL_ERROR") == "1" or os.environ.get("ATTNINF_DEBUG") == "1"
 
 
 def swept_overrides(job_overrides: list[str], multirun_yaml: Path) -> list[str]:
@@ -67,6 +73,10 @@ def swept_overrides(job_overrides: list[str], multirun_yaml: Path) -> list[str]:
 
 
 def main() -> None:
+    if "--debug" in sys.argv[1:]:  # tracebacks for expected failures too (HYDRA_FULL_ERROR=1)
+        sys.argv.remove("--debug")
+        os.environ["ATTNINF_DEBUG"] = "1"
+        os.environ["HYDRA_FULL_ERROR"] = "1"
     _main()
 
 

@@ -16,6 +16,14 @@ class MissingInput(RuntimeError):
     """An upstream stage has not finished; the message says which stage to run."""
 
 
+class InputError(ValueError):
+    """An input (corpus file, score shard, model path) is missing, altered or unusable.
+
+    An expected failure, like a config error: the message is one line naming the file/row and
+    what to do, and the CLI exits 2 without a traceback.
+    """
+
+
 class Incomplete(RuntimeError):
     """This worker did its share but the stage is not finished (other shards/ranks pending)."""
 

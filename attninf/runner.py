@@ -13,8 +13,10 @@ untouched stages (e.g. `score` in a ratio sweep) share one folder and run once.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
+import importlib
 import logging
 import os
 import re
@@ -131,9 +133,15 @@ def run_stage(cfg: DictConfig, name: str, arm: str | None, dirs, force: bool = F
     label = name + (f"[{arm}]" if arm else "")
     with _lock(out):
         old = manifest.read(out)
+        problem = None
         if old and old.get("key") == key and old.get("status") == "done" and not force:
-            log.info("skip %-22s done (key %s) at %s", label, key, out)
-            return old
+            if spec.verify:
+                mod, _, attr = spec.verify.partition(":")
+                problem = getattr(importlib.import_module(mod), attr)(out)
+            if problem is None:
+                log.info("skip %-22s done (key %s) at %s", label, key, out)
+                return old
+            log.warning("%s: %s; re-running it (intact parts are kept)", label, problem)
         if old and old.get("key") != key:
             aside = out.with_name(f"{out.name}.old-{old.get('key', 'unknown')[:8]}")
             shutil.rmtree(aside, ignore_errors=True)
@@ -175,19 +183,170 @@ def run_stage(cfg: DictConfig, name: str, arm: str | None, dirs, force: bool = F
         return m
 
 
+# Config section -> its typed dataclass: all are validated before the first stage runs, whichever
+# stages are selected (an out-of-range value must not surface hours into a run).
+SECTION_CONFIGS = {
+    "model": "selection.models:ModelConfig", "detect": "selection.detect:DetectConfig",
+    "heads": "selection.heads:HeadsConfig", "mirror": "selection.mirror:MirrorConfig",
+    "corpus": "selection.corpora:CorpusConfig", "score": "selection.score:ScoreConfig",
+    "select": "selection.select:SelectConfig", "mix": "pretrain.mix:MixConfig",
+    "tokenizer": "pretrain.mix:TokenizerConfig", "pretrain": "pretrain.train:PretrainConfig",
+    "eval": "eval.config:EvalConfig", "report": "eval.report:ReportConfig",
+}
+
+
+# Inputs a later command supplies: required only when a selected stage reads the section.
+_DEFERRED = ("corpus.paths", "corpus.sources", "corpus.domain_field")
+
+
+def validate_sections(cfg: DictConfig, names: list[str] | None = None) -> None:
+    """Build every present section whose owner is a registered (real) stage; ConfigError names the key.
+
+    Ranges, types and unknown keys are checked in every section whichever stages run; inputs
+    (corpus files) only where a selected stage reads them.
+    """
+    import importlib
+
+    from attninf.config import build
+
+    stand_ins = {sec for spec in STAGES.values() if spec.target.startswith("tests.")
+                 for sec in spec.sections}  # test doubles own their (free-form) sections
+    real = {sec for spec in STAGES.values() for sec in spec.sections} - stand_ins
+    for sec, target in SECTION_CONFIGS.items():
+        if sec not in real or cfg.get(sec) is None:
+            continue
+        used = names is None or any(sec in STAGES[n].sections for n in names)
+        mod, _, cls = target.partition(":")
+        try:
+            obj = build(getattr(importlib.import_module(mod), cls), cfg.get(sec), sec)
+        except ConfigError as e:
+            if used or not str(e).startswith(_DEFERRED):
+                raise
+            continue
+        if sec == "heads" and getattr(obj, "list", None) is not None:
+            _check_heads_geometry(obj.list, cfg.get("model"))
+        if sec == "corpus" and used and obj.kind != "hf":  # paths that must exist, before any compute
+            from selection.corpora import CorpusError, local_files
+
+            try:
+                local_files(obj)
+            except CorpusError as e:
+                raise ConfigError(f"corpus.paths: {e}") from None
+
+
+def _check_heads_geometry(heads, model_cfg) -> None:
+    """heads.list against the model's layers x heads, when its config.json is readable locally."""
+    import json
+
+    from selection.heads import parse_head_list
+
+    path = Path(os.path.expanduser(str((model_cfg or {}).get("path") or ""))) / "config.json"
+    try:
+        mc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return  # hub id or alias: checked when the model loads
+    n_l, n_h = mc.get("num_hidden_layers"), mc.get("num_attention_heads")
+    if not (n_l and n_h):
+        return
+    for i, (l, h) in enumerate(parse_head_list(to_plain(heads), "heads.list")):
+        if not (0 <= l < n_l and 0 <= h < n_h):
+            raise ConfigError(f"heads.list[{i}]: [{l}, {h}] is outside the model ({n_l} layers x "
+                              f"{n_h} heads, {path})")
+
+
+def run_key(cfg: DictConfig) -> str:
+    """What one run directory holds: the config minus keys that never change a result."""
+    plain = to_plain(cfg) or {}
+    return digest({k: v for k, v in plain.items() if k not in _NEUTRAL})
+
+
+@contextmanager
+def run_dir_lock(run_dir: Path, key: str):
+    """A run directory holds one run: same-key processes (array tasks, ranks) share it, a process
+    with another config refuses at start naming the holder, instead of moving its outputs aside."""
+    lock = open(run_dir / ".attninf-run.lock", "a+")
+    owner_path = run_dir / ".attninf-run.json"
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            manifest.write_json(owner_path, {"pid": os.getpid(), "host": os.uname().nodename,
+                                             "key": key, "started": time.time()})
+            fcntl.flock(lock, fcntl.LOCK_SH)  # downgrade: same-key processes may join
+        except BlockingIOError:
+            deadline = time.time() + 10
+            while True:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:  # the holder is still writing its owner file
+                    if time.time() > deadline:
+                        raise
+                    time.sleep(0.1)
+            owner = manifest.read(run_dir, owner_path.name) or {}
+            if owner.get("key") != key:
+                raise ConfigError(
+                    f"run_dir={run_dir}: in use by pid {owner.get('pid')} on {owner.get('host')} "
+                    f"with another config (key {owner.get('key')}, this one {key}); wait for it to "
+                    "finish or choose another run_dir")
+            yield False
+            return
+        yield True
+    finally:
+        lock.close()
+
+
+_TMP = re.compile(r"^\..+\.tmp(\d+)$")
+
+
+def remove_stale_temp_files(run_dir: Path) -> list[Path]:
+    """Temp files of killed atomic writes (`.name.tmp<pid>` whose pid is gone) are deleted."""
+    gone = []
+    for root, _, files in os.walk(run_dir):
+        for f in files:
+            m = _TMP.match(f)
+            if not m:
+                continue
+            pid = int(m.group(1))
+            alive = True
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                alive = False
+            except PermissionError:
+                pass
+            if not alive or pid == os.getpid():
+                p = Path(root) / f
+                p.unlink(missing_ok=True)
+                gone.append(p)
+    if gone:
+        log.info("removed %d temp file(s) left by killed writes (e.g. %s)", len(gone), gone[0])
+    return gone
+
+
 def run_pipeline(cfg: DictConfig, overrides: list[str] | None = None, multirun: bool = False) -> dict:
     """Run `cfg.stages` in pipeline order. Returns {(stage, arm): manifest}."""
     names = selected_stages(cfg)
+    validate_sections(cfg, names)
     run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not multirun:
-        manifest.write_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    dirs = stage_dirs(cfg, overrides or [], multirun)
-    results = {}
-    for name in names:
-        for arm in STAGES[name].arms(cfg):
-            results[(name, arm)] = run_stage(cfg, name, arm, dirs)
-    return results
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run_dir={run_dir}: is a file, not a folder; point run_dir at a folder")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"run_dir={run_dir}: cannot create it ({e.strerror}); choose another run_dir") from None
+    # Sweep jobs share run_dir with different configs by design (each in its own stage folders).
+    lock = run_dir_lock(run_dir, run_key(cfg)) if not multirun else contextlib.nullcontext(False)
+    with lock as alone:
+        if alone:  # no other process of this run is writing: orphaned temp files are garbage
+            remove_stale_temp_files(run_dir)
+        if not multirun:
+            manifest.write_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        dirs = stage_dirs(cfg, overrides or [], multirun)
+        results = {}
+        for name in names:
+            for arm in STAGES[name].arms(cfg):
+                results[(name, arm)] = run_stage(cfg, name, arm, dirs)
+        return results
 
 
 def setup_logging(level: str = "INFO") -> None:

@@ -33,6 +33,9 @@ class StageSpec:
     sections: tuple[str, ...]  # config sections that define this stage's work
     needs: Needs = _none
     per_arm: Callable[[DictConfig], bool] = lambda cfg: False
+    # "module:function(out) -> problem | None": checks a `done` folder's outputs are intact
+    # before the runner skips it (a deleted shard is re-made instead of silently missing).
+    verify: str | None = None
 
     def fn(self):
         mod, _, attr = self.target.partition(":")
@@ -60,7 +63,8 @@ def _eval_is_per_arm(cfg) -> bool:
 STAGES: dict[str, StageSpec] = {s.name: s for s in [
     StageSpec("detect", "selection.detect:run", ("model", "detect")),
     StageSpec("mirror", "selection.mirror:run", ("model", "detect", "heads", "mirror"), _heads_needs),
-    StageSpec("score", "selection.score:run", ("model", "heads", "corpus", "score"), _heads_needs),
+    StageSpec("score", "selection.score:run", ("model", "heads", "corpus", "score"), _heads_needs,
+              verify="selection.score:verify"),
     StageSpec("select", "selection.select:run", ("select",), lambda cfg, arm: [("score", None)]),
     StageSpec("mix", "pretrain.mix:run", ("corpus", "mix", "arms", "tokenizer"),
               lambda cfg, arm: [("select", None)] if any(

@@ -104,9 +104,15 @@ def check_code_eval_allowed(ecfg: EvalConfig) -> None:
         missing.append("the environment variable HF_ALLOW_CODE_EVAL=1")
     if missing:
         raise ConfigError(
-            "eval.allow_code_eval: HumanEval executes model-written code (sandboxed: separate "
-            "process, time/memory limits, no network). Confirm with " + " and ".join(missing)
+            "eval.allow_code_eval: HumanEval executes model-written code (sandboxed: bubblewrap "
+            "namespaces, read-only system, time/memory/process limits, no network). Confirm with " + " and ".join(missing)
             + ", or remove humaneval from eval.tasks.")
+    from eval.code_exec import SandboxUnavailable, check_sandbox
+
+    try:
+        check_sandbox(ecfg.humaneval.sandbox)
+    except SandboxUnavailable as e:
+        raise ConfigError(f"eval.humaneval.sandbox: {e}") from None
 
 
 def resolve_device(device: str) -> str:

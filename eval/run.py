@@ -16,7 +16,7 @@ import time
 
 from attninf.config import ConfigError, asdict, build
 from eval import harness
-from eval.code_exec import network_isolation_available
+from eval.code_exec import network_isolation_available, sandbox_record
 from eval.config import EvalConfig
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,7 @@ def run(ctx) -> dict:
         "mirror": harness.mirror_meta(mirror),
         "humaneval": asdict(ecfg.humaneval) if "humaneval" in tp.leaves else None,
         "sandbox_network_namespace": network_isolation_available() if "humaneval" in tp.leaves else None,
+        "sandbox": sandbox_record(ecfg.humaneval.sandbox) if "humaneval" in tp.leaves else None,
     }
     # Results hit the disk before any W&B call, so a logging failure cannot lose them.
     head = harness.save_results(res, ctx.out, meta)

@@ -28,11 +28,12 @@ from pathlib import Path
 from typing import Any
 
 from attninf.config import check
+from attninf.context import InputError
 
 KINDS = ("jsonl", "parquet", "hf")
 
 
-class CorpusError(ValueError):
+class CorpusError(InputError):
     """The corpus cannot be read as configured; the message names file, row and field."""
 
 

@@ -55,6 +55,16 @@ class ModelConfig:
         if self.path.startswith("random:"):
             check(self.path[7:] in RANDOM_MODELS, "path", f"unknown random model; known: "
                   f"{', '.join('random:' + k for k in RANDOM_MODELS)}")
+        import os
+
+        local = os.path.expanduser(self.path)
+        if os.path.isdir(local):  # a folder is a model only with a config.json
+            check(os.path.isfile(os.path.join(local, "config.json")), "path",
+                  f"{self.path} is a folder without config.json (not a saved HF model); point "
+                  "model.path at a model folder or a hub id")
+        elif self.path.startswith(("/", "./", "../", "~")) or os.path.exists(local):
+            check(False, "path", f"{self.path} is not a model folder (missing or a file); point "
+                  "model.path at a model folder or a hub id")
 
 
 def cache_root() -> Path:

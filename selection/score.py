@@ -24,6 +24,7 @@ shipped configs) with the loss in fp32; `score.dtype=float32` forces the full fp
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -34,7 +35,7 @@ from pathlib import Path
 
 from attninf import manifest
 from attninf.config import build, check
-from attninf.context import Incomplete
+from attninf.context import Incomplete, InputError
 from attninf.dist import rank_world
 from attninf.progress import Progress
 from selection.corpora import CorpusConfig, Document, iter_documents
@@ -62,6 +63,9 @@ class ScoreConfig:
     tokenize_batch: int = 256  # documents per tokenizer call
     progress: bool = True
     skip_examples: int = 5  # file:row examples kept per skip reason in the stats
+    # The stage fails (with the skip table) when more than this share of rows is skipped, or all
+    # are: a typo in corpus.text_field must not finish `done` with an empty selection.
+    max_skip_share: float = 0.5
 
     def validate(self) -> None:
         check(self.max_tokens >= 2, "max_tokens", "must be >= 2")
@@ -70,6 +74,7 @@ class ScoreConfig:
         check(self.dtype in (None, "float32", "bfloat16", "float16"), "dtype",
               "use float32, bfloat16, float16 or null (= model.dtype)")
         check(self.shard_size > 0, "shard_size", "must be positive")
+        check(0.0 <= self.max_skip_share <= 1.0, "max_skip_share", "must be in [0, 1]")
         check(self.batch_tokens >= self.max_tokens, "batch_tokens",
               f"must be >= max_tokens ({self.max_tokens}) so the longest document fits a batch")
         check(self.max_batch_size > 0 and (self.ce_chunk or 1) > 0, "max_batch_size", "must be positive")
@@ -92,12 +97,23 @@ def iter_shards(docs: Iterator[Document], shard_size: int) -> Iterator[tuple[int
         yield i, block
 
 
-def _write_parquet_atomic(table, path: Path) -> None:
+def _write_parquet_atomic(table, path: Path, before_rename=None) -> None:
+    """Temp + rename; `before_rename(sha256)` runs between (the stats record the digest)."""
     import pyarrow.parquet as pq
 
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     pq.write_table(table, tmp)
+    if before_rename is not None:
+        before_rename(file_digest(tmp))
     os.replace(tmp, path)
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for buf in iter(lambda: fh.read(1 << 20), b""):
+            h.update(buf)
+    return h.hexdigest()
 
 
 def score_shard(docs: list[Document], *, tokenizer, scorer, cfg: ScoreConfig, progress=None) -> tuple[dict, dict]:
@@ -168,9 +184,9 @@ def write_shard(out: Path, i: int, cols: dict, stats: dict) -> Path:
                         ("n_tokens_full", pa.int64()), ("loss_base", pa.float64()),
                         ("loss_masked", pa.float64()), ("score", pa.float64())])
     table = pa.table({k: cols[k] for k in SCHEMA_COLUMNS}, schema=schema)
-    manifest.write_json(out / f"{shard_name(i)}.stats.json", stats)
     path = out / f"{shard_name(i)}.parquet"
-    _write_parquet_atomic(table, path)
+    _write_parquet_atomic(table, path, lambda sha: manifest.write_json(
+        out / f"{shard_name(i)}.stats.json", {**stats, "sha256": sha}))
     return path
 
 
@@ -204,6 +220,7 @@ def _count_rows(cfg: CorpusConfig) -> int | None:
 def summarize(out: Path, n_shards: int) -> dict:
     """Merge shard stats into score/stats.json (the stage's outputs summary)."""
     skipped: dict[str, int] = {}
+    examples: dict[str, list] = {}
     tot = {"rows": 0, "scored": 0, "tokens_scored": 0, "tokens_full": 0, "truncated": 0, "wall_s": 0.0}
     for i in range(n_shards):
         st = json.loads((out / f"{shard_name(i)}.stats.json").read_text())
@@ -211,7 +228,10 @@ def summarize(out: Path, n_shards: int) -> dict:
             tot[k] += st.get(k, 0)
         for r, c in st.get("skipped", {}).items():
             skipped[r] = skipped.get(r, 0) + c
-    summary = {"shards": n_shards, **tot, "skipped": skipped}
+        for r, ex in st.get("skip_examples", {}).items():
+            examples.setdefault(r, [])
+            examples[r] += ex[:max(0, 3 - len(examples[r]))]
+    summary = {"shards": n_shards, **tot, "skipped": skipped, "skip_examples": examples}
     if n_shards:
         first = json.loads((out / f"{shard_name(0)}.stats.json").read_text())
         summary.update({k: first.get(k) for k in ("max_tokens", "bos", "model", "dtype", "attn_impl")})
@@ -260,24 +280,108 @@ def run(ctx) -> dict:
                     tracker=ctx.tracker, prefix="score", disable=not cfg.progress)
     n_shards = 0
     done_here = 0
+    # The runner wrote this run's key into the `running` manifest; every shard records it, so a
+    # shard made under another config is never reused, even when the old manifest was torn.
+    key = (manifest.read(out) or {}).get("key")
     with prog:
         for i, block in iter_shards(iter_documents(ccfg, with_skips=True), cfg.shard_size):
             n_shards = i + 1
             if i % world != rank:
                 continue
             if (out / f"{shard_name(i)}.parquet").exists():
-                prog.total = None if prog.total is None else max(prog.total - len(block), 0)
-                continue
+                why = shard_problem(out, i, key, len(block))
+                if why is None:
+                    prog.total = None if prog.total is None else max(prog.total - len(block), 0)
+                    continue
+                log.warning("score: %s; re-scoring it", why)
+                (out / f"{shard_name(i)}.parquet").unlink(missing_ok=True)
+            check_unique_ids(block)
             scorer, tok = ensure_model()
             cols, stats = score_shard(block, tokenizer=tok, scorer=scorer, cfg=cfg, progress=prog)
-            stats.update(shard=i, rank=rank, world=world, **state["info"])
+            stats.update(shard=i, rank=rank, world=world, key=key, **state["info"])
             write_shard(out, i, cols, stats)
             done_here += 1
-    manifest.write_json(out / "plan.json", {"shards": n_shards, "shard_size": cfg.shard_size})
-    missing = [i for i in range(n_shards) if not (out / f"{shard_name(i)}.parquet").exists()]
+    # Other ranks' shards count only when intact and made under this key.
+    missing = [i for i in range(n_shards) if shard_problem(out, i, key) is not None]
     if missing:
+        manifest.write_json(out / "plan.json", {"shards": n_shards, "shard_size": cfg.shard_size,
+                                                "key": key})
         raise Incomplete(f"score: rank {rank}/{world} scored {done_here} shard(s); {len(missing)} of "
                          f"{n_shards} still missing (e.g. {shard_name(missing[0])})")
+    # The plan is what select verifies: every shard, its rows and digest, under this key.
+    files = []
+    for i in range(n_shards):
+        st = json.loads((out / f"{shard_name(i)}.stats.json").read_text())
+        files.append({"name": f"{shard_name(i)}.parquet", "rows": st["rows"], "scored": st["scored"],
+                      "sha256": st.get("sha256")})
+    manifest.write_json(out / "plan.json", {"shards": n_shards, "shard_size": cfg.shard_size,
+                                            "key": key, "files": files})
     summary = summarize(out, n_shards)
+    check_skips(summary, cfg, ccfg)
     ctx.tracker.summary({f"score/{k}": v for k, v in summary.items() if not isinstance(v, dict)})
     return summary
+
+
+# --- integrity: shards carry the stage key and their digest; readers check both -------------
+
+def shard_problem(out: Path, i: int, key: str | None, rows: int | None = None) -> str | None:
+    """Why shard i cannot be reused under `key` (None = it can): missing, other config, altered."""
+    name = shard_name(i)
+    path = out / f"{name}.parquet"
+    if not path.exists():
+        return f"{path} is missing"
+    try:
+        st = json.loads((out / f"{name}.stats.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return f"{out / (name + '.stats.json')} is missing or torn"
+    if st.get("key") != key:
+        return f"{path} was scored under another config (key {st.get('key')}, now {key})"
+    if rows is not None and st.get("rows") != rows:
+        return f"{path} covers {st.get('rows')} corpus rows, the corpus now gives {rows}"
+    if st.get("sha256") != file_digest(path):
+        return f"{path} was altered after it was written (sha256 differs from its stats)"
+    return None
+
+
+def verify(out: Path) -> str | None:
+    """Runner hook for a `done` score folder: None when every planned shard is intact."""
+    plan = manifest.read(out, "plan.json")
+    m = manifest.read(out)
+    if plan is None or "files" not in plan:
+        return f"{out / 'plan.json'} is missing or predates shard digests"
+    for i in range(plan["shards"]):
+        why = shard_problem(out, i, (m or {}).get("key"))
+        if why:
+            return why
+    return None
+
+
+def check_skips(summary: dict, cfg: ScoreConfig, ccfg: CorpusConfig) -> None:
+    """Always print the skip table; fail when every row, or more than max_skip_share, is skipped."""
+    rows, scored, skipped = summary["rows"], summary["scored"], summary["skipped"]
+    table = ", ".join(f"{r} {c} (e.g. {(summary.get('skip_examples', {}).get(r) or ['?'])[0]})"
+                      for r, c in sorted(skipped.items(), key=lambda kv: -kv[1])) or "none"
+    log.info("score: %d rows, %d scored, %d skipped: %s", rows, scored, rows - scored, table)
+    if rows == 0:
+        where = ccfg.paths or ccfg.domain_paths or [s.path for s in ccfg.sources]
+        raise InputError(f"corpus: no documents in {where}; check corpus.paths (or the filters "
+                         "corpus.domains / max_docs)")
+    share = (rows - scored) / rows
+    if scored == 0 or share > cfg.max_skip_share:
+        raise InputError(
+            f"score: {rows - scored} of {rows} rows skipped ({share:.0%} > score.max_skip_share="
+            f"{cfg.max_skip_share}): {table}; check corpus.text_field={ccfg.text_field!r} and the "
+            "files, or raise score.max_skip_share")
+
+
+def check_unique_ids(block: list[Document]) -> None:
+    """Duplicate doc_ids inside one shard, before it is scored: both file:rows."""
+    seen: dict[str, str] = {}
+    for d in block:
+        if d.skip is not None:
+            continue
+        if d.doc_id in seen:
+            raise InputError(f"corpus: doc id {d.doc_id!r} at {seen[d.doc_id]} and again at "
+                             f"{d.where or '?'}; set corpus.id_field to a unique field, or empty "
+                             "it for file:row ids")
+        seen[d.doc_id] = d.where or d.doc_id

@@ -111,11 +111,44 @@ def select_sql(method: str, cfg: SelectConfig, tok: str) -> str:
     return f"WITH r AS ({ranked}) SELECT doc_id, domain, score, loss_base, tokens, rank FROM r WHERE {cond}"
 
 
-def select_scores(shard_glob: str, out: Path, cfg: SelectConfig) -> dict:
-    """Select from score shards matching `shard_glob`; writes selected.parquet + summary.json."""
+def planned_shards(score_dir: Path) -> list[str]:
+    """Exactly the shards the score stage's plan lists, each checked for presence, row count and
+    digest: a deleted or altered shard is an error naming it (never a silently smaller domain)."""
+    import pyarrow.parquet as pq
+
+    from attninf.context import InputError
+    from selection.score import file_digest
+
+    fix = (f"re-run with stages=[score,select] (same config): the score stage re-makes it and "
+           f"keeps the intact shards")
+    plan = manifest.read(score_dir, "plan.json")
+    if plan is None or "files" not in plan:
+        raise InputError(f"{score_dir / 'plan.json'}: missing or without a shard list; {fix}")
+    paths = []
+    for f in plan["files"]:
+        p = score_dir / f["name"]
+        if not p.exists():
+            raise InputError(f"{p}: listed in {score_dir / 'plan.json'} but missing; {fix}")
+        if f.get("sha256") and file_digest(p) != f["sha256"]:
+            raise InputError(f"{p}: content differs from the digest in plan.json (altered); {fix}")
+        if pq.ParquetFile(p).metadata.num_rows != f["scored"]:
+            raise InputError(f"{p}: {pq.ParquetFile(p).metadata.num_rows} rows, plan.json says "
+                             f"{f['scored']}; {fix}")
+        paths.append(str(p))
+    if not paths:
+        raise InputError(f"{score_dir}: the score stage planned no shards (empty corpus?); check "
+                         "corpus.paths")
+    return paths
+
+
+def select_scores(shards: str | list[str], out: Path, cfg: SelectConfig) -> dict:
+    """Select from score shards (a glob or a list of files); writes selected.parquet + summary.json."""
     out.mkdir(parents=True, exist_ok=True)
     con = _connect(cfg, out)
-    con.execute(f"CREATE VIEW scores AS SELECT * FROM read_parquet('{shard_glob}')")
+    files = [shards] if isinstance(shards, str) else list(shards)
+    shard_glob = shards if isinstance(shards, str) else f"{Path(files[0]).parent}/shard-*.parquet"
+    con.execute("CREATE VIEW scores AS SELECT * FROM read_parquet([" + ", ".join(
+        "'" + f.replace("'", "''") + "'" for f in files) + "])")
     cols = {r[0] for r in con.execute("DESCRIBE scores").fetchall()}
     missing = {"doc_id", "domain", "score", "loss_base", "n_tokens"} - cols
     if missing:
@@ -123,7 +156,9 @@ def select_scores(shard_glob: str, out: Path, cfg: SelectConfig) -> dict:
     tok = "n_tokens_full" if "n_tokens_full" in cols else "n_tokens"
     dup = con.execute("SELECT doc_id, count(*) c FROM scores GROUP BY doc_id HAVING c > 1 LIMIT 3").fetchall()
     if dup:
-        raise ValueError(f"{shard_glob}: doc_id is not unique (e.g. {dup[0][0]!r} x{dup[0][1]}); "
+        from attninf.context import InputError
+
+        raise InputError(f"{shard_glob}: doc_id is not unique (e.g. {dup[0][0]!r} x{dup[0][1]}); "
                          "set corpus.id_field to a unique field or leave it empty for file:row ids")
     con.execute("CREATE TABLE sel (doc_id VARCHAR, domain VARCHAR, score DOUBLE, loss_base DOUBLE, "
                 "tokens BIGINT, rank BIGINT, method VARCHAR)")
@@ -169,10 +204,8 @@ def select_scores(shard_glob: str, out: Path, cfg: SelectConfig) -> dict:
 def run(ctx) -> dict:
     cfg = build(SelectConfig, ctx.cfg.get("select"), "select")
     score_dir = ctx.upstream("score")
-    shards = sorted(Path(score_dir).glob("shard-*.parquet"))
-    if not shards:
-        raise FileNotFoundError(f"{score_dir}: no score shards (shard-*.parquet); re-run the score stage")
-    summary = select_scores(str(Path(score_dir) / "shard-*.parquet"), ctx.out, cfg)
+    shards = planned_shards(Path(score_dir))
+    summary = select_scores(shards, ctx.out, cfg)
     if cfg.figures:
         try:
             from selection.figures_scores import make_figures

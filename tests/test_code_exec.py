@@ -1,4 +1,4 @@
-"""The HumanEval sandbox: separate process, limits, no network, permission gate, pass@k."""
+"""The HumanEval sandbox: limits, permission gate, pass@k; hostile programs in test_sandbox.py."""
 
 from __future__ import annotations
 
@@ -44,17 +44,6 @@ def test_infinite_loop_is_killed_at_the_timeout():
     assert dt < FAST.timeout_s + 2.0
 
 
-def test_forked_child_dies_with_the_group(tmp_path):
-    # The child would write a marker after 2 s if it survived the parent's kill.
-    marker = tmp_path / "survived"
-    prog = (f"import os, time\nif os.fork() == 0:\n    time.sleep(2.0)\n"
-            f"    open({str(marker)!r}, 'w').write('x')\n    os._exit(0)\nwhile True:\n    pass")
-    r = run_program(prog, SandboxLimits(timeout_s=0.5, memory_mb=512))
-    assert r.result == "timed out"
-    time.sleep(2.5)
-    assert not marker.exists()
-
-
 @pytest.mark.parametrize("program", [
     "x = bytearray(8 * 2**30)",                                   # one huge allocation
     "chunks = []\nwhile True:\n    chunks.append(b'x' * 2**24)",  # gradual growth
@@ -77,15 +66,6 @@ def test_runs_in_a_fresh_temporary_directory():
 def test_socket_is_disabled():
     r = run_program("import socket\nsocket.create_connection(('127.0.0.1', 9))", FAST)
     assert not r.passed and "network access is disabled" in r.result
-
-
-@pytest.mark.skipif(not code_exec.network_isolation_available(), reason="no network namespaces here")
-def test_network_namespace_blocks_raw_sockets():
-    # Bypass the Python-level guard with the C module: only the namespace stops this one.
-    prog = ("import _socket\ns = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)\n"
-            "s.settimeout(1)\ns.connect(('1.1.1.1', 80))")
-    r = run_program(prog, FAST)
-    assert not r.passed and ("unreachable" in r.result.lower() or "Errno" in r.result)
 
 
 def test_nothing_runs_without_permission(monkeypatch):

@@ -114,3 +114,50 @@ def test_typed_config_rejects_unknown_keys_types_and_ranges():
         build(_Cfg, {"fraction": "lots"}, "heads")
     with pytest.raises(ConfigError, match=r"heads.fraction: 1.5 outside \(0, 1\]"):
         build(_Cfg, {"fraction": 1.5}, "heads")
+
+
+def test_second_run_with_another_config_refuses_naming_the_first(tmp_path, toy):
+    import os
+
+    from attninf.runner import run_dir_lock, run_key
+
+    first = _cfg(tmp_path)
+    run_pipeline(first)
+    (tmp_path / "run").mkdir(exist_ok=True)
+    with run_dir_lock(tmp_path / "run", run_key(first)):  # the first run, still going
+        with pytest.raises(ConfigError, match=rf"run_dir=.*run: in use by pid {os.getpid()} .*"
+                                              r"another config .*choose another run_dir"):
+            run_pipeline(_cfg(tmp_path, detect={"value": 5}))
+        assert not [p for p in (tmp_path / "run").iterdir() if ".old-" in p.name]  # nothing moved
+        run_pipeline(_cfg(tmp_path, stages=["score"]))  # same config (another rank/stage): joins
+    assert toy == [("detect", None), ("score", None)]
+
+
+def test_temp_files_of_killed_writes_are_removed_on_the_next_run(tmp_path, toy):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    run_pipeline(_cfg(tmp_path))
+    stale = [tmp_path / f"run/score/.shard-00000.parquet.tmp{dead}", tmp_path / f"run/.config.yaml.tmp{dead}"]
+    for p in stale:
+        p.write_text("half")
+    keep = tmp_path / "run/score/notes.tmp1"  # not our pattern
+    keep.write_text("x")
+    run_pipeline(_cfg(tmp_path))
+    assert [p for p in stale if p.exists()] == [] and keep.exists()
+
+
+def test_all_sections_are_validated_whichever_stages_run(tmp_path, toy):
+    with pytest.raises(ConfigError, match=r"heads.fraction: 1.5 is outside \(0, 1\]"):
+        run_pipeline(_cfg(tmp_path, stages=["detect"], heads={"fraction": 1.5}))
+    with pytest.raises(ConfigError, match=r"select.ratio: must be in \(0, 1\]"):
+        run_pipeline(_cfg(tmp_path, stages=["detect"], select={"ratio": 1.5}))
+    assert toy == []
+
+
+def test_run_dir_that_is_a_file_is_one_config_line(tmp_path, toy):
+    (tmp_path / "run").write_text("x")
+    with pytest.raises(ConfigError, match=r"run_dir=.*run: is a file, not a folder"):
+        run_pipeline(_cfg(tmp_path))

@@ -44,7 +44,10 @@ class HumanEvalSettings:
     timeout_s: float = 3.0      # per program, wall clock (HF code_eval default)
     memory_mb: int = 1024       # per program address space
     num_workers: int = 2        # programs executed in parallel
-    isolate_network: bool = True
+    isolate_network: bool = True  # sandbox=process only: `unshare -rn` when available
+    # bwrap = bubblewrap namespaces (a boundary; refuses where unavailable); process = the
+    # explicitly weaker separate-process mode (recorded in results.json).
+    sandbox: str = "bwrap"
 
     def validate(self) -> None:
         from attninf.config import check
@@ -57,6 +60,8 @@ class HumanEvalSettings:
               f"each k must be in [1, n={self.n}]")
         check(self.timeout_s > 0, "humaneval.timeout_s", "must be > 0")
         check(self.memory_mb >= 64, "humaneval.memory_mb", "must be >= 64")
+        check(self.sandbox in ("bwrap", "process"), "humaneval.sandbox",
+              f"must be bwrap or process, got {self.sandbox!r}")
 
 
 class TaskPlanError(ValueError):
@@ -146,7 +151,7 @@ def humaneval_config(settings: HumanEvalSettings, source: dict[str, Any]) -> dic
             "metric": _Fn("eval.code_exec.pass_at_k"), "aggregation": "mean",
             "higher_is_better": True, "k": list(settings.k), "timeout": settings.timeout_s,
             "memory_mb": settings.memory_mb, "num_workers": settings.num_workers,
-            "isolate_network": settings.isolate_network}],
+            "isolate_network": settings.isolate_network, "sandbox": settings.sandbox}],
         "generation_kwargs": gen,
         "repeats": settings.n,
         "num_fewshot": 0,
