@@ -315,6 +315,9 @@ def selection_markdown(stage_dirs: dict[str, Path], out: Path | None = None) -> 
             thr = (methods.get("attention_influence", {}).get(dom) or {}).get("threshold")
             thr_s = f"{thr:.3f}" if thr is not None else "–"
             lines.append(f"| {dom} | {d['documents']:,} | {d['tokens']:,} | " + " | ".join(cells) + f" | {thr_s} |")
+    rep_md = stage_dirs.get("select", Path("-")) / "repetition.md"  # selection.select
+    if rep_md.exists():
+        lines += ["", rep_md.read_text().strip()]
     if out is not None:  # the stages' own figures, linked rather than copied
         figs = [stage_dirs.get(st, Path("-")) / f for st, f in
                 (("detect", "heatmap.png"), ("select", "scores_by_domain.png"), ("select", "loss_vs_score.png"))]

@@ -198,8 +198,10 @@ def test_known_retrieval_head_ranks_first(tiny_tokenizer, mode):
 def test_config_validation():
     with pytest.raises(ConfigError, match="detect.mode"):
         build(DetectConfig, {"mode": "beam"}, "detect")
-    with pytest.raises(ConfigError, match=r"detect.fraction: 0.0 is outside \(0, 1\]"):
-        build(DetectConfig, {"fraction": 0.0}, "detect")
+    with pytest.raises(ConfigError, match="unknown config key.*detect.fraction"):  # heads.fraction is the knob
+        build(DetectConfig, {"fraction": 0.05}, "detect")
+    with pytest.raises(ConfigError, match="detect.match"):
+        build(DetectConfig, {"match": "fuzzy"}, "detect")
     with pytest.raises(ConfigError, match="unknown config key"):
         build(DetectConfig, {"num_probe": 3}, "detect")
 
@@ -214,7 +216,7 @@ def _pipeline_cfg(run_dir, model_dir, **detect):
         "arms": {}, "wandb": {"mode": "disabled"},
         "model": {"path": str(model_dir), "dtype": "float32", "device": "cpu", "attn_impl": "sdpa"},
         "detect": {"num_probes": 3, "max_tokens": 1024, "max_value_tokens": 80, "mode": "teacher_forced",
-                   "fraction": 0.1, **detect},
+                   **detect},
         "heads": {"set": "retrieval", "fraction": 0.1},
         "mirror": {"num_probes": 2, "random_draws": 2},
     })
@@ -234,7 +236,9 @@ def test_detect_stage_writes_heads_json(tmp_path, tiny_model_dir):
         assert k in doc
     assert (doc["n_layers"], doc["n_heads"], doc["n_kv_heads"]) == (4, 4, 2)
     assert len(doc["scores"]) == 4 and all(len(r) == 4 for r in doc["scores"])
-    assert doc["selected"] == [list(h) for h in rank_heads(doc["scores"])[:2]]  # 10% of 16 -> 2
+    assert doc["selected"] == [list(h) for h in rank_heads(doc["scores"])[:2]]  # heads.fraction 10% of 16 -> 2
+    assert doc["fraction"] == 0.1 and doc["match"] == "offsets"
+    assert 0 < doc["recall_ceiling"] <= 1 and doc["other_match"]["match"] == "token_id"
     assert doc["mode"] == "generate" and doc["num_probes"] == 3 and len(doc["per_probe"]) == 3
     assert load_heads_json(out / "heads.json")["selected"] == doc["selected"]
     probes = load_probes(out / "probes.jsonl")
