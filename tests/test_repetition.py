@@ -136,3 +136,48 @@ def test_old_shards_without_repetition(tmp_path):
     assert summ["repetition"]["columns_present"] is False
     with pytest.raises(ValueError, match="no 'repetition' column"):
         select_scores(glob, tmp_path / "out2", build(SelectConfig, {"figures": False, "max_repetition": 0.3}, "select"))
+
+
+def test_score_shard_skips_nonfinite_losses_and_stores_repetition(tiny_model_dir, one_torch_thread):
+    """A real tiny model whose embedding row of "~" is NaN: the document holding "~" gets NaN
+    losses and becomes a counted skip; the others keep their rows, with repetition beside them."""
+    import torch
+
+    from selection import scoring
+    from selection.corpora import Document
+    from selection.models import ModelConfig, load_selector
+    from selection.repetition import stats as rep_stats
+    from selection.score import ScoreConfig, score_shard
+
+    model, tok = load_selector(ModelConfig(path=str(tiny_model_dir), dtype="float32", device="cpu"))
+    bad = tok("~", add_special_tokens=False)["input_ids"]
+    assert len(bad) == 1
+    with torch.no_grad():
+        model.model.embed_tokens.weight[bad[0]] = float("nan")
+    texts = ["the quick brown fox jumps over the lazy dog " * 3, "retrieval heads copy tokens",
+             "the cat ~ sat on the mat", "alpha beta gamma delta alpha beta gamma delta"]
+    docs = [Document(f"d{i}", "web", t, where=f"f.jsonl:{i + 1}") for i, t in enumerate(texts)]
+    scorer = scoring.BranchScorer(model, [(1, 0)], mode="uniform")
+    cols, stats = score_shard(docs, tokenizer=tok, scorer=scorer,
+                              cfg=ScoreConfig(max_tokens=64, batch_tokens=256, progress=False))
+    assert stats["skipped"] == {"nonfinite_loss_base": 1}
+    assert stats["skip_examples"]["nonfinite_loss_base"] == ["f.jsonl:3"]
+    assert cols["doc_id"] == ["d0", "d1", "d3"] and stats["scored"] == 3
+    assert all(math.isfinite(s) for s in cols["score"])
+    for i, d in zip(cols["doc_id"], range(3)):
+        r, c = rep_stats(texts[int(i[1:])])
+        assert cols["repetition"][d] == r and cols["compression_ratio"][d] == c
+    assert cols["repetition"][0] > 0.5 and cols["repetition"][1] == 0.0
+
+
+def test_drop_nonfinite_reasons():
+    from selection.corpora import Document
+    from selection.score import drop_nonfinite
+
+    seen = []
+    keep = [(Document(f"d{i}", "web", "x"), [1, 2], 2) for i in range(5)]
+    k, b, m = drop_nonfinite(keep, [1.0, float("nan"), 2.0, 0.0, float("-inf")],
+                             [1.5, 1.0, float("inf"), 1.0, 1.0], lambda d, r: seen.append((d.doc_id, r)))
+    assert [x[0].doc_id for x in k] == ["d0"] and b == [1.0] and m == [1.5]
+    assert seen == [("d1", "nonfinite_loss_base"), ("d2", "nonfinite_loss_masked"),
+                    ("d3", "zero_loss_base"), ("d4", "nonfinite_loss_base")]
