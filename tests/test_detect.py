@@ -340,19 +340,24 @@ def _succ_probes(tokenizer, n=3):
 
 
 @torch.no_grad()
-def _criterion_copy(model, tokenizer, probe, produced, head=(0, 2), row_shift=0, token_shift=0):
-    """The test's own recall of `head`: full eager attention over prompt + produced tokens, the
-    row S-1+j(+row_shift) for produced token j(+token_shift), a hit when that row's argmax is a
-    prompt position inside the value whose text (quotes stripped) is the token's text (stripped)."""
+def _eager_attention(model, tokenizer, probe, produced, head=(0, 2)):
+    """The head's full eager attention weights over prompt + produced tokens."""
     enc = tokenizer(probe.prompt, return_offsets_mapping=True)
-    S = len(enc["input_ids"])
     ids = torch.tensor([list(enc["input_ids"]) + list(produced)])
     att = model(input_ids=ids, output_attentions=True, use_cache=False).attentions[head[0]][0, head[1]]
+    return enc, att
+
+
+def _criterion_copy(tokenizer, probe, produced, enc, att, row_shift=0, token_shift=0):
+    """The test's own recall of the head: the row S-1+j(+row_shift) for produced token
+    j(+token_shift), a hit when that row's argmax is a prompt position inside the value whose text
+    (quotes stripped) is the token's text (stripped)."""
+    S = len(enc["input_ids"])
     a, b = probe.value_span
     hits = 0
     for j in range(len(produced)):
         row, tj = S - 1 + j + row_shift, j + token_shift
-        if not (0 <= row < ids.shape[1] and 0 <= tj < len(produced)):
+        if not (0 <= row < att.shape[0] and 0 <= tj < len(produced)):
             continue
         p = int(att[row].argmax())
         if p >= S:
@@ -366,7 +371,7 @@ def _criterion_copy(model, tokenizer, probe, produced, head=(0, 2), row_shift=0,
 
 
 @pytest.mark.parametrize("mode", ["teacher_forced", "generate"])
-def test_row_dependent_copy_head_pins_both_indices(tiny_tokenizer, mode):
+def test_row_dependent_copy_head_pins_both_indices(tiny_tokenizer, mode, one_torch_thread):
     from selection import masking
     from selection.heads import rank_heads
 
@@ -381,13 +386,14 @@ def test_row_dependent_copy_head_pins_both_indices(tiny_tokenizer, mode):
     got = det.scores_all[0][2]
     assert got == pytest.approx(6 / 7)  # every marker copied, from the position holding it
     assert det.recall_ceiling == pytest.approx(6 / 7)
-    mine = sum(_criterion_copy(model, tiny_tokenizer, p, answer_ids, row_shift=ROW_SHIFT,
-                               token_shift=TOKEN_SHIFT) for p in probes) / len(probes)
+    eager = [_eager_attention(model, tiny_tokenizer, p, answer_ids) for p in probes]
+    mine = sum(_criterion_copy(tiny_tokenizer, p, answer_ids, *e, row_shift=ROW_SHIFT,
+                               token_shift=TOKEN_SHIFT) for p, e in zip(probes, eager)) / len(probes)
     assert got == pytest.approx(mine)
     # the head's pattern really moves with the row: either index off by one scores ~0
     for rs, ts in ((1, 0), (-1, 0), (0, 1), (0, -1)):
-        off = sum(_criterion_copy(model, tiny_tokenizer, p, answer_ids, row_shift=rs, token_shift=ts)
-                  for p in probes) / len(probes)
+        off = sum(_criterion_copy(tiny_tokenizer, p, answer_ids, *e, row_shift=rs, token_shift=ts)
+                  for p, e in zip(probes, eager)) / len(probes)
         assert off <= 1 / 7 + 1e-9, (rs, ts, off)
 
 
