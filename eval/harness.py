@@ -164,10 +164,20 @@ def _short_window_lm():
 
     class ShortWindowHFLM(HFLM):
         def generate_until(self, requests, disable_tqdm: bool = False):
+            from eval.tasks import MAX_TOTAL_KEY
+
             cap = max(1, self.max_length // 2)
             capped = 0
             for req in requests:
                 kwargs = req.args[1] if len(req.args) > 1 and isinstance(req.args[1], dict) else None
+                if kwargs is not None and MAX_TOTAL_KEY in kwargs:
+                    # prompt + completion budget (BigCode): new tokens = budget - prompt tokens
+                    kwargs = dict(kwargs)
+                    total = int(kwargs.pop(MAX_TOTAL_KEY))
+                    n_prompt = len(self.tok_encode(req.args[0]))
+                    kwargs["max_gen_toks"] = max(1, min(kwargs.get("max_gen_toks", self.max_gen_toks),
+                                                        total - n_prompt))
+                    req.arguments = (req.args[0], kwargs, *req.args[2:])
                 if kwargs is not None and kwargs.get("max_gen_toks", self.max_gen_toks) > cap:
                     req.arguments = (req.args[0], {**kwargs, "max_gen_toks": cap}, *req.args[2:])
                     capped += 1

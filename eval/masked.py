@@ -28,24 +28,26 @@ log = logging.getLogger(__name__)
 
 
 def head_sets(hcfg, heads_json: dict | None, n_layers: int, n_heads: int, wanted: list[str]) -> dict:
-    """{name: heads} for the requested Table-6 rows.
+    """{slot: (heads, label)} for the requested Table-6 rows.
 
-    retrieval = the configured `heads` set; random = the same number of random heads drawn
-    among the non-retrieval ones (heads.seed), exactly the paper's control.
+    Slot `retrieval` = the configured `heads` set (whatever heads.set names: its label says which,
+    so heads.set=bottom is not reported as retrieval heads); slot `random` = as many random heads
+    (heads.seed) drawn outside both the masked set and the retrieval heads, the paper's control.
     """
-    from selection.heads import resolve_heads
+    from selection.heads import describe, random_heads, resolve_heads, retrieval_set
 
     target = resolve_heads(hcfg, heads_json, n_layers, n_heads)
     out = {}
     for name in wanted:
         if name == "none":
-            out[name] = []
+            out[name] = ([], "unmasked")
         elif name == "retrieval":
-            out[name] = list(target)
+            out[name] = (list(target), describe(hcfg, target))
         elif name == "random":
-            rnd = dataclasses.replace(hcfg, set="random", exclude_retrieval=heads_json is not None,
-                                      count=max(1, len(target)), list=None)
-            out[name] = resolve_heads(rnd, heads_json, n_layers, n_heads)
+            avoid = set(target) | set(retrieval_set(hcfg, heads_json, n_layers, n_heads))
+            rnd = random_heads(max(1, len(target)), avoid, n_layers, n_heads, hcfg.seed)
+            out[name] = (rnd, f"{len(rnd)} random heads (outside the masked"
+                              f"{' and the retrieval' if heads_json is not None else ''} heads)")
     return out
 
 
@@ -74,15 +76,15 @@ def run(ctx) -> dict:
                  "num_fewshot": {k: v["num_fewshot"] for k, v in tp.leaves.items()},
                  "mirror": harness.mirror_meta(mirror)}
     summary: dict[str, dict] = {}
-    for name, heads in sets.items():
+    for name, (heads, label) in sets.items():
         t0 = time.perf_counter()
-        log.info("eval_masked: head set %s (%d heads, mode %s)", name, len(heads), hcfg.mode)
+        log.info("eval_masked: head set %s = %s (mode %s)", name, label, hcfg.mode)
         with mask_heads(model, heads, mode=hcfg.mode):
             lm = harness.make_lm(model, tok, ecfg)
             res = harness.run_suite(lm, ecfg, tp, ctx.out / name)
-        head = harness.save_results(res, ctx.out / name, {**base_meta, "head_set": name,
+        head = harness.save_results(res, ctx.out / name, {**base_meta, "head_set": name, "label": label,
                                                           "heads_masked": [list(h) for h in heads]})
-        summary[name] = {"heads": [list(h) for h in heads], "n_heads": len(heads), "headline": head,
+        summary[name] = {"heads": [list(h) for h in heads], "n_heads": len(heads), "label": label, "headline": head,
                          "wall_s": time.perf_counter() - t0}
         write_json(ctx.out / "results.json", {"head_sets": summary, "attninf": base_meta})
         ctx.tracker.summary({f"eval_masked/{name}/{t}": h["value"] for t, h in head.items()})

@@ -166,6 +166,7 @@ def table6(paper: dict, masked: dict | None, masked_dir: Path | None) -> dict | 
                      "paper": {k: prow[k] for k in t["columns"]}, "ours": ours})
     return {"rows": rows, "columns": t["columns"],
             "n_heads": {k: v.get("n_heads") for k, v in masked["head_sets"].items()},
+            "labels": {k: v.get("label") for k, v in masked["head_sets"].items()},
             "meta": masked.get("attninf") or {}}
 
 
@@ -174,7 +175,8 @@ def table6_markdown(t6: dict | None) -> str:
         return f"Masked-head evaluation: {NOT_RUN} (add `eval_masked` to stages)."
     cols = t6["columns"]
     head = (["Benchmark"] + [f"Paper: {v}" for v in cols.values()]
-            + [f"Ours: {v} ({t6['n_heads'].get(k, '–')} heads)" for k, v in cols.items()])
+            + [f"Ours: {t6['labels'][k]}" if t6.get("labels", {}).get(k) else
+               f"Ours: {v} ({t6['n_heads'].get(k, '–')} heads)" for k, v in cols.items()])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in t6["rows"]:
         cells = [r["name"]] + [f"{r['paper'][k]:.3f}" for k in cols]
@@ -313,6 +315,9 @@ def selection_markdown(stage_dirs: dict[str, Path], out: Path | None = None) -> 
             thr = (methods.get("attention_influence", {}).get(dom) or {}).get("threshold")
             thr_s = f"{thr:.3f}" if thr is not None else "–"
             lines.append(f"| {dom} | {d['documents']:,} | {d['tokens']:,} | " + " | ".join(cells) + f" | {thr_s} |")
+    rep_md = stage_dirs.get("select", Path("-")) / "repetition.md"  # selection.select
+    if rep_md.exists():
+        lines += ["", rep_md.read_text().strip()]
     if out is not None:  # the stages' own figures, linked rather than copied
         figs = [stage_dirs.get(st, Path("-")) / f for st, f in
                 (("detect", "heatmap.png"), ("select", "scores_by_domain.png"), ("select", "loss_vs_score.png"))]

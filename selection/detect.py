@@ -9,7 +9,23 @@ every head's attention argmax is taken from the query row that produces the toke
       definition (j in the needle span); `copy_region=context` = any prompt position (the looser
       wording "a context position holding that same token").
 A head's score on a probe = copies / target length (token-level recall, capped at 1); the head's
-retrieval score = mean over probes. The top `fraction` of heads (paper: 5%) is kept.
+retrieval score = mean over probes. The top `heads.fraction` of heads (paper: 5%) is kept.
+
+"Holds that same token" (`detect.match`):
+- offsets (default): by characters. The answer is " " + value, and inside the JSON the value
+  follows a quote, so a byte-level BPE spells the two differently: the first answer token is
+  " The" while the JSON holds "The", and the value's last "." may merge with the closing quote
+  into '."'. Comparing token ids then misses those steps for every head, and recall tops out
+  near (n-2)/n. Instead each answer token is mapped to the value characters it spells (its
+  leading space is not part of the value), and a context position holds it when the position's
+  characters overlap that text at one of its occurrences in the value (an occurrence = a place
+  where the answer's own tokenisation has the same token id, so repeats count as in Wu et al.).
+  With copy_region=context a position outside the value also holds the token when its text,
+  stripped of whitespace, equals the produced token's.
+- token_id: the literal id comparison (Wu et al.'s code), kept to measure what offsets changes.
+Both are computed from the same argmax in one pass (heads.json `scores_other_match`), and the
+achievable recall (the share of target tokens some region position holds: what an oracle copy
+head scores) is recorded for both as `recall_ceiling`.
 
 Two ways to produce the answer (`detect.mode`):
 - generate (paper, default): greedy decoding with a KV cache; the row is the newest query of each
@@ -46,12 +62,13 @@ from typing import Sequence
 import torch
 
 from attninf.config import ConfigError, check
-from selection.probes import DEFAULT_INSTRUCTION, Probe
+from selection.probes import DEFAULT_INSTRUCTION, LAYOUTS, Probe
 
 log = logging.getLogger(__name__)
 
 MODES = ("generate", "teacher_forced")
 REGIONS = ("value", "context")
+MATCHES = ("offsets", "token_id")
 
 
 @dataclass
@@ -62,7 +79,6 @@ class DetectConfig:
     max_tokens: int = 4096  # prompt + answer stay just under this (paper: 4,096)
     seed: int = 0  # probe generation
     mode: str = "generate"  # generate (paper) | teacher_forced (weak selectors)
-    fraction: float = 0.05  # top share of heads kept in heads.json `selected` (paper: 5%)
     shots: int = 3  # solved question/answer pairs before the query (paper: 3)
     key_length: int = 32  # paper: 32-character alphanumeric keys
     max_value_tokens: int = 30  # paper: values of at most 30 tokens
@@ -71,6 +87,8 @@ class DetectConfig:
     text_field: str = "text"
     instruction: str = DEFAULT_INSTRUCTION
     copy_region: str = "value"  # value (Wu et al.: argmax inside the needle) | context
+    match: str = "offsets"  # offsets (same characters, robust to BPE spelling) | token_id
+    json_layout: str = "inline"  # inline (one line) | lines (one pair per line, indented)
     correctness_filter: bool = False  # rank with only probes of ROUGE-1 recall > threshold (Wu et al.)
     rouge_threshold: float = 0.5
     max_new_tokens: int = 40  # generate mode: cap on decoded tokens (values are <= 30)
@@ -80,12 +98,13 @@ class DetectConfig:
         check(self.num_probes >= 1, "num_probes", f"{self.num_probes} must be >= 1")
         check(self.max_tokens >= 64, "max_tokens", f"{self.max_tokens} is too small for a probe (>= 64)")
         check(self.mode in MODES, "mode", f"'{self.mode}' is not one of {list(MODES)}")
-        check(0.0 < self.fraction <= 1.0, "fraction", f"{self.fraction} is outside (0, 1]")
         check(self.shots >= 0, "shots", "must be >= 0")
         check(self.key_length >= 4, "key_length", "must be >= 4")
         check(1 <= self.min_value_tokens <= self.max_value_tokens, "max_value_tokens",
               f"need 1 <= min_value_tokens ({self.min_value_tokens}) <= max_value_tokens")
         check(self.copy_region in REGIONS, "copy_region", f"'{self.copy_region}' is not one of {list(REGIONS)}")
+        check(self.match in MATCHES, "match", f"'{self.match}' is not one of {list(MATCHES)}")
+        check(self.json_layout in LAYOUTS, "json_layout", f"'{self.json_layout}' is not one of {list(LAYOUTS)}")
         check(0.0 <= self.rouge_threshold <= 1.0, "rouge_threshold", "must be in [0, 1]")
         check(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
 
@@ -96,16 +115,74 @@ class DetectConfig:
 
 def copy_hits(argmax_pos: torch.Tensor, produced: torch.Tensor, sequence: torch.Tensor,
               target: Sequence[int], region: torch.Tensor) -> torch.Tensor:
-    """Which head copies at which step: bool [L, H, N].
+    """Which head copies at which step under the token-id match: bool [L, H, N].
 
     argmax_pos [L, H, N]: per step, the position each head attends to most;
     produced [N]: the token produced at each step; sequence [T]: token ids by position;
     target: the target value's token ids; region [T] bool: positions a copy may come from.
     """
+    return hits_from_holds(argmax_pos, token_id_holds(produced, sequence, target, region))
+
+
+def hits_from_holds(argmax_pos: torch.Tensor, holds: torch.Tensor) -> torch.Tensor:
+    """hits[l, h, j] = holds[j, argmax_pos[l, h, j]]: bool [L, H, N] from holds [N, T]."""
+    steps = torch.arange(holds.shape[0])[None, None, :]
+    return holds[steps, argmax_pos.to(torch.long)]
+
+
+def token_id_holds(produced: torch.Tensor, sequence: torch.Tensor, target: Sequence[int],
+                   region: torch.Tensor) -> torch.Tensor:
+    """holds [N, T]: position p holds step j's token when its id is the produced id (and the
+    produced token is in the target, p in the region)."""
     produced = produced.to(torch.long)
     in_target = torch.isin(produced, torch.as_tensor(list(target), dtype=torch.long))  # [N]
-    held = sequence[argmax_pos]  # [L, H, N]: token at the attended position
-    return (held == produced) & region[argmax_pos] & in_target
+    return (sequence[None, :].to(torch.long) == produced[:, None]) & region[None, :] & in_target[:, None]
+
+
+def value_intervals(answer: str, value: str, answer_offsets: Sequence[tuple[int, int]],
+                    span: tuple[int, int]) -> list[tuple[int, int]]:
+    """Prompt character interval [a, b) of the value characters each answer token spells
+    ((0, 0) when it spells none, e.g. a lone leading space). The answer is prefix + value."""
+    if not answer.endswith(value):
+        raise ValueError(f"answer {answer[:40]!r} does not end with its value")
+    pre = len(answer) - len(value)
+    out = []
+    for s, e in answer_offsets:
+        a, b = max(s - pre, 0), min(e - pre, len(value))
+        out.append((span[0] + a, span[0] + b) if a < b else (0, 0))
+    return out
+
+
+def offset_holds(produced: Sequence[int], answer_ids: Sequence[int], intervals: Sequence[tuple[int, int]],
+                 offsets: Sequence[tuple[int, int]], region: torch.Tensor, seq_len: int,
+                 texts: Sequence[str] | None = None, produced_texts: Sequence[str] | None = None) -> torch.Tensor:
+    """holds [N, seq_len] under the character match (module docs).
+
+    produced: ids of the N produced tokens; answer_ids / intervals: the gold answer's tokens and
+    the prompt interval of the value text each spells; offsets: the prompt tokens' character
+    spans (positions past the prompt hold nothing); region [P]: the copy region over the prompt.
+    texts / produced_texts (copy_region=context): the prompt tokens' and produced tokens' text;
+    a prompt position whose stripped text equals the produced token's also holds it.
+    """
+    P = len(offsets)
+    st = torch.tensor([o[0] for o in offsets], dtype=torch.long)
+    en = torch.tensor([o[1] for o in offsets], dtype=torch.long)
+    nonempty = st < en
+    holds = torch.zeros(len(produced), seq_len, dtype=torch.bool)
+    occ: dict[int, list[tuple[int, int]]] = {}
+    for t, iv in zip(answer_ids, intervals):
+        if iv[0] < iv[1]:
+            occ.setdefault(int(t), []).append(iv)
+    for j, t in enumerate(produced):
+        row = torch.zeros(P, dtype=torch.bool)
+        for a, b in occ.get(int(t), []):
+            row |= nonempty & (st < b) & (en > a)
+        if texts is not None and produced_texts is not None and int(t) in set(map(int, answer_ids)):
+            want = produced_texts[j].strip()
+            if want:
+                row |= torch.tensor([x.strip() == want for x in texts], dtype=torch.bool)
+        holds[j, :P] = row & region
+    return holds
 
 
 def retrieval_recall(hits: torch.Tensor, target_len: int) -> torch.Tensor:
@@ -197,27 +274,76 @@ class ProbeResult:
     exact_match: bool
     rouge1: float
     answer_loss: float | None  # teacher-forced mean NLL of the answer tokens (teacher_forced mode)
-    recall: torch.Tensor = field(repr=False)  # [L, H]
+    recall: torch.Tensor = field(repr=False)  # [L, H] under the configured match
+    ceiling: float = 1.0  # share of the gold answer's tokens some region position holds (this match)
+    ceiling_other: float = 1.0  # the same under the other match
+    recall_other: torch.Tensor = field(default_factory=lambda: torch.zeros(0), repr=False)
 
     def stats(self) -> dict:
         d = asdict(self)
         d.pop("recall")
+        d.pop("recall_other")
         return d
 
 
-def encode_probe(tokenizer, probe: Probe, copy_region: str) -> tuple[list[int], list[int], torch.Tensor]:
-    """(prompt ids, answer ids, region mask over prompt positions)."""
+@dataclass
+class EncodedProbe:
+    prompt_ids: list[int]
+    answer_ids: list[int]
+    region: torch.Tensor  # [P] bool: positions a copy may come from
+    offsets: list[tuple[int, int]]  # prompt tokens' character spans
+    intervals: list[tuple[int, int]]  # prompt interval of the value text each answer token spells
+    texts: list[str] | None  # prompt tokens' text (copy_region=context only)
+
+
+def encode_probe(tokenizer, probe: Probe, copy_region: str) -> EncodedProbe:
     enc = tokenizer(probe.prompt, return_offsets_mapping=True)
     prompt_ids = list(enc["input_ids"])
-    answer_ids = list(tokenizer(probe.answer, add_special_tokens=False)["input_ids"])
+    offsets = [(int(a), int(b)) for a, b in enc["offset_mapping"]]
+    aenc = tokenizer(probe.answer, add_special_tokens=False, return_offsets_mapping=True)
+    answer_ids = list(aenc["input_ids"])
+    intervals = value_intervals(probe.answer, probe.value, aenc["offset_mapping"], probe.value_span)
+    texts = None
     if copy_region == "context":
         region = torch.ones(len(prompt_ids), dtype=torch.bool)
+        texts = [probe.prompt[a:b] for a, b in offsets]
     else:
         a, b = probe.value_span
-        region = torch.tensor([(e > a and s < b) for s, e in enc["offset_mapping"]], dtype=torch.bool)
+        region = torch.tensor([(e > a and s < b) for s, e in offsets], dtype=torch.bool)
         if not region.any():
             raise ValueError(f"probe {probe.id}: value span not found among the prompt's tokens")
-    return prompt_ids, answer_ids, region
+    return EncodedProbe(prompt_ids, answer_ids, region, offsets, intervals, texts)
+
+
+def probe_holds(tokenizer, e: EncodedProbe, produced: Sequence[int], match: str) -> torch.Tensor:
+    """holds [N, P + N] for the N produced tokens (positions past the prompt hold nothing)."""
+    seq_len = len(e.prompt_ids) + len(produced)
+    if match == "token_id":
+        seq = torch.tensor(list(e.prompt_ids) + list(produced))
+        full_region = torch.cat([e.region, torch.zeros(len(produced), dtype=torch.bool)])
+        return token_id_holds(torch.tensor(list(produced)), seq, e.answer_ids, full_region)
+    ptexts = [tokenizer.decode([t]) for t in produced] if e.texts is not None else None
+    return offset_holds(produced, e.answer_ids, e.intervals, e.offsets, e.region, seq_len, e.texts, ptexts)
+
+
+def _score_steps(tokenizer, e: EncodedProbe, argmax: torch.Tensor, produced: Sequence[int],
+                 match: str) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """(recall [L, H], recall under the other match, ceiling, other ceiling).
+
+    The ceiling is the recall of an oracle head on the gold answer: the share of its tokens
+    that some region position holds."""
+    other = MATCHES[1 - MATCHES.index(match)]
+    n = len(e.answer_ids)
+    out = []
+    for m in (match, other):
+        gold = probe_holds(tokenizer, e, e.answer_ids, m)
+        ceiling = float(gold.any(-1).sum()) / max(n, 1)
+        if produced:
+            recall = retrieval_recall(hits_from_holds(argmax, probe_holds(tokenizer, e, produced, m)), n)
+        else:
+            recall = torch.zeros(0)
+        out.append((recall, ceiling))
+    return out[0][0], out[1][0], out[0][1], out[1][1]
 
 
 def _stop_ids(tokenizer) -> set[int]:
@@ -226,9 +352,10 @@ def _stop_ids(tokenizer) -> set[int]:
 
 @torch.no_grad()
 def run_teacher_forced(model, tokenizer, probe: Probe, observer: ArgmaxObserver | None,
-                       copy_region: str = "value") -> ProbeResult:
+                       copy_region: str = "value", match: str = "offsets") -> ProbeResult:
     """One forward over prompt + gold answer; rows S-1 .. S+n-2 produce the n answer tokens."""
-    prompt_ids, answer_ids, region = encode_probe(tokenizer, probe, copy_region)
+    e = encode_probe(tokenizer, probe, copy_region)
+    prompt_ids, answer_ids = e.prompt_ids, e.answer_ids
     s, n = len(prompt_ids), len(answer_ids)
     device = next(model.parameters()).device
     ids = torch.tensor([prompt_ids + answer_ids], device=device)
@@ -246,20 +373,19 @@ def run_teacher_forced(model, tokenizer, probe: Probe, observer: ArgmaxObserver 
     if observer is not None:
         argmax = observer.collect()
         observer.want([])
-        full_region = torch.cat([region, torch.zeros(n, dtype=torch.bool)])
-        hits = copy_hits(argmax, torch.tensor(answer_ids), ids[0].cpu(), answer_ids, full_region)
-        recall = retrieval_recall(hits, n)
-    else:
-        recall = torch.zeros(0)
+        recall, other, ceil, ceil_o = _score_steps(tokenizer, e, argmax, answer_ids, match)
+        return ProbeResult(probe.id, s + n, n, generated, em, rouge1_recall(generated, probe.value),
+                           loss, recall, ceil, ceil_o, other)
     return ProbeResult(probe.id, s + n, n, generated, em, rouge1_recall(generated, probe.value),
-                       loss, recall)
+                       loss, torch.zeros(0))
 
 
 @torch.no_grad()
 def run_generate(model, tokenizer, probe: Probe, observer: ArgmaxObserver | None,
-                 copy_region: str = "value", max_new_tokens: int = 40) -> ProbeResult:
+                 copy_region: str = "value", max_new_tokens: int = 40, match: str = "offsets") -> ProbeResult:
     """Greedy decoding with a KV cache, observing the newest query row of every step."""
-    prompt_ids, answer_ids, region = encode_probe(tokenizer, probe, copy_region)
+    e = encode_probe(tokenizer, probe, copy_region)
+    prompt_ids, answer_ids = e.prompt_ids, e.answer_ids
     s, n = len(prompt_ids), len(answer_ids)
     device = next(model.parameters()).device
     stop = _stop_ids(tokenizer)
@@ -283,17 +409,15 @@ def run_generate(model, tokenizer, probe: Probe, observer: ArgmaxObserver | None
     if observer is not None:
         observer.want([])
     generated = tokenizer.decode(produced, skip_special_tokens=True)
-    if observer is not None and produced:
-        argmax = torch.stack(steps, dim=-1)  # [L, H, N]
-        seq = torch.tensor(prompt_ids + produced)
-        full_region = torch.cat([region, torch.zeros(len(produced), dtype=torch.bool)])
-        hits = copy_hits(argmax, torch.tensor(produced), seq, answer_ids, full_region)
-        recall = retrieval_recall(hits, n)
-    else:
-        recall = torch.zeros(0)  # nothing produced: the caller counts a zero score
     em = generated.strip() == probe.value.strip()
+    if observer is None:
+        return ProbeResult(probe.id, s + n, n, generated, em, rouge1_recall(generated, probe.value),
+                           None, torch.zeros(0))
+    # nothing produced: empty recalls, which the caller counts as a zero score
+    argmax = torch.stack(steps, dim=-1) if produced else None  # [L, H, N]
+    recall, other, ceil, ceil_o = _score_steps(tokenizer, e, argmax, produced, match)
     return ProbeResult(probe.id, s + n, n, generated, em, rouge1_recall(generated, probe.value),
-                       None, recall)
+                       None, recall, ceil, ceil_o, other)
 
 
 # --------------------------------------------------------------------------------------------
@@ -311,32 +435,44 @@ class Detection:
     per_probe: list[dict]
     wall_s: float
     tokens: int
+    match: str = "offsets"
+    scores_other: list[list[float]] | None = None  # mean over all probes under the other match
+    recall_ceiling: float = 1.0  # mean over probes of the oracle head's recall (this match)
+    recall_ceiling_other: float = 1.0
 
 
 def detect_retrieval_heads(model, tokenizer, probes: Sequence[Probe], n_layers: int, n_heads: int,
                            mode: str = "generate", copy_region: str = "value",
                            max_new_tokens: int = 40, rouge_threshold: float = 0.5,
-                           progress=None) -> Detection:
+                           progress=None, match: str = "offsets") -> Detection:
     """Mean per-head retrieval recall over `probes` (model from selection.models.load_selector)."""
     from selection.masking import set_observer
 
+    if match not in MATCHES:
+        raise ValueError(f"match '{match}' is not one of {list(MATCHES)}")
     observer = ArgmaxObserver(n_layers)
     total_all = torch.zeros(n_layers, n_heads, dtype=torch.float64)
     total_ok = torch.zeros_like(total_all)
+    total_other = torch.zeros_like(total_all)
+    ceil, ceil_o = 0.0, 0.0
     n_ok, per_probe, tokens = 0, [], 0
     t0 = time.perf_counter()
     set_observer(model, observer)
     try:
         for p in probes:
             if mode == "teacher_forced":
-                r = run_teacher_forced(model, tokenizer, p, observer, copy_region)
+                r = run_teacher_forced(model, tokenizer, p, observer, copy_region, match)
             else:
-                r = run_generate(model, tokenizer, p, observer, copy_region, max_new_tokens)
+                r = run_generate(model, tokenizer, p, observer, copy_region, max_new_tokens, match)
             rec = r.recall if r.recall.numel() else torch.zeros(n_layers, n_heads, dtype=torch.float64)
             if tuple(rec.shape) != (n_layers, n_heads):
                 raise RuntimeError(f"observer returned {tuple(rec.shape)} scores for a "
                                    f"{n_layers} x {n_heads} model")
             total_all += rec
+            if r.recall_other.numel():
+                total_other += r.recall_other
+            ceil += r.ceiling
+            ceil_o += r.ceiling_other
             ok = r.rouge1 > rouge_threshold
             if ok:
                 total_ok += rec
@@ -358,7 +494,8 @@ def detect_retrieval_heads(model, tokenizer, probes: Sequence[Probe], n_layers: 
         probe_accuracy=sum(s["exact_match"] for s in per_probe) / n,
         mean_rouge1=sum(s["rouge1"] for s in per_probe) / n,
         mean_answer_loss=(sum(losses) / len(losses)) if losses else None,
-        per_probe=per_probe, wall_s=time.perf_counter() - t0, tokens=tokens)
+        per_probe=per_probe, wall_s=time.perf_counter() - t0, tokens=tokens, match=match,
+        scores_other=(total_other / n).tolist(), recall_ceiling=ceil / n, recall_ceiling_other=ceil_o / n)
 
 
 def model_context(model) -> int | None:
@@ -366,8 +503,11 @@ def model_context(model) -> int | None:
     return getattr(model.config, "max_position_embeddings", None)
 
 
-def heads_document(det: Detection, cfg: DetectConfig, model_name: str, geometry: tuple[int, int, int]) -> dict:
-    """The detect/heads.json payload (schema in the module docs of selection/heads.py)."""
+def heads_document(det: Detection, cfg: DetectConfig, model_name: str, geometry: tuple[int, int, int],
+                   fraction: float = 0.05, count: int | None = None) -> dict:
+    """The detect/heads.json payload (schema in the module docs of selection/heads.py).
+
+    fraction / count: the `heads` group's size knob (one knob for what is marked and masked)."""
     from selection.heads import n_selected, rank_heads
 
     n_layers, n_heads, n_kv = geometry
@@ -380,7 +520,7 @@ def heads_document(det: Detection, cfg: DetectConfig, model_name: str, geometry:
     else:
         scores = det.scores_all
     ranking = rank_heads(scores)
-    k = n_selected(cfg.fraction, n_layers * n_heads)
+    k = n_selected(fraction, n_layers * n_heads, count)
     probe_settings = {k2: v for k2, v in asdict(cfg).items() if k2 != "heatmap"}
     return {
         "model": model_name,
@@ -389,8 +529,16 @@ def heads_document(det: Detection, cfg: DetectConfig, model_name: str, geometry:
         "n_kv_heads": n_kv,
         "scores": scores,
         "selected": [list(h) for h in ranking[:k]],
-        "fraction": cfg.fraction,
+        "fraction": fraction,
+        "count": count,
         "mode": cfg.mode,
+        "match": det.match,
+        "recall_ceiling": det.recall_ceiling,
+        "recall_ceiling_definition": (
+            "mean over probes of the share of the gold answer's tokens that some copy-region position "
+            "holds under this match: the recall of an oracle copy head"),
+        "other_match": {"match": MATCHES[1 - MATCHES.index(det.match)], "scores": det.scores_other,
+                        "recall_ceiling": det.recall_ceiling_other},
         "probe_accuracy": det.probe_accuracy,
         "probe_accuracy_definition": (
             "greedy decoding returned exactly the value (stripped)" if cfg.mode == "generate" else
@@ -442,8 +590,11 @@ def run(ctx) -> dict:
     from selection.models import ModelConfig, head_geometry, load_selector
     from selection.probes import generate_probes, save_probes
 
+    from selection.heads import HeadsConfig
+
     cfg = build(DetectConfig, ctx.cfg.get("detect"), "detect")
     mcfg = build(ModelConfig, ctx.cfg.get("model"), "model")
+    hcfg = build(HeadsConfig, ctx.cfg.get("heads"), "heads")
     sentences = load_sentences(cfg)  # a bad source fails before the model loads
     model, tokenizer = load_selector(mcfg)
     check_context(cfg.max_tokens, model)
@@ -453,15 +604,16 @@ def run(ctx) -> dict:
     t0 = time.perf_counter()
     probes = generate_probes(tokenizer, cfg.num_probes, cfg.max_tokens, cfg.seed, sentences,
                              cfg.shots, cfg.key_length, cfg.max_value_tokens, cfg.min_value_tokens,
-                             cfg.instruction)
+                             cfg.instruction, cfg.json_layout)
     save_probes(ctx.out / "probes.jsonl", probes)
     log.info("detect: %d probes (%.0f tokens on average) in %.1fs; mode=%s", len(probes),
              sum(p.n_tokens for p in probes) / len(probes), time.perf_counter() - t0, cfg.mode)
 
     with Progress(len(probes), "detect", tracker=ctx.tracker, unit="probe", prefix="detect") as prog:
         det = detect_retrieval_heads(model, tokenizer, probes, n_layers, n_heads, cfg.mode,
-                                     cfg.copy_region, cfg.max_new_tokens, cfg.rouge_threshold, prog)
-    doc = heads_document(det, cfg, str(mcfg.path), geometry)
+                                     cfg.copy_region, cfg.max_new_tokens, cfg.rouge_threshold, prog,
+                                     cfg.match)
+    doc = heads_document(det, cfg, str(mcfg.path), geometry, hcfg.size_fraction, hcfg.count)
     write_json(ctx.out / "heads.json", doc)
     figure = None
     if cfg.heatmap:
@@ -477,11 +629,13 @@ def run(ctx) -> dict:
         "mean_rouge1": det.mean_rouge1,
         "mean_answer_loss": det.mean_answer_loss,
         "top_score": doc["scores"][doc["selected"][0][0]][doc["selected"][0][1]],
+        "recall_ceiling": det.recall_ceiling,
         "detect_wall_s": det.wall_s,
         "heatmap": "heatmap.png" if figure else None,
     }
     ctx.tracker.summary({f"detect/{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
     if figure:
         ctx.tracker.artifact(ctx.out / "heatmap.png", "figure", "detect-heatmap", reference=False)
-    log.info("detect: selected %s; probe accuracy %.3f; %.1fs", doc["selected"], det.probe_accuracy, det.wall_s)
+    log.info("detect: selected %s; probe accuracy %.3f; recall ceiling %.3f (%s match); %.1fs",
+             doc["selected"], det.probe_accuracy, det.recall_ceiling, det.match, det.wall_s)
     return summary

@@ -13,6 +13,12 @@ Head identifiers are zero-based [layer, query_head] everywhere.
 Size: `count` when given, else round-half-up(fraction x n_layers x n_heads), at least 1
 (5% of 30 x 9 = 13.5 -> 14 heads on SmolLM2-135M; the paper's 16 x 20 selector -> 16).
 Ranking ties are broken by (layer, head) so the same scores always give the same set.
+
+One knob: `heads.fraction` (or `heads.count`) is also what the detect stage writes as heads.json
+`selected` and boxes in its heatmap, so the figure marks exactly what gets masked. Left at null
+(the default) it means the paper's 5% at detection, and a given heads.json's own `selected`
+list when masking: a file listing 2 heads masks those 2 (bottom/random sets take its size).
+Asking for a fraction or count explicitly re-ranks the file's scores at that size.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ log = logging.getLogger(__name__)
 
 Head = tuple[int, int]
 SETS = ("retrieval", "random", "bottom", "list", "none")
+DEFAULT_FRACTION = 0.05  # paper: top 5% of layer x head
 MASK_MODES = ("uniform", "zero")
 
 
@@ -38,7 +45,7 @@ class HeadsConfig:
     """The `heads` config group (conf/heads/*.yaml)."""
 
     set: str = "retrieval"
-    fraction: float = 0.05  # paper: top 5% of all heads
+    fraction: float | None = None  # null = paper 5% at detection / a heads.json's own `selected`
     count: int | None = None  # overrides fraction
     exclude_retrieval: bool = True  # random: draw only among non-retrieval heads (paper Table 6)
     seed: int = 0  # random sets
@@ -48,7 +55,8 @@ class HeadsConfig:
 
     def validate(self) -> None:
         check(self.set in SETS, "set", f"'{self.set}' is not one of {list(SETS)}")
-        check(0.0 < self.fraction <= 1.0, "fraction", f"{self.fraction} is outside (0, 1]")
+        check(self.fraction is None or 0.0 < self.fraction <= 1.0, "fraction",
+              f"{self.fraction} is outside (0, 1]")
         check(self.count is None or self.count >= 1, "count", f"{self.count} must be >= 1 (or null)")
         check(self.mode in MASK_MODES, "mode", f"'{self.mode}' is not one of {list(MASK_MODES)}")
         if self.list is not None:
@@ -58,6 +66,15 @@ class HeadsConfig:
         if self.set == "list":
             check(self.list is not None or self.file is not None, "list",
                   "heads.set=list needs heads.list=[[layer,head],...] or heads.file=PATH")
+
+    @property
+    def size_fraction(self) -> float:
+        """The fraction detection selects at (null = the paper's 5%)."""
+        return DEFAULT_FRACTION if self.fraction is None else self.fraction
+
+    @property
+    def explicit_size(self) -> bool:
+        return self.fraction is not None or self.count is not None
 
 
 def parse_head_list(obj: Any, where: str) -> list[Head]:
@@ -138,9 +155,11 @@ def resolve_heads(cfg: HeadsConfig, heads_json: dict | None, n_layers: int, n_he
     (retrieval, bottom, random with exclude_retrieval); None otherwise.
     """
     total = n_layers * n_heads
-    n = n_selected(cfg.fraction, total, cfg.count)
+    n = n_selected(cfg.size_fraction, total, cfg.count)
     if heads_json is not None:
         _check_geometry(heads_json, n_layers, n_heads, where)
+        if not cfg.explicit_size and heads_json.get("selected"):
+            n = len(heads_json["selected"])  # the file's own set decides the size
     if cfg.set == "none":
         return []
     if cfg.set == "list":
@@ -160,7 +179,7 @@ def resolve_heads(cfg: HeadsConfig, heads_json: dict | None, n_layers: int, n_he
                               "or give heads.file=PATH/heads.json"
                               + (" (or set heads.exclude_retrieval=false)" if cfg.set == "random" else ""))
     if cfg.set == "retrieval":
-        retrieval = _retrieval(heads_json, n)
+        retrieval = _retrieval(heads_json, n, cfg.explicit_size)
         check_heads(retrieval, n_layers, n_heads, where)
         return retrieval
     if cfg.set == "bottom":
@@ -170,17 +189,44 @@ def resolve_heads(cfg: HeadsConfig, heads_json: dict | None, n_layers: int, n_he
     # random
     excluded: set[Head] = set()
     if cfg.exclude_retrieval:
-        excluded = set(_retrieval(heads_json, n))
-    pool = [(l, h) for l in range(n_layers) for h in range(n_heads) if (l, h) not in excluded]
+        excluded = set(_retrieval(heads_json, n, cfg.explicit_size))
+    return random_heads(n, excluded, n_layers, n_heads, cfg.seed)
+
+
+def random_heads(n: int, avoid: set[Head], n_layers: int, n_heads: int, seed: int) -> list[Head]:
+    """n seeded random heads outside `avoid`."""
+    pool = [(l, h) for l in range(n_layers) for h in range(n_heads) if (l, h) not in avoid]
     if n > len(pool):
-        raise ConfigError(f"heads: {n} random heads requested but only {len(pool)} non-retrieval heads exist")
-    return random.Random(cfg.seed).sample(pool, n)
+        raise ConfigError(f"heads: {n} random heads requested but only {len(pool)} heads lie "
+                          f"outside the {len(avoid)} excluded ones")
+    return random.Random(seed).sample(pool, n)
 
 
-def _retrieval(heads_json: dict, n: int) -> list[Head]:
-    """Top-n by score when scores exist (so a different fraction than detection's still works);
-    a plain list file is used as given."""
-    if heads_json.get("scores") is not None:
+def retrieval_set(cfg: HeadsConfig, heads_json: dict | None, n_layers: int, n_heads: int) -> list[Head]:
+    """The retrieval heads a control must avoid (empty without a detection)."""
+    if heads_json is None:
+        return []
+    n = n_selected(cfg.size_fraction, n_layers * n_heads, cfg.count)
+    if not cfg.explicit_size and heads_json.get("selected"):
+        n = len(heads_json["selected"])
+    return _retrieval(heads_json, n, cfg.explicit_size)
+
+
+def describe(cfg: HeadsConfig, heads: Sequence[Head]) -> str:
+    """A row label that names the head set actually masked (Table 6 rows), e.g.
+    "14 bottom heads (lowest retrieval score)"."""
+    names = {"retrieval": "retrieval heads (top retrieval score)",
+             "bottom": "bottom heads (lowest retrieval score)",
+             "random": "random heads" + (" (non-retrieval)" if cfg.exclude_retrieval else ""),
+             "list": "listed heads" + (f" ({Path(cfg.file).name})" if cfg.file else ""),
+             "none": "heads"}
+    return f"{len(heads)} {names[cfg.set]}"
+
+
+def _retrieval(heads_json: dict, n: int, rerank: bool = True) -> list[Head]:
+    """The file's own `selected` list unless a size was asked for explicitly (rerank), then the
+    top-n by score; a plain list file (no scores) is always used as given."""
+    if rerank and heads_json.get("scores") is not None:
         return rank_heads(heads_json["scores"])[:n]
     return [tuple(h) for h in parse_head_list(heads_json["selected"], "heads.file: selected")]  # type: ignore[misc]
 

@@ -114,7 +114,7 @@ def run(ctx) -> dict:
     from attninf.config import build
     from attninf.manifest import write_atomic, write_json
     from selection.detect import DetectConfig, check_context, load_sentences
-    from selection.heads import HeadsConfig, heads_json_for_stage, n_selected, rank_heads, resolve_heads
+    from selection.heads import HeadsConfig, describe, heads_json_for_stage, resolve_heads, retrieval_set
     from selection.models import ModelConfig, head_geometry, load_selector
     from selection.probes import generate_probes, save_probes
 
@@ -133,12 +133,11 @@ def run(ctx) -> dict:
     heads = resolve_heads(hcfg, heads_json, n_layers, n_heads)  # validated before any compute
     if not heads:
         raise ValueError("mirror: heads.set=none masks nothing; pick a head set to compare")
-    avoid: set[tuple[int, int]] = set()
-    if heads_json is not None and heads_json.get("scores") is not None:
-        avoid = set(rank_heads(heads_json["scores"])[:n_selected(hcfg.fraction, n_layers * n_heads, hcfg.count)])
+    avoid = set(retrieval_set(hcfg, heads_json, n_layers, n_heads))  # random rows also avoid `heads`
 
     probes = generate_probes(tokenizer, cfg.num_probes, max_tokens, cfg.seed, sentences, dcfg.shots,
-                             dcfg.key_length, dcfg.max_value_tokens, dcfg.min_value_tokens, dcfg.instruction)
+                             dcfg.key_length, dcfg.max_value_tokens, dcfg.min_value_tokens, dcfg.instruction,
+                             dcfg.json_layout)
     save_probes(ctx.out / "probes.jsonl", probes)
     from attninf.progress import Progress
 
@@ -149,7 +148,8 @@ def run(ctx) -> dict:
     title = (f"Mirror effect: {mcfg.path}, {len(probes)} held-out probes of <= {max_tokens} tokens "
              f"(seed {cfg.seed}), heads masked with mode={hcfg.mode}")
     md = table_markdown(res["rows"], title)
-    doc = {"model": str(mcfg.path), "heads_source": source, "heads_set": hcfg.set, "mask_mode": hcfg.mode,
+    doc = {"model": str(mcfg.path), "heads_source": source, "heads_set": hcfg.set,
+           "heads_label": describe(hcfg, heads), "mask_mode": hcfg.mode,
            "num_probes": len(probes), "max_tokens": max_tokens, "seed": cfg.seed,
            "mean_probe_tokens": sum(p.n_tokens for p in probes) / len(probes),
            "rows": res["rows"], "wall_s": res["wall_s"]}

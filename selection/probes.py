@@ -38,6 +38,9 @@ KEY_ALPHABET = string.ascii_letters + string.digits
 # JSON below, output only the value").
 DEFAULT_INSTRUCTION = ("Extract the value corresponding to the given key from the JSON object "
                        "below. Output only the value.")
+# JSON layouts: inline = one line `{"k": "v", ...}` (default); lines = one pair per line, indented
+# (a second template for the head-stability check, selection/stability.py).
+LAYOUTS = ("inline", "lines")
 
 
 @dataclass(frozen=True)
@@ -229,22 +232,25 @@ def random_key(rng: random.Random, length: int = 32) -> str:
 
 
 def render(pairs: Sequence[tuple[str, str]], shots: Sequence[int], query: int,
-           instruction: str = DEFAULT_INSTRUCTION) -> tuple[str, str, tuple[int, int]]:
+           instruction: str = DEFAULT_INSTRUCTION, layout: str = "inline") -> tuple[str, str, tuple[int, int]]:
     """(prompt, answer, value char span) for the given pairs, shot indices and query index."""
-    head = f"{instruction}\n\nJSON data:\n{{"
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout '{layout}' is not one of {list(LAYOUTS)}")
+    lines = layout == "lines"
+    head = f"{instruction}\n\nJSON data:\n{{" + ("\n" if lines else "")
     parts = [head]
     pos = len(head)
     span = (0, 0)
     for i, (k, v) in enumerate(pairs):
-        sep = ", " if i else ""
-        item = f'{sep}"{k}": "'
+        sep = (",\n" if lines else ", ") if i else ""
+        item = f'{sep}{"  " if lines else ""}"{k}": "'
         if i == query:
             start = pos + len(item)
             span = (start, start + len(v))
         item += v + '"'
         parts.append(item)
         pos += len(item)
-    parts.append("}\n\n")
+    parts.append("\n}\n\n" if lines else "}\n\n")
     for s in shots:
         k, v = pairs[s]
         parts.append(f'key: "{k}"\nanswer: {v}\n\n')
@@ -259,7 +265,8 @@ def n_tokens(tokenizer, prompt: str, answer: str) -> int:
 
 
 def make_probe(pid: int, tokenizer, pool: ValuePool, rng: random.Random, max_tokens: int,
-               shots: int = 3, key_length: int = 32, instruction: str = DEFAULT_INSTRUCTION) -> Probe:
+               shots: int = 3, key_length: int = 32, instruction: str = DEFAULT_INSTRUCTION,
+               layout: str = "inline") -> Probe:
     """One probe whose prompt + answer holds at most `max_tokens` tokens, as close as fits."""
     # Estimate pairs from a small sample's token cost, then correct against the real prompt.
     overhead = len(tokenizer(f"{instruction}\n\nJSON data:\n{{}}\n\n")["input_ids"])
@@ -281,7 +288,7 @@ def make_probe(pid: int, tokenizer, pool: ValuePool, rng: random.Random, max_tok
         pairs = list(zip(keys, values))
         order = rng.sample(range(k), shots + 1)
         query, shot_idx = order[0], order[1:]
-        prompt, answer, span = render(pairs, shot_idx, query, instruction)
+        prompt, answer, span = render(pairs, shot_idx, query, instruction, layout)
         total = n_tokens(tokenizer, prompt, answer)
         if total <= max_tokens:
             break
@@ -298,7 +305,7 @@ def make_probe(pid: int, tokenizer, pool: ValuePool, rng: random.Random, max_tok
             break
         key = random_key(rng, key_length)
         cand = pairs + [(key, extra)]
-        p2, a2, s2 = render(cand, shot_idx, query, instruction)
+        p2, a2, s2 = render(cand, shot_idx, query, instruction, layout)
         t2 = n_tokens(tokenizer, p2, a2)
         if t2 > max_tokens:
             break
@@ -312,11 +319,11 @@ def make_probe(pid: int, tokenizer, pool: ValuePool, rng: random.Random, max_tok
 def generate_probes(tokenizer, num_probes: int, max_tokens: int, seed: int = 0,
                     sentences: Sequence[str] | None = None, shots: int = 3, key_length: int = 32,
                     max_value_tokens: int = 30, min_value_tokens: int = 5,
-                    instruction: str = DEFAULT_INSTRUCTION) -> list[Probe]:
+                    instruction: str = DEFAULT_INSTRUCTION, layout: str = "inline") -> list[Probe]:
     """`num_probes` seeded probes; `sentences=None` uses the built-in procedural values."""
     rng = random.Random(seed)
     pool = ValuePool(tokenizer, rng, sentences, max_value_tokens, min_value_tokens)
-    return [make_probe(i, tokenizer, pool, rng, max_tokens, shots, key_length, instruction)
+    return [make_probe(i, tokenizer, pool, rng, max_tokens, shots, key_length, instruction, layout)
             for i in range(num_probes)]
 
 

@@ -7,7 +7,12 @@ Slurm array task, or a single process). A finished shard is two files, written a
 + rename), stats first:
 
   score/shard-00007.stats.json   counts, skips by reason (with the first few file:row), tokens, wall
-  score/shard-00007.parquet      doc_id, domain, n_tokens, n_tokens_full, loss_base, loss_masked, score
+  score/shard-00007.parquet      doc_id, domain, n_tokens, n_tokens_full, loss_base, loss_masked, score,
+                                 repetition, compression_ratio (selection/repetition.py)
+
+A document whose base or masked loss is NaN or infinite, or whose base loss is 0 (the score
+divides by it), is a skip with its reason (nonfinite_loss_base, nonfinite_loss_masked,
+zero_loss_base), never a row: DuckDB would rank a NaN score first.
 
 The parquet's presence is the completion marker, so a worker killed at any moment leaves either
 a whole shard or nothing, and a re-run recomputes exactly the missing shards: no document is
@@ -42,7 +47,8 @@ from selection.corpora import CorpusConfig, Document, iter_documents
 
 log = logging.getLogger(__name__)
 
-SCHEMA_COLUMNS = ("doc_id", "domain", "n_tokens", "n_tokens_full", "loss_base", "loss_masked", "score")
+SCHEMA_COLUMNS = ("doc_id", "domain", "n_tokens", "n_tokens_full", "loss_base", "loss_masked", "score",
+                  "repetition", "compression_ratio")
 
 
 @dataclass
@@ -152,6 +158,10 @@ def score_shard(docs: list[Document], *, tokenizer, scorer, cfg: ScoreConfig, pr
                                         max_batch_size=cfg.max_batch_size, pad_id=pad_id, on_batch=on_batch)
     if progress is not None:
         progress.update(len(docs) - len(keep), 0)  # skipped rows count as processed
+    keep, base, masked = drop_nonfinite(keep, base, masked, skip)
+    from selection.repetition import stats as repetition_stats
+
+    rep = [repetition_stats(k[0].text) for k in keep]
     cols = {
         "doc_id": [k[0].doc_id for k in keep],
         "domain": [k[0].domain for k in keep],
@@ -160,6 +170,8 @@ def score_shard(docs: list[Document], *, tokenizer, scorer, cfg: ScoreConfig, pr
         "loss_base": base,
         "loss_masked": masked,
         "score": [float(scoring.ai_score(b, m)) for b, m in zip(base, masked)],
+        "repetition": [r[0] for r in rep],
+        "compression_ratio": [r[1] for r in rep],
     }
     stats = {
         "rows": len(docs),
@@ -176,13 +188,34 @@ def score_shard(docs: list[Document], *, tokenizer, scorer, cfg: ScoreConfig, pr
     return cols, stats
 
 
+def drop_nonfinite(keep: list, base: list, masked: list, skip) -> tuple[list, list, list]:
+    """Rows whose losses cannot give a score become skips with their reason (module docs)."""
+    import math
+
+    out_k, out_b, out_m = [], [], []
+    for k, b, m in zip(keep, base, masked):
+        b, m = float(b), float(m)
+        if not math.isfinite(b):
+            skip(k[0], "nonfinite_loss_base")
+        elif not math.isfinite(m):
+            skip(k[0], "nonfinite_loss_masked")
+        elif b == 0.0:
+            skip(k[0], "zero_loss_base")
+        else:
+            out_k.append(k)
+            out_b.append(b)
+            out_m.append(m)
+    return out_k, out_b, out_m
+
+
 def write_shard(out: Path, i: int, cols: dict, stats: dict) -> Path:
     """Stats first, then the parquet (the completion marker), both atomically."""
     import pyarrow as pa
 
     schema = pa.schema([("doc_id", pa.string()), ("domain", pa.string()), ("n_tokens", pa.int64()),
                         ("n_tokens_full", pa.int64()), ("loss_base", pa.float64()),
-                        ("loss_masked", pa.float64()), ("score", pa.float64())])
+                        ("loss_masked", pa.float64()), ("score", pa.float64()),
+                        ("repetition", pa.float64()), ("compression_ratio", pa.float64())])
     table = pa.table({k: cols[k] for k in SCHEMA_COLUMNS}, schema=schema)
     path = out / f"{shard_name(i)}.parquet"
     _write_parquet_atomic(table, path, lambda sha: manifest.write_json(

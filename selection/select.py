@@ -14,6 +14,12 @@ Budget per domain (PAPER.md: top 20% of each domain's documents):
                     a non-empty domain; ceil so tiny demo domains still select something)
   budget=tokens     rows of the ranking until their tokens reach ratio * the domain's tokens
                     (the row that crosses the budget is included)
+Before ranking, rows whose score or reference loss is not finite are dropped and counted
+(`nonfinite` in summary.json; the score stage already skips them, this guards older shards), and
+with `select.max_repetition` set, documents whose repetition (selection/repetition.py: share of
+repeated word 3-grams) exceeds it. Per domain, summary.json `repetition` and repetition.md give the
+Spearman correlation of the AI score with repetition and with the zlib compression ratio, over
+every scored document: the confound the review raises (repeated passages are easy to copy).
 Tokens are `n_tokens_full` (the whole document, what the mixture will train on) when the shards
 have it, else `n_tokens`. Ties break by doc_id, so the selection is a pure function of the
 shards and the config. The random order is md5(seed:doc_id): stable across DuckDB versions and
@@ -55,6 +61,7 @@ class SelectConfig:
     figures: bool = True
     examples: int = 3  # top/bottom documents per domain shown in examples.md (0 = none)
     example_chars: int = 600
+    max_repetition: float | None = None  # drop documents with repetition above this before ranking (null = off)
     threads: int | None = None  # DuckDB threads (None = DuckDB's default)
     memory_limit: str | None = None  # e.g. "8GB": DuckDB spills to disk beyond it
 
@@ -66,6 +73,8 @@ class SelectConfig:
         check(len(self.methods) > 0, "methods", "at least one method")
         check("random" not in self.methods or "attention_influence" in self.methods, "methods",
               "random matches the attention_influence token count, so it needs that method too")
+        check(self.max_repetition is None or 0.0 <= self.max_repetition <= 1.0, "max_repetition",
+              f"{self.max_repetition} is outside [0, 1] (or null = off)")
 
 
 def _connect(cfg: SelectConfig, tmp: Path):
@@ -141,6 +150,78 @@ def planned_shards(score_dir: Path) -> list[str]:
     return paths
 
 
+def spearman_sql(x: str, y: str, table: str = "base") -> str:
+    """Per-domain Spearman rho of columns x and y: Pearson correlation of average ranks (ties
+    share the mean of the ranks they span)."""
+    def avg_rank(c: str) -> str:
+        return (f"(rank() OVER (PARTITION BY domain ORDER BY {c}) + "
+                f"(count(*) OVER (PARTITION BY domain, {c}) - 1) / 2.0)")
+    return (f"SELECT domain, corr(rx, ry), count(*) FROM (SELECT domain, {avg_rank(x)} AS rx, "
+            f"{avg_rank(y)} AS ry FROM {table}) GROUP BY domain ORDER BY domain")
+
+
+def filter_scores(con, cols: set[str], cfg: SelectConfig, where: str) -> dict:
+    """Redefine the `scores` view without non-finite rows (and, with select.max_repetition,
+    without documents above it); returns the summary's nonfinite / repetition blocks."""
+    con.execute("ALTER VIEW scores RENAME TO raw_scores")
+    finite = "isfinite(score) AND isfinite(loss_base)"
+    nonfinite = {d: n for d, n in con.execute(
+        f"SELECT domain, count(*) FROM raw_scores WHERE NOT coalesce({finite}, false) GROUP BY domain "
+        "ORDER BY domain").fetchall()}
+    con.execute(f"CREATE VIEW base AS SELECT * FROM raw_scores WHERE coalesce({finite}, false)")
+    if nonfinite:
+        log.warning("select: %d rows with a non-finite score or loss left out (%s)",
+                    sum(nonfinite.values()), nonfinite)
+    rep: dict = {"max_repetition": cfg.max_repetition, "columns_present": "repetition" in cols}
+    if "repetition" not in cols:
+        if cfg.max_repetition is not None:
+            from attninf.context import InputError
+
+            raise InputError(f"{where}: select.max_repetition is set but the score shards have no "
+                             "'repetition' column (scored before it existed); re-run the score stage")
+        con.execute("CREATE VIEW scores AS SELECT * FROM base")
+        return {"nonfinite": nonfinite, "repetition": rep}
+    rho = {d: {"spearman_repetition": r, "n": n} for d, r, n in con.execute(spearman_sql("score", "repetition")).fetchall()}
+    if "compression_ratio" in cols:
+        for d, r, _ in con.execute(spearman_sql("score", "compression_ratio")).fetchall():
+            rho.setdefault(d, {})["spearman_compression_ratio"] = r
+    for d, m, q in con.execute("SELECT domain, avg(repetition), quantile_cont(repetition, 0.9) FROM base "
+                               "GROUP BY domain ORDER BY domain").fetchall():
+        rho[d].update(mean_repetition=m, p90_repetition=q)
+    cond = "TRUE" if cfg.max_repetition is None else f"repetition <= {float(cfg.max_repetition)!r}"
+    excluded = {d: n for d, n in con.execute(
+        f"SELECT domain, count(*) FROM base WHERE NOT ({cond}) GROUP BY domain ORDER BY domain").fetchall()}
+    con.execute(f"CREATE VIEW scores AS SELECT * FROM base WHERE {cond}")
+    rep.update(per_domain=rho, excluded=excluded)
+    return {"nonfinite": nonfinite, "repetition": rep}
+
+
+def repetition_markdown(summary: dict) -> str:
+    """The repetition-confound table (report/report.md includes it)."""
+    rep = summary.get("repetition") or {}
+    lines = ["### Repetition confound", ""]
+    if not rep.get("columns_present"):
+        return "\n".join(lines + ["The score shards carry no repetition column (scored before it existed).", ""])
+    thr = rep.get("max_repetition")
+    lines += ["Spearman correlation, per domain, of the AI score with the share of repeated word 3-grams "
+              "and with the zlib compression ratio (lower = more redundant), over every scored document; "
+              + ("no repetition filter (select.max_repetition: null)." if thr is None else
+                 f"documents with repetition > {thr} were left out before ranking."), "",
+              "| domain | documents | rho(score, repetition) | rho(score, compression) | mean repetition | "
+              "p90 repetition | excluded |", "|---|---:|---:|---:|---:|---:|---:|"]
+
+    def f(x):
+        return "–" if x is None else f"{x:+.3f}"
+    for d, r in sorted((rep.get("per_domain") or {}).items()):
+        lines.append(f"| {d} | {r.get('n', 0)} | {f(r.get('spearman_repetition'))} | "
+                     f"{f(r.get('spearman_compression_ratio'))} | {r.get('mean_repetition', 0):.3f} | "
+                     f"{r.get('p90_repetition', 0):.3f} | {(rep.get('excluded') or {}).get(d, 0)} |")
+    nf = summary.get("nonfinite") or {}
+    if nf:
+        lines += ["", f"Left out for a non-finite score or loss: {nf}."]
+    return "\n".join(lines) + "\n"
+
+
 def select_scores(shards: str | list[str], out: Path, cfg: SelectConfig) -> dict:
     """Select from score shards (a glob or a list of files); writes selected.parquet + summary.json."""
     out.mkdir(parents=True, exist_ok=True)
@@ -150,6 +231,7 @@ def select_scores(shards: str | list[str], out: Path, cfg: SelectConfig) -> dict
     con.execute("CREATE VIEW scores AS SELECT * FROM read_parquet([" + ", ".join(
         "'" + f.replace("'", "''") + "'" for f in files) + "])")
     cols = {r[0] for r in con.execute("DESCRIBE scores").fetchall()}
+    repetition = filter_scores(con, cols, cfg, shard_glob)
     missing = {"doc_id", "domain", "score", "loss_base", "n_tokens"} - cols
     if missing:
         raise ValueError(f"{shard_glob}: score shards lack column(s) {sorted(missing)}")
@@ -195,8 +277,9 @@ def select_scores(shards: str | list[str], out: Path, cfg: SelectConfig) -> dict
         union = n1 + n2 - inter
         jac.setdefault(f"{m1}|{m2}", {})[d] = inter / union if union else 0.0
     summary = {"ratio": cfg.ratio, "budget": cfg.budget, "token_column": tok, "seed": cfg.seed,
-               "domains": dom, "methods": per_method, "jaccard": jac}
+               "domains": dom, "methods": per_method, "jaccard": jac, **repetition}
     manifest.write_json(out / "summary.json", summary)
+    manifest.write_atomic(out / "repetition.md", repetition_markdown(summary))
     con.close()
     return summary
 

