@@ -76,7 +76,10 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in [
     StageSpec("eval_masked", "eval.masked:run", ("model", "heads", "eval"), _heads_needs),
     StageSpec("report", "eval.report:run", ("report", "arms"),
               lambda cfg, arm: [("eval", a) for a in _arms(cfg)]
-              + [(s, None) for s in ("mirror", "eval_masked") if s in list(cfg.get("stages") or [])]),
+              # what the report shows of the selector side, when this run has it: its key and,
+              # in a sweep, its folder follow those stages too
+              + [(s, None) for s in ("detect", "mirror", "select", "eval_masked")
+                 if s in list(cfg.get("stages") or [])]),
 ]}
 
 ORDER = ["detect", "mirror", "score", "select", "mix", "pretrain", "eval", "eval_masked", "report"]
