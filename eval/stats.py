@@ -30,6 +30,7 @@ import numpy as np
 
 DEFAULT_RESAMPLES = 10_000
 EXACT_SIGN_FLIP_MAX = 16  # 2^16 sign patterns: enumerate instead of sampling
+_CHUNK = 2_000_000  # resample entries per numpy block (~16 MB), whatever the item count
 
 
 def z_quantile(p: float) -> float:
@@ -75,8 +76,8 @@ def binom_two_sided_p(k: int, n: int) -> float:
     if n == 0:
         return 1.0
     m = min(k, n - k)
-    tail = sum(math.comb(n, i) for i in range(m + 1)) / 2.0 ** n
-    return min(1.0, 2.0 * tail)
+    tail = sum(math.comb(n, i) for i in range(m + 1))
+    return min(1.0, (2 * tail) / (1 << n))  # exact integers: no float overflow at large n
 
 
 def mcnemar_exact(n10: int, n01: int) -> float:
@@ -102,7 +103,7 @@ def sign_flip_p(d: np.ndarray, weights: np.ndarray | None = None, n_resamples: i
     hits = 0
     done = 0
     while done < n_resamples:
-        m = min(2000, n_resamples - done)
+        m = min(max(1, _CHUNK // x.size), n_resamples - done)
         signs = rng.choice((1.0, -1.0), size=(m, x.size))
         hits += int(np.sum(np.abs(signs @ x) >= t - tol))
         done += m
@@ -122,10 +123,10 @@ def item_weights(n: int, strata=None, stratum_weights: dict | None = None) -> np
     No strata: the plain mean. Strata without weights: weighted by size (lm-eval's
     weight_by_size, MMLU) = plain mean. Strata with weights w_s: sum_s w_s mean_s / sum_s w_s.
     """
-    c = np.zeros(n)
-    groups = _strata(n, strata)
     if stratum_weights is None:
         return np.full(n, 1.0 / n)
+    c = np.zeros(n)
+    groups = _strata(n, strata)
     keys = list(dict.fromkeys(np.asarray(strata).tolist()))
     total = sum(float(stratum_weights[k]) for k in keys)
     for k, idx in zip(keys, groups):
@@ -139,8 +140,9 @@ def _boot_deltas(d: np.ndarray, c: np.ndarray, groups: list[np.ndarray], n_resam
     out = np.zeros(n_resamples)
     for idx in groups:
         x = (c[idx] * d[idx]) * idx.size  # stratum total = size * mean of c*d over its items
-        for start in range(0, n_resamples, 1000):
-            m = min(1000, n_resamples - start)
+        step = max(1, _CHUNK // idx.size)
+        for start in range(0, n_resamples, step):
+            m = min(step, n_resamples - start)
             pick = rng.integers(0, idx.size, size=(m, idx.size))
             out[start:start + m] += x[pick].mean(axis=1)
     return out

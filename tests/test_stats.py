@@ -45,6 +45,8 @@ def test_mcnemar_matches_the_exact_binomial_form():
     assert r.delta == pytest.approx(9 / 100)
     assert stats.mcnemar_exact(5, 5) == 1.0 and stats.mcnemar_exact(0, 0) == 1.0
     assert stats.mcnemar_exact(6, 0) == pytest.approx(2 / 64)
+    # n = 5000: no float overflow; the continuity-corrected normal tail erfc(199 / sqrt(5000) / sqrt 2) = 0.004889
+    assert stats.mcnemar_exact(2600, 2400) == pytest.approx(0.004889, rel=0.01)
 
 
 def test_exact_sign_flip_enumerates_every_pattern():
