@@ -187,6 +187,8 @@ def paper_scale_power(paper: dict, alpha: float = 0.05, power: float = 0.8) -> l
 
 
 def _verdict(paper_delta: float, mde: float) -> str:
+    if mde > SCALE:
+        return f"{paper_delta:+.2f} points is far below the detectable ±{mde:.0f} (beyond the 100-point scale)"
     if abs(paper_delta) >= mde:
         return f"{paper_delta:+.2f} points is at or above the detectable ±{mde:.2f}"
     return f"{paper_delta:+.2f} points is below the detectable ±{mde:.2f}"
