@@ -248,7 +248,7 @@ def before_decay_markdown(paper: dict, results: dict[str, list[dict | None]], re
     return "\n".join(lines)
 
 
-def deltas_markdown(recs: list[dict], what: str = "arm") -> str:
+def deltas_markdown(recs: list[dict]) -> str:
     """Every paired delta as one table row (the same numbers as deltas.json)."""
     if not recs:
         return "(none)"

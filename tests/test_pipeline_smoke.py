@@ -46,7 +46,7 @@ def corpus(tmp_path_factory, env) -> str:
 
 def attninf(args: list[str], env: dict, cwd: Path, **kw) -> subprocess.CompletedProcess:
     p = subprocess.run([sys.executable, "-m", "attninf.cli", *args], env=env, cwd=cwd,
-                       capture_output=True, text=True, timeout=900, **kw)
+                       capture_output=True, text=True, timeout=kw.pop("timeout", 900), **kw)
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
     return p
 
@@ -193,7 +193,7 @@ def seeds_run(smoke_run, env, corpus, tmp_path_factory) -> Path:
         shutil.copytree(run / st, sr / st)
     attninf(["+experiment=smoke", f"run_dir={sr}", corpus, "~arms.random", "pretrain.seeds=[0,1]",
              "pretrain.export_pre_decay=true", "eval.pre_decay=true",
-             "stages=[detect,score,select,mix,pretrain,eval,report]"], env, sr.parent)
+             "stages=[detect,score,select,mix,pretrain,eval,report]"], env, sr.parent, timeout=1800)
     return sr
 
 
