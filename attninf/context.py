@@ -60,4 +60,6 @@ class StageContext:
     def arm_cfg(self) -> Any:
         if self.arm is None:
             return None
-        return self.cfg.arms[self.arm]
+        from attninf.arms import base
+
+        return self.cfg.arms[base(self.arm)]

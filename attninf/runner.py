@@ -28,7 +28,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from attninf import manifest
+from attninf import arms, manifest
 from attninf.config import ConfigError, digest, to_plain
 from attninf.context import Incomplete, MissingInput, StageContext
 from attninf.stages import ORDER, STAGES
@@ -81,7 +81,7 @@ def stage_key(cfg: DictConfig, name: str, arm: str | None, inputs: dict[str, dic
     spec = STAGES[name]
     sections = {s: to_plain(cfg.get(s)) for s in spec.sections}
     if arm is not None:
-        sections["arm"] = {"name": arm, **(to_plain(cfg.arms[arm]) or {})}
+        sections["arm"] = {"name": arm, **(to_plain(cfg.arms[arms.base(arm)]) or {})}
     key = digest({"stage": name, "arm": arm, "config": sections,
                   "inputs": {k: v["key"] for k, v in sorted(inputs.items())}})
     return key, sections
@@ -117,6 +117,7 @@ def selected_stages(cfg: DictConfig) -> list[str]:
 
 def run_stage(cfg: DictConfig, name: str, arm: str | None, dirs, force: bool = False) -> dict:
     spec = STAGES[name]
+    cfg = arms.config_for(cfg, arm)  # a seeded arm (`<arm>@seed<S>`) trains with pretrain.seed=S
     out = dirs[(name, arm)]
     run_dir = Path(cfg.run_dir)
     inputs = {}

@@ -19,7 +19,10 @@ Needs = Callable[[DictConfig, "str | None"], list[tuple[str, "str | None"]]]
 
 
 def _arms(cfg: DictConfig) -> list[str]:
-    return list((cfg.get("arms") or {}).keys())
+    # One entry per (arm, seed) when pretrain.seeds is set: `<arm>@seed<S>` (attninf/arms.py).
+    from attninf.arms import expand
+
+    return expand(cfg)
 
 
 def _none(cfg, arm):
@@ -77,7 +80,10 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in [
     StageSpec("eval_masked", "eval.masked:run", ("model", "heads", "eval"), _heads_needs),
     StageSpec("report", "eval.report:run", ("report", "arms"),
               lambda cfg, arm: [("eval", a) for a in _arms(cfg)]
-              + ([("eval_masked", None)] if "eval_masked" in list(cfg.get("stages") or []) else [])),
+              # what the report shows of the selector side, when this run has it: its key and,
+              # in a sweep, its folder follow those stages too
+              + [(s, None) for s in ("detect", "mirror", "select", "eval_masked")
+                 if s in list(cfg.get("stages") or [])]),
 ]}
 
 ORDER = ["detect", "mirror", "score", "select", "mix", "pretrain", "eval", "eval_masked", "report"]

@@ -48,6 +48,9 @@ class EvalConfig:
     # HF model dir or hub id; when set, eval runs once on it (into run_dir/eval/); otherwise once
     # per arm on that arm's pretraining export (pretrain/<arm>/hf).
     model: str | None = None
+    # Also evaluate each arm's pre-decay export (pretrain/<arm>/hf_pre_decay, the paper's
+    # "before decay" table) into eval/<arm>/pre_decay/; needs pretrain.export_pre_decay=true.
+    pre_decay: bool = False
     suite: str = "core"                 # label only (paper | core | smoke)
     tasks: list[str] = field(default_factory=lambda: ["mmlu", "gsm8k", "humaneval"])
     # Shots by task or group name (applies to every subtask); the rest get default_fewshot
@@ -76,6 +79,8 @@ class EvalConfig:
     masked: MaskedEvalSettings = field(default_factory=MaskedEvalSettings)
 
     def validate(self) -> None:
+        check(not (self.pre_decay and self.model), "pre_decay",
+              "evaluates the arms' pre-decay exports; unset eval.model (or set eval.pre_decay=false)")
         check(bool(self.tasks), "tasks", "must name at least one lm-eval task or group")
         check(self.limit is None or self.limit > 0, "limit", "must be > 0 (or null for all)")
         check(self.batch_size >= 1, "batch_size", "must be >= 1")

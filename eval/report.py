@@ -1,18 +1,23 @@
 """Stage `report`: our results beside the paper's Table 1 and Table 6, with provenance.
 
-Reads, per arm, `eval/<arm>/results.json`; optionally `eval_masked/results.json`, the
-pretraining metrics (`pretrain/<arm>/metrics.jsonl`, `summary.json`), `select/summary.json`,
-`mix/blend.json` and every stage manifest. Anything missing is shown as "not run" instead of
-failing: a report of a half-finished experiment is still useful.
+Everything is read through the stage context's folders (`ctx.upstream` / `ctx.dirs`), never
+`run_dir/<stage>` by name, so a sweep point's report shows that point's numbers: per arm (and
+seed) the eval folder's `results.json` and `samples/` (and `pre_decay/` with eval.pre_decay),
+eval_masked's head-set folders, the pretraining metrics and summaries, mix/blend.json,
+select/summary.json, detect/heads.json, mirror/mirror.json, and the manifests of those folders.
+Anything missing is shown as "not run" instead of failing.
 
-Writes `report/report.md`, `report/report.json` (the same numbers, machine-readable) and figures
-(`deltas.png`: per-benchmark delta vs the baseline arm, ours beside the paper's;
-`mirror_effect.png`; `loss_curves.png` via pretrain.figures when available).
+Writes `report/report.md`, `report/report.json` (the same numbers), `report/deltas.json` (paired
+Table 1 deltas, points 0-100, phase final | pre_decay), `report/selector_deltas.json` (Table 6
+and probe-mirror rows, per item / per probe) and figures (`deltas_ci.png`: forest plot of every
+delta with its 95% interval beside the paper's; `deltas.png`; `mirror_effect.png`;
+`loss_curves.png`).
 
-Deltas: treated minus baseline, in the paper's units; their standard error is
-sqrt(se_a^2 + se_b^2) from lm-eval's per-task stderrs (the two arms are scored on the same items,
-so this is conservative). Our "average" is over the benchmarks we ran, which is not the
-paper's 19-benchmark average; the table says how many.
+Deltas are paired (eval/deltas.py, eval/stats.py): both arms are scored on the same items, so the
+interval is a paired bootstrap over items (within subtasks for groups such as MMLU), the p-value
+an exact McNemar (0/1 metrics) or sign-flip test, and the MDE the smallest delta this run could
+detect at 80% power. With several seeds per arm the interval is a hierarchical bootstrap (seeds,
+then items). Our "average" is over the benchmarks we ran, not the paper's 19.
 """
 
 from __future__ import annotations
@@ -21,14 +26,16 @@ import json
 import logging
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from attninf import plots
-from attninf.config import build, digest, to_plain
+from attninf.config import build, check, digest, to_plain
 from attninf.manifest import MANIFEST, write_atomic, write_json
+from eval import deltas as deltas_mod
 from eval import paper as paper_mod
+from eval.stats import DEFAULT_RESAMPLES
 
 log = logging.getLogger(__name__)
 NOT_RUN = "not run"
@@ -40,6 +47,28 @@ class ReportConfig:
     treated_arm: str = "attention_influence"  # the paper's treated arm
     paper_numbers: str | None = None         # default eval/paper_numbers.yaml
     figures: bool = True
+    n_resamples: int = DEFAULT_RESAMPLES      # bootstrap / sign-flip resamples
+    bootstrap_seed: int = 0                  # seeds the resampling: the intervals are reproducible
+    alpha: float = 0.05                      # two-sided level of the intervals, tests and MDE
+    power: float = 0.8                       # power at which the MDE is stated
+
+    def validate(self) -> None:
+        check(self.n_resamples >= 100, "n_resamples", "must be >= 100")
+        check(0 < self.alpha < 1, "alpha", "must be in (0, 1)")
+        check(0 < self.power < 1, "power", "must be in (0, 1)")
+
+
+@dataclass
+class Inputs:
+    """This run's folders as the report reads them (from the stage context, never by name)."""
+
+    arms: list[str]                                        # base arm names
+    runs: dict[str, list[tuple[int | None, Path | None]]]  # arm -> [(seed, eval folder | None)]
+    pretrain: dict[str, Path] = field(default_factory=dict)  # run name (arm or arm@seedS) -> folder
+    masked: Path | None = None
+    stages: dict[str, Path] = field(default_factory=dict)  # detect, mirror, select, mix
+    folders: list[Path] = field(default_factory=list)      # every stage folder of this run
+    seeds: list[int] | None = None
 
 
 # ---------------------------------------------------------------- reading (robust to gaps)
@@ -87,16 +116,36 @@ def _fmt(v: float | None, scale: float, se: float | None = None, signed: bool = 
     return s
 
 
-def table1(paper: dict, results: dict[str, dict | None], baseline: str, treated: str) -> dict:
-    """Rows of the Table-1 comparison (values as fractions; the paper's in its own units)."""
+def arm_metric(res_list: list[dict | None], task: str, key: str) -> dict | None:
+    """{key, value (mean over seeds), std (over seeds), stderr (one seed: lm-eval's), n, per_seed}."""
+    got = [metric_of(r, task, key) for r in res_list if r]
+    got = [g for g in got if g]
+    if not got:
+        return None
+    vals = [g["value"] for g in got]
+    mean = sum(vals) / len(vals)
+    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else None
+    return {"key": got[0]["key"], "value": mean, "std": std,
+            "stderr": got[0]["stderr"] if len(got) == 1 else None, "n": got[0]["n"],
+            "per_seed": vals, "seeds": len(vals)}
+
+
+def table1(paper: dict, results: dict[str, list[dict | None]], baseline: str, treated: str,
+           recs: list[dict] | None = None) -> dict:
+    """Rows of the Table-1 comparison (values as fractions; the paper's in its own units).
+
+    results: arm -> per-seed lm-eval result dicts. Each delta carries the unpaired
+    value/stderr from the result files and, when `recs` has it, the paired interval and test.
+    """
     t = paper["table1"]
     arms = list(results)
     others = [a for a in arms if a != baseline]
+    by = {(r["arm"], r["task"]): r for r in (recs or [])}
     rows = []
     for prow in t["rows"]:
         if prow.get("key") == "average":
             continue
-        ours = {a: metric_of(results[a], prow["task"], prow["metric"]) for a in arms}
+        ours = {a: arm_metric(results[a], prow["task"], prow["metric"]) for a in arms}
         deltas = {}
         b = ours.get(baseline)
         for a in others:
@@ -104,7 +153,7 @@ def table1(paper: dict, results: dict[str, dict | None], baseline: str, treated:
             if b and o:
                 se = (math.sqrt((b["stderr"] or 0) ** 2 + (o["stderr"] or 0) ** 2)
                       if b["stderr"] is not None and o["stderr"] is not None else None)
-                deltas[a] = {"value": o["value"] - b["value"], "stderr": se}
+                deltas[a] = {"value": o["value"] - b["value"], "stderr": se, "paired": by.get((a, prow["task"]))}
         rows.append({"name": prow["name"], "task": prow["task"], "metric": prow["metric"],
                      "note": prow.get("note"), "paper": {"baseline": prow["baseline"],
                                                          "attention_influence": prow["attention_influence"]},
@@ -118,21 +167,46 @@ def table1(paper: dict, results: dict[str, dict | None], baseline: str, treated:
             "arms": arms, "baseline": baseline, "treated": treated, "scale": t.get("scale", 100)}
 
 
+def _p(p: float | None) -> str:
+    if p is None:
+        return "–"
+    return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
+
+
+def paired_cell(rec: dict | None) -> str:
+    """"+1.23 [-0.50, +2.96] p=0.170 MDE 3.10" (points) or why there is none."""
+    if not rec:
+        return NOT_RUN
+    if rec.get("delta") is None:
+        return "no item data"
+    mde = f"{rec['mde']:.2f}" if rec.get("mde") is not None else "–"
+    return f"{rec['delta']:+.2f} [{rec['ci_low']:+.2f}, {rec['ci_high']:+.2f}] p={_p(rec['p_value'])} MDE {mde}"
+
+
+def _ours_cell(o: dict | None, scale: float) -> str:
+    if not o:
+        return NOT_RUN
+    if o["seeds"] > 1:
+        return f"{o['value'] * scale:.2f} ± {o['std'] * scale:.2f} sd ({o['seeds']} seeds)"
+    return _fmt(o["value"], scale, o["stderr"])
+
+
 def table1_markdown(t1: dict, paper: dict) -> str:
     scale = t1["scale"]
     arms, base = t1["arms"], t1["baseline"]
     others = [a for a in arms if a != base]
     cols = paper["table1"]["columns"]
     head = (["Benchmark", f"Paper: {cols['baseline']}", f"Paper: {cols['attention_influence']}", "Paper Δ"]
-            + [f"Ours: {a}" for a in arms] + [f"Ours Δ {a} − {base}" for a in others] + ["n (ours)"])
+            + [f"Ours: {a}" for a in arms] + [f"Ours Δ {a} − {base} [95% CI] p MDE" for a in others] + ["n (ours)"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in t1["rows"]:
         pb, pa = r["paper"]["baseline"], r["paper"]["attention_influence"]
         ns = {o["n"] for o in r["ours"].values() if o and o.get("n")}
         cells = [r["name"] + (f" ¹" if r.get("note") else ""), f"{pb:.2f}", f"{pa:.2f}", f"{pa - pb:+.2f}"]
-        cells += [_fmt(o["value"], scale, o["stderr"]) if o else NOT_RUN for o in (r["ours"][a] for a in arms)]
-        cells += [_fmt(r["delta"][a]["value"], scale, r["delta"][a]["stderr"], signed=True)
-                  if a in r["delta"] else NOT_RUN for a in others]
+        cells += [_ours_cell(r["ours"][a], scale) for a in arms]
+        cells += [paired_cell(r["delta"][a]["paired"]) if a in r["delta"] and r["delta"][a]["paired"]
+                  else (_fmt(r["delta"][a]["value"], scale, r["delta"][a]["stderr"], signed=True)
+                        if a in r["delta"] else NOT_RUN) for a in others]
         cells.append(",".join(str(n) for n in sorted(ns)) or "–")
         lines.append("| " + " | ".join(cells) + " |")
     av = t1["average"]
@@ -148,6 +222,72 @@ def table1_markdown(t1: dict, paper: dict) -> str:
     lines.append("| " + " | ".join(cells) + " |")
     notes = [f"¹ {r['name']}: {r['note']}" for r in t1["rows"] if r.get("note")]
     return "\n".join(lines + [""] + ([" ".join(notes)] if notes else []))
+
+
+def before_decay_markdown(paper: dict, results: dict[str, list[dict | None]], recs: list[dict],
+                          base: str, treated: str) -> str:
+    """The paper's before-decay rows beside ours (each arm's hf_pre_decay export)."""
+    rows = (paper.get("table1_before_decay") or {}).get("rows", [])
+    metric = {r["task"]: r["metric"] for r in paper["table1"]["rows"] if r.get("task")}
+    by = {(r["arm"], r["task"]): r for r in recs}
+    any_ours = any(r for v in results.values() for r in v)
+    head = ["Benchmark", "Paper: baseline", "Paper: AttentionInfluence", "Paper Δ",
+            f"Ours: {base}", f"Ours: {treated}", f"Ours Δ [95% CI] p MDE"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        if not r.get("task"):
+            continue
+        cells = [r["name"], f"{r['baseline']:.2f}", f"{r['attention_influence']:.2f}",
+                 f"{r['attention_influence'] - r['baseline']:+.2f}"]
+        for a in (base, treated):
+            cells.append(_ours_cell(arm_metric(results.get(a) or [], r["task"], metric[r["task"]]), 100))
+        cells.append(paired_cell(by.get((treated, r["task"]))))
+        lines.append("| " + " | ".join(cells) + " |")
+    if not any_ours:
+        lines += ["", f"Ours: {NOT_RUN} (set `eval.pre_decay=true` with `pretrain.export_pre_decay=true`)."]
+    return "\n".join(lines)
+
+
+def deltas_markdown(recs: list[dict]) -> str:
+    """Every paired delta as one table row (the same numbers as deltas.json)."""
+    if not recs:
+        return "(none)"
+    lines = ["| benchmark | metric | arm | baseline | phase | n items | seeds | Δ | 95% CI | p | test | MDE | paper Δ |",
+             "|---|---|---|---|---|---:|---:|---:|---|---:|---|---:|---:|"]
+    for r in recs:
+        if r.get("delta") is None:
+            lines.append(f"| {r['name']} | {r['metric']} | {r['arm']} | {r['baseline']} | {r['phase']} | – | – | "
+                         f"{r.get('note')} | | | | | |")
+            continue
+        k = 4 if r["metric"] == "answer_loss" else 2  # nats are small; points get 2 decimals
+        pd = f"{r['paper_delta']:+.2f}" if r.get("paper_delta") is not None else "–"
+        mde = f"{r['mde']:.{k}f}" if r.get("mde") is not None else "–"
+        lines.append(f"| {r['name']} | {r['metric']} | {r['arm']} | {r['baseline']} | {r['phase']} | "
+                     f"{r['n_items']:,} | {len(r['seeds'])} | {r['delta']:+.{k}f} | "
+                     f"[{r['ci_low']:+.{k}f}, {r['ci_high']:+.{k}f}] | {_p(r['p_value'])} | {r['test']} | "
+                     f"{mde} | {pd} |")
+    return "\n".join(lines)
+
+
+def power_markdown(paper: dict, recs: list[dict], treated: str, rcfg: ReportConfig) -> str:
+    lines = [f"MDE: the smallest true delta a two-sided test at alpha {rcfg.alpha} detects with "
+             f"{rcfg.power:.0%} power, (z_(1-alpha/2) + z_power) x the delta's null standard deviation "
+             "(one seed: from the observed discordant items, sqrt(sum_i c_i^2 d_i^2), = sqrt(p_disc / n) "
+             "for a 0/1 metric; several seeds: the hierarchical bootstrap's standard deviation).", ""]
+    words = deltas_mod.power_words(paper, recs, treated, rcfg.alpha, rcfg.power)
+    lines += ["This run:", ""] + (words or ["- no Table 1 delta with a paper counterpart was evaluated."])
+    ps = deltas_mod.paper_scale_power(paper, rcfg.alpha, rcfg.power)
+    lines += ["", "At the paper's scale (full test sets, one seed; discordance assumed from the paper's "
+              "accuracy levels with independent errors, p_b(1 - p_a) + p_a(1 - p_b), an upper bound since "
+              "related models err on the same items, so these MDEs are conservative; HumanEval as one 0/1 "
+              "outcome per problem):", "",
+              "| benchmark | items | assumed discordance | MDE (points) | paper Δ | detectable? |",
+              "|---|---:|---:|---:|---:|---|"]
+    for r in ps:
+        ok = "yes" if abs(r["paper_delta"]) >= r["mde"] else "no"
+        lines.append(f"| {r['name']} | {r['n_items']:,} | {r['discordance']:.3f} | {r['mde']:.2f} | "
+                     f"{r['paper_delta']:+.2f} | {ok} |")
+    return "\n".join(lines)
 
 
 def table6(paper: dict, masked: dict | None, masked_dir: Path | None) -> dict | None:
@@ -195,37 +335,40 @@ def table6_markdown(t6: dict | None) -> str:
 
 # ---------------------------------------------------------------- provenance
 
-def manifests(run_dir: Path) -> list[dict]:
+def manifests(folders: list[Path], run_dir: Path | None = None) -> list[dict]:
+    """Manifests of this run's own stage folders (a sweep point's, not its neighbours')."""
     out = []
-    for p in sorted(list(run_dir.glob(f"*/{MANIFEST}")) + list(run_dir.glob(f"*/*/{MANIFEST}"))):
-        if ".old-" in str(p.parent):
-            continue
-        m = read_json(p)
+    for folder in folders:
+        m = read_json(Path(folder) / MANIFEST)
         if m:
-            out.append({"folder": str(p.parent.relative_to(run_dir)), "stage": m.get("stage"),
+            try:
+                label = str(Path(folder).relative_to(run_dir)) if run_dir else str(folder)
+            except ValueError:
+                label = str(folder)
+            out.append({"folder": label, "stage": m.get("stage"),
                         "arm": m.get("arm"), "status": m.get("status"), "key": m.get("key"),
                         "git_commit": m.get("git_commit"), "wall_s": m.get("wall_s"),
                         "versions": m.get("versions") or {}})
     return out
 
 
-def token_counts(run_dir: Path, arms: list[str]) -> dict:
+def token_counts(inp: Inputs) -> dict:
     out: dict[str, Any] = {}
-    sel = read_json(run_dir / "select" / "summary.json")
+    sel = read_json(inp.stages["select"] / "summary.json") if inp.stages.get("select") else None
     if sel:
         out["selection"] = {m: {"tokens": sum((d or {}).get("tokens", 0) for d in per.values()),
                                 "selected_tokens": sum((d or {}).get("selected_tokens", 0) for d in per.values()),
                                 "selected": sum((d or {}).get("selected", 0) for d in per.values())}
                             for m, per in (sel.get("methods") or {}).items() if isinstance(per, dict)}
-    blend = read_json(run_dir / "mix" / "blend.json")
+    blend = read_json(inp.stages["mix"] / "blend.json") if inp.stages.get("mix") else None
     if blend:
         out["mix_arms"] = {a: {"tokens": v.get("tokens"), "selection": v.get("selection")}
                            for a, v in (blend.get("arms") or {}).items()}
     trained = {}
-    for a in arms:
-        s = read_json(run_dir / "pretrain" / a / "summary.json")
+    for name, d in inp.pretrain.items():
+        s = read_json(d / "summary.json")
         if s:
-            trained[a] = {"tokens": s.get("tokens"), "steps": s.get("steps"), "loss_last": s.get("loss_last")}
+            trained[name] = {"tokens": s.get("tokens"), "steps": s.get("steps"), "loss_last": s.get("loss_last")}
     if trained:
         out["pretrain"] = trained
     return out
@@ -375,32 +518,57 @@ def plot_mirror(t6: dict | None, out_png: Path) -> Path | None:
 
 # ---------------------------------------------------------------- the stage
 
-def render(run_dir: Path, cfg, rcfg: ReportConfig, out: Path, arms: list[str],
-           eval_dirs: dict[str, Path | None], masked_dir: Path | None,
-           selector_dirs: dict[str, Path] | None = None) -> dict:
-    """Build report.md/report.json/figures from a run directory; pure file in, file out."""
+def _run_name(arm: str, seed: int | None) -> str:
+    return arm if seed is None else f"{arm}@seed{seed}"
+
+
+def _phase_results(inp: Inputs, phase: str) -> dict[str, list[dict | None]]:
+    sub = "" if phase == "final" else phase
+    return {a: [read_json(d / sub / "results.json") if d else None for _, d in inp.runs[a]] for a in inp.arms}
+
+
+def _phase_runs(inp: Inputs, phase: str) -> dict[str, list[tuple[int | None, Path | None]]]:
+    sub = "" if phase == "final" else phase
+    return {a: [(s, (d / sub) if d else None) for s, d in inp.runs[a]] for a in inp.arms}
+
+
+def render(cfg, rcfg: ReportConfig, out: Path, inp: Inputs, run_dir: Path | None = None) -> dict:
+    """Build report.md/report.json/deltas.json/figures from the folders in `inp`; files in, files out."""
     out.mkdir(parents=True, exist_ok=True)
     paper = paper_mod.load(rcfg.paper_numbers)
-    results = {a: (read_json(d / "results.json") if d else None) for a, d in eval_dirs.items()}
-    masked = read_json(masked_dir / "results.json") if masked_dir else None
+    arms = inp.arms
     base = rcfg.baseline_arm if rcfg.baseline_arm in arms else (arms[0] if arms else rcfg.baseline_arm)
     treated = rcfg.treated_arm if rcfg.treated_arm in arms else next((a for a in arms if a != base), base)
-    t1 = table1(paper, results, base, treated)
-    t6 = table6(paper, masked, masked_dir)
-    mans = manifests(run_dir)
-    tokens = token_counts(run_dir, arms)
+    stat = dict(n_resamples=rcfg.n_resamples, seed=rcfg.bootstrap_seed, alpha=rcfg.alpha, power=rcfg.power)
+    results = _phase_results(inp, "final")
+    pre_results = _phase_results(inp, "pre_decay")
+    recs = deltas_mod.table1_deltas(paper, _phase_runs(inp, "final"), base, treated, "final", **stat)
+    pre_recs = deltas_mod.table1_deltas(paper, _phase_runs(inp, "pre_decay"), base, treated, "pre_decay",
+                                        **stat)
+    all_recs = recs + pre_recs
+    masked = read_json(inp.masked / "results.json") if inp.masked else None
+    t1 = table1(paper, results, base, treated, recs)
+    t6 = table6(paper, masked, inp.masked)
+    mirror = read_json(inp.stages["mirror"] / "mirror.json") if inp.stages.get("mirror") else None
+    sel_recs = (deltas_mod.table6_deltas(paper, inp.masked, list((masked or {}).get("head_sets") or []), **stat)
+                + deltas_mod.mirror_deltas(mirror, **stat))
+    mans = manifests(inp.folders, run_dir)
+    tokens = token_counts(inp)
     cfg_digest = digest(cfg)
+    write_json(out / "deltas.json", all_recs)
+    write_json(out / "selector_deltas.json", sel_recs)
     figs: dict[str, str] = {}
     fig_notes = []
     if rcfg.figures:
-        for name, fn in (("deltas.png", lambda p: plot_deltas(t1, paper, p)),
+        for name, fn in (("deltas_ci.png", lambda p: deltas_mod.plot_forest(all_recs, p)),
+                         ("deltas.png", lambda p: plot_deltas(t1, paper, p)),
                          ("mirror_effect.png", lambda p: plot_mirror(t6, p))):
             try:
                 if fn(out / name):
                     figs[name] = name
             except Exception as e:  # noqa: BLE001 - a figure never costs the report
                 fig_notes.append(f"{name}: failed ({e})")
-        metrics = {a: run_dir / "pretrain" / a / "metrics.jsonl" for a in arms}
+        metrics = {name: d / "metrics.jsonl" for name, d in inp.pretrain.items()}
         metrics = {a: p for a, p in metrics.items() if p.exists()}
         if metrics:
             try:
@@ -412,53 +580,94 @@ def render(run_dir: Path, cfg, rcfg: ReportConfig, out: Path, arms: list[str],
                 fig_notes.append(f"loss curves: skipped ({e})")
         else:
             fig_notes.append("loss curves: no pretrain metrics in this run")
+    seeds_txt = (f"{len(inp.seeds)} pretraining seeds per arm ({', '.join(map(str, inp.seeds))}): ours = mean ± sd "
+                 "over seeds; the interval is a hierarchical bootstrap (seeds resampled, then items within "
+                 "subtasks), so it covers seed and item variance; the p-value tests the seed-averaged item "
+                 "differences (sign-flip) and does not count seed variance"
+                 if inp.seeds and len(inp.seeds) > 1 else
+                 "one pretraining seed per arm: the interval covers item variance only (seed-to-seed "
+                 "variance is unmeasured; set pretrain.seeds=[0,1,...] to measure it); ours ± lm-eval's stderr")
+    ci_method = next((r["ci_method"] for r in all_recs if r.get("ci_method")), None)
     title = f"# AttentionInfluence reproduction report: `{cfg.get('experiment_name')}`"
     md = [title, "",
           f"Paper: {paper['source']}. The paper's numbers come from `eval/paper_numbers.yaml`.",
           "", "## Table 1: pretraining with selected data", "",
           paper["table1"]["caption"].strip(), "",
-          f"Ours: arms {', '.join(f'`{a}`' for a in arms) or NOT_RUN}; Δ against `{base}`, "
-          "± one standard error (sqrt of the summed squared per-arm stderrs). Points (×100).", "",
+          f"Ours: arms {', '.join(f'`{a}`' for a in arms) or NOT_RUN}; {seeds_txt}. Δ against `{base}`, "
+          f"paired on the same items: Δ [{1 - rcfg.alpha:.0%} CI], two-sided p, MDE at {rcfg.power:.0%} power. "
+          "Points (×100).", "",
           table1_markdown(t1, paper), "",
+          "### Paired deltas (report/deltas.json)", "",
+          f"Interval: {ci_method or 'none computed'}. Test: exact McNemar for 0/1 metrics with one seed, "
+          "else the paired sign-flip test. HumanEval is paired per problem on its pass@1 over the n samples.", "",
+          deltas_markdown(all_recs), "", "![deltas_ci](deltas_ci.png)" if rcfg.figures and all_recs else "",
+          "", "## Before decay (each arm's pre-decay export)", "",
+          "The paper gives these before-decay rows in its text (746B tokens, before the LR decay).", "",
+          before_decay_markdown(paper, pre_results, pre_recs, base, treated), "",
+          "## Power: could this run see the paper's deltas?", "",
+          power_markdown(paper, all_recs, treated, rcfg), "",
           "## Table 6: mirror effect (the selector with heads masked)", "",
-          paper["table6"]["caption"].strip(), "", table6_markdown(t6), ""]
-    sel_md = selection_markdown(selector_dirs or {}, out)
+          paper["table6"]["caption"].strip(), "", table6_markdown(t6), "",
+          "Paired per item (masked head set − unmasked) and per probe (the mirror stage's held-out "
+          "probes; exact match in points, answer loss in nats):", "",
+          deltas_markdown(sel_recs), ""]
+    sel_md = selection_markdown(inp.stages, out)
     if sel_md:
         md += ["## The selector: retrieval heads, probe mirror check, selection", "", sel_md, ""]
     md += ["## Figures", ""]
     md += [f"![{k}]({v})" for k, v in figs.items()] or ["(none)"]
     md += [f"- {n}" for n in fig_notes]
-    md += ["", "## Provenance", "", provenance_markdown(cfg_digest, mans, results, masked, tokens, cfg), ""]
+    flat = {_run_name(a, s): r for a in arms for (s, _), r in zip(inp.runs[a], results[a])}
+    md += ["", "## Provenance", "", provenance_markdown(cfg_digest, mans, flat, masked, tokens, cfg), ""]
     text = "\n".join(md)
     write_atomic(out / "report.md", text)
-    write_json(out / "report.json", {"table1": t1, "table6": t6, "tokens": tokens, "manifests": mans,
+    write_json(out / "report.json", {"table1": t1, "table6": t6, "deltas": all_recs, "selector_deltas": sel_recs,
+                                     "power_paper_scale": deltas_mod.paper_scale_power(paper, rcfg.alpha, rcfg.power),
+                                     "tokens": tokens, "manifests": mans, "seeds": inp.seeds,
                                      "config_digest": cfg_digest, "figures": figs})
     return {"report": str(out / "report.md"), "figures": sorted(figs),
-            "arms_with_results": [a for a, r in results.items() if r],
-            "mirror_effect": t6 is not None}
+            "arms_with_results": [a for a in arms if any(results[a])],
+            "deltas": len(all_recs), "mirror_effect": t6 is not None}
+
+
+def inputs_from_context(ctx) -> Inputs:
+    """The report's inputs, all from the stage context's folders (`ctx.upstream`, `ctx.dirs`)."""
+    from attninf import arms as arms_mod
+    from attninf.context import MissingInput
+
+    def up(stage, arm=None):
+        try:
+            return ctx.upstream(stage, arm)
+        except MissingInput:
+            return None
+
+    def done(stage, arm=None):  # folders the report does not depend on but shows (selector side)
+        d = ctx.dirs.get((stage, arm))
+        return d if d is not None and (d / MANIFEST).exists() else None
+
+    base_arms = arms_mod.base_arms(ctx.cfg)
+    seeds = arms_mod.seeds(ctx.cfg)
+    runs: dict[str, list[tuple[int | None, Path | None]]] = {}
+    pretrain: dict[str, Path] = {}
+    for a in base_arms:
+        runs[a] = []
+        for s in (seeds or [None]):
+            name = _run_name(a, s)
+            runs[a].append((s, up("eval", name)))
+            if (p := done("pretrain", name)) is not None:
+                pretrain[name] = p
+    if not base_arms and (single := up("eval")) is not None:  # a single-model eval (eval.model)
+        base_arms, runs = ["model"], {"model": [(None, single)]}
+    stages = {st: d for st in ("detect", "mirror", "select", "mix") if (d := done(st)) is not None}
+    folders = sorted({d for d in ctx.dirs.values() if (d / MANIFEST).exists()})
+    return Inputs(arms=base_arms, runs=runs, pretrain=pretrain, masked=up("eval_masked"), stages=stages,
+                  folders=folders, seeds=seeds)
 
 
 def run(ctx) -> dict:
-    from attninf.context import MissingInput
-
     rcfg = build(ReportConfig, ctx.section("report"), "report")
-    arms = list((ctx.cfg.get("arms") or {}).keys())
-    eval_dirs: dict[str, Path | None] = {}
-    for a in arms:
-        try:
-            eval_dirs[a] = ctx.upstream("eval", a)
-        except MissingInput:
-            eval_dirs[a] = None
-    if not arms:  # a single-model eval (eval.model) still gets a report
-        p = ctx.run_dir / "eval"
-        if (p / "results.json").exists():
-            arms, eval_dirs = ["model"], {"model": p}
-    try:
-        masked_dir = ctx.upstream("eval_masked")
-    except MissingInput:
-        masked_dir = None
-    selector_dirs = {st: ctx.dirs.get((st, None), ctx.run_dir / st) for st in ("detect", "mirror", "select")}
-    out = render(ctx.run_dir, ctx.cfg, rcfg, ctx.out, arms, eval_dirs, masked_dir, selector_dirs)
+    inp = inputs_from_context(ctx)
+    out = render(ctx.cfg, rcfg, ctx.out, inp, ctx.run_dir)
     for f in out["figures"]:
         ctx.tracker.artifact(ctx.out / f, type="figure", name=f"report-{f}")
     return out

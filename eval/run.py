@@ -2,17 +2,21 @@
 
   attninf stages=[eval] eval.model=DIR_OR_HUB_ID run_dir=runs/x          # one model
   attninf stages=[eval] +experiment=demo                                 # every arm's export
+  attninf stages=[eval] +experiment=demo eval.pre_decay=true             # + the pre-decay exports
 
 With `eval.model` unset the stage runs once per arm on `pretrain/<arm>/hf`. Writes
 `results.json` (lm-eval's format + an `attninf` block: model, mirror, few-shot pools, time),
 `samples/<task>.jsonl`, the generated task overrides (`tasks/`) and lm-eval's request cache
-(`cache/`, so a killed evaluation resumes without recomputing finished requests).
+(`cache/`, so a killed evaluation resumes without recomputing finished requests). With
+`eval.pre_decay=true` the arm's `hf_pre_decay` export is evaluated the same way into
+`pre_decay/` (results.json, samples/, cache/) of the same stage folder.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 from attninf.config import ConfigError, asdict, build
 from eval import harness
@@ -22,24 +26,14 @@ from eval.config import EvalConfig
 log = logging.getLogger(__name__)
 
 
-def run(ctx) -> dict:
-    ecfg = build(EvalConfig, ctx.section("eval"), "eval")
-    if ecfg.model:
-        path, source = ecfg.model, "eval.model"
-    elif ctx.arm is not None:
-        path, source = str(ctx.upstream("pretrain", ctx.arm) / "hf"), f"pretrain/{ctx.arm}/hf"
-    else:
-        raise ConfigError("eval.model: set a model dir / hub id, or define arms whose pretraining "
-                          "exports are evaluated")
-    # Tasks, mirror and the code-execution gate are settled before the model loads.
-    tp, mirror = harness.plan(ecfg, ctx.out)
+def _evaluate(ctx, ecfg: EvalConfig, tp, mirror, path: str, source: str, out: Path, phase: str) -> dict:
     t0 = time.perf_counter()
     model, tok = harness.load_model(path, ecfg.dtype, ecfg.device)
     load_s = time.perf_counter() - t0
     lm = harness.make_lm(model, tok, ecfg)
-    res = harness.run_suite(lm, ecfg, tp, ctx.out)
+    res = harness.run_suite(lm, ecfg, tp, out)
     meta = {
-        "stage": "eval", "arm": ctx.arm, "suite": ecfg.suite,
+        "stage": "eval", "arm": ctx.arm, "phase": phase, "suite": ecfg.suite,
         "model": {"path": path, "source": source, "resolved": harness.resolve_model_path(path),
                   "dtype": ecfg.dtype, "device": str(model.device), "load_s": load_s,
                   "max_length": lm.max_length},
@@ -51,11 +45,37 @@ def run(ctx) -> dict:
         "sandbox": sandbox_record(ecfg.humaneval.sandbox) if "humaneval" in tp.leaves else None,
     }
     # Results hit the disk before any W&B call, so a logging failure cannot lose them.
-    head = harness.save_results(res, ctx.out, meta)
-    harness.log_to_tracker(ctx.tracker, res)
-    ctx.tracker.artifact(ctx.out / "results.json", type="eval-results",
-                         name=f"eval-{ctx.arm or 'model'}")
+    head = harness.save_results(res, out, meta)
+    harness.log_to_tracker(ctx.tracker, res, prefix="eval" if phase == "final" else f"eval_{phase}")
+    ctx.tracker.artifact(out / "results.json", type="eval-results",
+                         name=f"eval-{ctx.arm or 'model'}" + ("" if phase == "final" else f"-{phase}"))
     for task, h in head.items():
-        log.info("%-10s %s = %.4f ± %.4f", task, h["metric"], h["value"], h["stderr"] or 0.0)
+        log.info("%-10s %-9s %s = %.4f ± %.4f", task, phase, h["metric"], h["value"], h["stderr"] or 0.0)
+    return {"head": head, "wall_s": res.get("attninf", {}).get("wall_s")}
+
+
+def run(ctx) -> dict:
+    ecfg = build(EvalConfig, ctx.section("eval"), "eval")
+    if ecfg.model:
+        path, source = ecfg.model, "eval.model"
+    elif ctx.arm is not None:
+        path, source = str(ctx.upstream("pretrain", ctx.arm) / "hf"), f"pretrain/{ctx.arm}/hf"
+    else:
+        raise ConfigError("eval.model: set a model dir / hub id, or define arms whose pretraining "
+                          "exports are evaluated")
+    todo = [("final", path, source, ctx.out)]
+    if ecfg.pre_decay:
+        pre = Path(path).with_name("hf_pre_decay")
+        if not (pre / "config.json").exists():
+            raise ConfigError(
+                f"eval.pre_decay: {pre} does not exist; train with pretrain.export_pre_decay=true "
+                "and pretrain.save_pre_decay=true (and a schedule with a decay phase)")
+        todo.append(("pre_decay", str(pre), f"pretrain/{ctx.arm}/hf_pre_decay", ctx.out / "pre_decay"))
+    # Tasks, mirror and the code-execution gate are settled before the model loads.
+    tp, mirror = harness.plan(ecfg, ctx.out)
+    done = {phase: _evaluate(ctx, ecfg, tp, mirror, p, src, out, phase) for phase, p, src, out in todo}
+    final = done["final"]
     return {"model": path, "tasks": tp.tasks, "skipped": tp.skipped, "mirror": mirror.used,
-            "headline": head, "wall_s": res.get("attninf", {}).get("wall_s")}
+            "headline": final["head"], "wall_s": final["wall_s"],
+            **({"pre_decay": {"headline": done["pre_decay"]["head"], "wall_s": done["pre_decay"]["wall_s"]}}
+               if "pre_decay" in done else {})}

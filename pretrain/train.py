@@ -82,6 +82,8 @@ class PretrainConfig:
     pipeline_parallel: int = 1
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     seed: int = 1234
+    # Train every arm once per seed (arm `<arm>@seed<S>`, its own folders; attninf/arms.py).
+    seeds: list[int] | None = None
     log_interval: int = 1
     eval_interval: int = 20  # steps between validation-loss passes (and at the end); 0 = never
     eval_samples: int = 8  # held-out sequences per domain per pass
@@ -520,8 +522,10 @@ def run(ctx) -> dict[str, Any]:
     from pretrain import checkpoint, figures
     from pretrain.mix import effective_epochs
 
+    from attninf.arms import base
+
     cfg = load_config(ctx.section("pretrain"))
-    arm = ctx.arm or "baseline"
+    arm = base(ctx.arm) or "baseline"  # a seeded arm trains on its arm's mixture
     mix_dir = ctx.upstream("mix")
     blend = json.loads((mix_dir / "blend.json").read_text())
     if arm not in blend["arms"]:

@@ -14,7 +14,7 @@ from attninf.config import build
 from attninf.runner import run_pipeline
 from eval import harness
 from eval.config import EvalConfig
-from eval.report import ReportConfig, render
+from eval.report import Inputs, ReportConfig, render
 from tests.test_eval_run import CONF, mirror_dir  # noqa: F401 - shared session fixture
 
 N_LAYERS, N_HEADS = 4, 4  # tests/conftest.py make_tiny_llama
@@ -85,7 +85,8 @@ def test_no_heads_masked_equals_the_plain_model_and_masking_changes_scores(maske
 
 def test_report_shows_the_mirror_effect_table(masked_run, tmp_path):
     run_dir, _, cfg = masked_run
-    out = render(run_dir, cfg, ReportConfig(), tmp_path / "report", [], {}, run_dir / "eval_masked")
+    out = render(cfg, ReportConfig(n_resamples=500), tmp_path / "report",
+                 Inputs(arms=[], runs={}, masked=run_dir / "eval_masked"), run_dir)
     md = (tmp_path / "report/report.md").read_text()
     assert out["mirror_effect"]
     table6 = md[md.index("## Table 6"):]
@@ -97,3 +98,10 @@ def test_report_shows_the_mirror_effect_table(masked_run, tmp_path):
         assert f"{r[k]:.3f}" in line
     assert "not run" in next(ln for ln in table6.splitlines() if ln.startswith("| GSM8K |"))
     assert (tmp_path / "report/mirror_effect.png").exists()
+    # Table 6 paired per item: masked head set vs unmasked on the same MMLU items
+    sel = {r["arm"]: r for r in json.loads((tmp_path / "report/selector_deltas.json").read_text())}
+    for k in ("random", "retrieval"):
+        rec = sel[f"masked:{k}"]
+        assert rec["baseline"] == "masked:none" and rec["task"] == "mmlu"
+        assert rec["delta"] == pytest.approx((r[k] - r["none"]) * 100)
+        assert rec["ci_low"] <= rec["delta"] <= rec["ci_high"] and 0 < rec["p_value"] <= 1

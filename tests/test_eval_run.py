@@ -206,7 +206,10 @@ def test_report_renders_table1_from_two_arms(two_arm_run):
     assert row["delta"]["attention_influence"]["value"] == pytest.approx(d)
     assert row["delta"]["attention_influence"]["stderr"] == pytest.approx(se)
     line = next(ln for ln in md.splitlines() if ln.startswith("| MMLU |"))
-    assert f"{mm['baseline']['acc,none'] * 100:.2f}" in line and f"{d * 100:+.2f} ± {se * 100:.2f}" in line
+    paired = next(r for r in json.loads((two_arm_run / "report" / "deltas.json").read_text())
+                  if r["task"] == "mmlu" and r["arm"] == "attention_influence")
+    assert paired["delta"] == pytest.approx(d * 100) and paired["n_items"] == mm["baseline"]["sample_count"]["acc,none"]
+    assert f"{mm['baseline']['acc,none'] * 100:.2f}" in line and f"{d * 100:+.2f} [{paired['ci_low']:+.2f}, " in line
     assert "| 50.05 | 51.48 | +1.43 |" in line  # the paper's numbers, from paper_numbers.yaml
     assert next(ln for ln in md.splitlines() if ln.startswith("| HellaSwag |")).count("not run") == 3
     assert "Masked-head evaluation: not run" in md

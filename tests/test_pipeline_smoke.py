@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ["detect", "mirror", "score", "select", "mix", "pretrain", "eval", "eval_masked", "report"]
@@ -44,7 +46,7 @@ def corpus(tmp_path_factory, env) -> str:
 
 def attninf(args: list[str], env: dict, cwd: Path, **kw) -> subprocess.CompletedProcess:
     p = subprocess.run([sys.executable, "-m", "attninf.cli", *args], env=env, cwd=cwd,
-                       capture_output=True, text=True, timeout=900, **kw)
+                       capture_output=True, text=True, timeout=kw.pop("timeout", 900), **kw)
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
     return p
 
@@ -107,6 +109,11 @@ def test_every_stage_hands_real_artifacts_to_the_next(smoke_run, corpus):
 
     report = (run / "report/report.md").read_text()
     assert "Ours: attention_influence" in report and "Ours: random" in report
+    deltas = json.loads((run / "report/deltas.json").read_text())
+    assert {(r["arm"], r["task"]) for r in deltas} == {(a, t) for a in ARMS[1:] for t in ("mmlu", "gsm8k", "humaneval")}
+    assert all(r["phase"] == "final" and r["ci_low"] <= r["delta"] <= r["ci_high"] for r in deltas)
+    assert (run / "report/deltas_ci.png").stat().st_size > 1000
+    assert "[95% CI]" in report and "## Power" in report
     assert "Retrieval heads masked (2 heads)" in report
     assert "## The selector" in report and "Mirror effect" in report and "| python_edu |" in report
 
@@ -168,3 +175,69 @@ def test_ratio_sweep_with_the_local_launcher_shares_one_scoring(smoke_run, env, 
         counts[ratio] = sum(r["method"] == "attention_influence" for r in rows)
     sizes = corpus_sizes(corpus).values()
     assert counts == {r: sum(math.ceil(float(r) * n - 1e-9) for n in sizes) for r in ("0.1", "0.4")}
+
+
+SEED_ARMS = ["baseline", "attention_influence"]
+
+
+@pytest.fixture(scope="module")
+def seeds_run(smoke_run, env, corpus, tmp_path_factory) -> Path:
+    """Two arms x two pretraining seeds, each evaluated after and before the LR decay.
+
+    Detection, scoring and selection are the smoke run's (copied: same keys, so skipped);
+    the mixture, 4 pretrainings and 8 evaluations run for real.
+    """
+    run, _ = smoke_run
+    sr = tmp_path_factory.mktemp("seeds") / "run"
+    for st in ("detect", "score", "select"):
+        shutil.copytree(run / st, sr / st)
+    attninf(["+experiment=smoke", f"run_dir={sr}", corpus, "~arms.random", "pretrain.seeds=[0,1]",
+             "pretrain.export_pre_decay=true", "eval.pre_decay=true",
+             "stages=[detect,score,select,mix,pretrain,eval,report]"], env, sr.parent, timeout=1800)
+    return sr
+
+
+def _item_means(eval_dir: Path, task: str, key: str) -> tuple[float, int]:
+    """Independent read of one task's score: mean over every leaf's per-item values."""
+    name, filt = key.split(",", 1)
+    vals = []
+    files = sorted((eval_dir / "samples").glob("mmlu_*.jsonl")) if task == "mmlu" else [eval_dir / "samples" / f"{task}.jsonl"]
+    for f in files:
+        vals += [json.loads(x)[name] for x in f.read_text().splitlines() if json.loads(x)["filter"] == filt]
+    return sum(vals) / len(vals), len(vals)
+
+
+def test_seeds_and_pre_decay_give_seed_aware_paired_deltas(seeds_run):
+    run = seeds_run
+    for a in SEED_ARMS:
+        for s in (0, 1):
+            name = f"{a}@seed{s}"
+            frozen = OmegaConf.load(run / "pretrain" / name / "config.yaml")  # what training read
+            assert frozen.pretrain.seed == s and frozen.pretrain.seeds is None  # init + data order
+            assert (run / "pretrain" / name / "hf_pre_decay" / "config.json").exists()
+            assert (run / "eval" / name / "pre_decay" / "results.json").exists()
+    w0 = (run / "pretrain/baseline@seed0/metrics.jsonl").read_text().splitlines()[0]
+    w1 = (run / "pretrain/baseline@seed1/metrics.jsonl").read_text().splitlines()[0]
+    assert json.loads(w0)["loss"] != json.loads(w1)["loss"]  # another init / data order
+
+    deltas = json.loads((run / "report/deltas.json").read_text())
+    assert {(r["task"], r["phase"]) for r in deltas} == {(t, p) for t in ("mmlu", "gsm8k", "humaneval")
+                                                         for p in ("final", "pre_decay")}
+    for r in deltas:
+        assert r["arm"] == "attention_influence" and r["seeds"] == [0, 1]
+        assert "hierarchical" in r["ci_method"] and r["ci_low"] <= r["delta"] <= r["ci_high"]
+        sub = "" if r["phase"] == "final" else "pre_decay"
+        per = {a: [_item_means(run / "eval" / f"{a}@seed{s}" / sub, r["task"], r["metric"]) for s in (0, 1)]
+               for a in SEED_ARMS}
+        assert r["n_items"] == per["baseline"][0][1]
+        assert r["arm_per_seed"] == pytest.approx([100 * m for m, _ in per["attention_influence"]])
+        assert r["baseline_per_seed"] == pytest.approx([100 * m for m, _ in per["baseline"]])
+        want = sum(100 * (per["attention_influence"][s][0] - per["baseline"][s][0]) for s in (0, 1)) / 2
+        assert r["delta"] == pytest.approx(want)
+    pre = {r["task"]: r for r in deltas if r["phase"] == "pre_decay"}
+    assert pre["mmlu"]["paper_delta"] == pytest.approx(45.10 - 41.76) and pre["humaneval"]["paper_delta"] is None
+    md = (run / "report/report.md").read_text()
+    assert "2 pretraining seeds per arm" in md and "hierarchical bootstrap" in md
+    before = md[md.index("## Before decay"):md.index("## Power")]
+    assert "| MMLU | 41.76 | 45.10 | +3.34 |" in before and "(2 seeds)" in before
+    assert (run / "report/deltas_ci.png").stat().st_size > 1000
