@@ -239,7 +239,7 @@ def _check_heads_geometry(heads, model_cfg) -> None:
     """heads.list against the model's layers x heads, when its config.json is readable locally."""
     import json
 
-    from selection.heads import parse_head_list
+    from selection.heads import check_heads, parse_head_list
 
     path = Path(os.path.expanduser(str((model_cfg or {}).get("path") or ""))) / "config.json"
     try:
@@ -249,10 +249,7 @@ def _check_heads_geometry(heads, model_cfg) -> None:
     n_l, n_h = mc.get("num_hidden_layers"), mc.get("num_attention_heads")
     if not (n_l and n_h):
         return
-    for i, (l, h) in enumerate(parse_head_list(to_plain(heads), "heads.list")):
-        if not (0 <= l < n_l and 0 <= h < n_h):
-            raise ConfigError(f"heads.list[{i}]: [{l}, {h}] is outside the model ({n_l} layers x "
-                              f"{n_h} heads, {path})")
+    check_heads(parse_head_list(to_plain(heads), "heads.list"), n_l, n_h, "heads.list")
 
 
 def run_key(cfg: DictConfig) -> str:

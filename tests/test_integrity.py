@@ -165,7 +165,7 @@ def test_head_list_outside_the_model_is_refused_before_loading(tmp_path, tiny_mo
     cfg = _cfg(tmp_path, tiny_model_dir, _corpus(tmp_path, n=12))
     n_l = json.loads((tiny_model_dir / "config.json").read_text())["num_hidden_layers"]
     cfg.heads.list = [[1, 0], [n_l, 0]]
-    with pytest.raises(ConfigError, match=rf"heads.list\[1\]: \[{n_l}, 0\] is outside the model"):
+    with pytest.raises(ConfigError, match=rf"heads.list: head \[{n_l}, 0\] is outside the model"):
         run_pipeline(cfg)
     assert not (tmp_path / "run/score").exists()
 

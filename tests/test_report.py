@@ -172,6 +172,11 @@ def test_two_point_sweep_reports_follow_their_own_point(tmp_path):
     rows = [{"doc_id": f"d{i:03d}", "domain": ["web", "code"][i % 2], "n_tokens": 10, "n_tokens_full": 10 + i,
              "loss_base": 1 + rng.random(), "loss_masked": 2.0, "score": rng.random()} for i in range(40)]
     pq.write_table(pa.Table.from_pylist(rows), score / "shard-00000.parquet")
+    from selection.score import file_digest  # select reads exactly the shards the plan lists
+
+    manifest.write_json(score / "plan.json", {"shards": 1, "key": "score-fixture", "files": [
+        {"name": "shard-00000.parquet", "rows": 40, "scored": 40,
+         "sha256": file_digest(score / "shard-00000.parquet")}]})
     manifest.write(score, stage="score", arm=None, key="score-fixture", status="done", config={}, inputs={})
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled"}
     p = subprocess.run([sys.executable, "-m", "attninf.cli", "-m", f"run_dir={run_dir}", "stages=[select,report]",
