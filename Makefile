@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export WANDB_MODE ?= offline
 
-.PHONY: setup setup-debs demo test test-slow clean
+.PHONY: setup setup-debs demo test test-slow test-cluster clean
 setup: $(VENV)/.installed
 
 # Debian docs for the demo corpus's textbook and math domains (root). Without them the corpus
@@ -33,6 +33,12 @@ test: setup
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
+
+# Real Slurm jobs on a one-node Slurm started here (root; installs slurm-wlm + munge when
+# missing) and stopped again whatever the tests do.
+test-cluster: setup
+	slurm/local_cluster.sh up
+	$(BIN)/python -m pytest -q -m slurm; rc=$$?; slurm/local_cluster.sh down; exit $$rc
 
 clean:
 	rm -rf $(VENV) runs multirun outputs
