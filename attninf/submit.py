@@ -23,6 +23,8 @@ resumes from its latest checkpoint, lm-eval answers finished requests from its c
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
@@ -192,7 +194,7 @@ def check_slurm() -> None:
         p = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as e:
         raise SubmitError(f"cluster=slurm: `scontrol ping` did not answer ({e})") from None
-    text = " ".join((p.stdout + p.stderr).split())
+    text = " ".join(w for w in (p.stdout + p.stderr).split() if w.strip("*"))  # drop its banner
     if p.returncode != 0 or " is UP" not in text:
         raise SubmitError(f"cluster=slurm: the Slurm controller does not answer (`scontrol ping`: "
                           f"{text or 'no output'})")
@@ -262,22 +264,26 @@ def _executor(cc: ClusterConfig, res: Resources, folder: Path, name: str, ntasks
     return ex
 
 
-def _submit(ex, deps: list[str], fn, args_list: list[tuple]) -> list:
+def _submit(ex, deps: list[str], fn, args_list: list[tuple], label: str) -> list:
     import submitit
 
     extra = {"requeue": True, "open-mode": "append"}
     if deps:
         extra.update({"dependency": "afterok:" + ":".join(deps), "kill-on-invalid-dep": "yes"})
     ex.update_parameters(additional_parameters=extra)
+    # submitit echoes sbatch's stderr before raising; keep it for the one-line message instead.
+    echoed = io.StringIO()
     try:
-        if len(args_list) == 1:
-            return [ex.submit(fn, *args_list[0])]
-        return ex.map_array(fn, *zip(*args_list))
-    except submitit.core.utils.FailedSubmissionError as e:
-        raise SubmitError(f"sbatch refused the job: {_slurm_message(e)}") from None
+        with contextlib.redirect_stderr(echoed):
+            if len(args_list) == 1:
+                return [ex.submit(fn, *args_list[0])]
+            return ex.map_array(fn, *zip(*args_list))
+    except (submitit.core.utils.FailedJobError, submitit.core.utils.FailedSubmissionError) as e:
+        raise SubmitError(f"cluster=slurm: sbatch refused the {label} job: {_slurm_message(e)}") from None
     except subprocess.CalledProcessError as e:
         out = e.output.decode() if isinstance(e.output, bytes) else str(e.output or e)
-        raise SubmitError(f"sbatch refused the job: {_slurm_message(Exception(out))}") from None
+        raise SubmitError(f"cluster=slurm: sbatch refused the {label} job: "
+                          f"{_slurm_message(Exception(out))}") from None
 
 
 def read_jobs(run_dir: Path) -> list[dict]:
@@ -337,12 +343,12 @@ def submit_pipeline(cfg: DictConfig) -> list[dict]:
         if name == "score" and cc.score_tasks > 1:
             ex = _executor(cc, res, folder, name)
             jobs = _submit(ex, deps, StageJob(), [(str(run_dir), name, arm, r, cc.score_tasks)
-                                                  for r in range(cc.score_tasks)])
+                                                  for r in range(cc.score_tasks)], label)
             job_id = jobs[0].job_id.split("_")[0]
         else:
             ntasks = int(cfg.pretrain.launch.nproc_per_node) if name == "pretrain" else 1
             ex = _executor(cc, res, folder, name, ntasks_per_node=ntasks)
-            jobs = _submit(ex, deps, StageJob(), [(str(run_dir), name, arm, None, None)])
+            jobs = _submit(ex, deps, StageJob(), [(str(run_dir), name, arm, None, None)], label)
             job_id = jobs[0].job_id
         rec = {"stage": name, "arm": arm, "job_id": job_id, "tasks": [j.job_id for j in jobs],
                "logs": [str(j.paths.stderr) for j in jobs], "folder": str(folder),

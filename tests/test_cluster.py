@@ -147,6 +147,15 @@ def test_resubmitting_a_finished_run_submits_nothing(cluster_run, env, corpus): 
     p = cli([*SMOKE, *CLUSTER, f"run_dir={run}", corpus], env, run.parent)
     assert "nothing to submit" in p.stdout
     assert (run / "cluster/jobs.json").read_text() == before
+    # a partly done run: only the missing stage is submitted, with no dependency on finished ones
+    report = (run / "report/report.md").read_text()
+    shutil.rmtree(run / "report")
+    p = cli([*SMOKE, *CLUSTER, f"run_dir={run}", corpus], env, run.parent)
+    assert [ln.split()[1] for ln in p.stdout.splitlines() if ln.startswith("submitted")] == ["report"]
+    assert jobs(run)[("report", None)]["dependency"] == []
+    st = status(run, env, "--wait", "--poll", "2")
+    assert st.returncode == 0, st.stdout
+    assert (run / "report/report.md").read_text() == report
 
 
 def _wait_for(pred, timeout=600, what=""):
@@ -181,8 +190,11 @@ def test_requeued_score_task_and_pretrain_job_change_nothing(slurm, tmp_path, en
     requeued_mid_task = not (score_dir / "shard-00003.parquet").exists()
     _requeue(task)
     pid = js[("pretrain", "baseline")]["job_id"]
-    _wait_for(lambda: (pre / "ckpt" / "iter_0000002").exists() or (pre / "ckpt" / "iter_0000004").exists(),
-              timeout=900, what="a pretrain checkpoint")
+    def mid_training():
+        latest = pre / "ckpt" / "latest"
+        return latest.exists() and int(latest.read_text()) in (2, 4)
+
+    _wait_for(mid_training, timeout=900, what="a pretrain checkpoint before the last step")
     _requeue(pid)
     st = status(run, env, "--wait", "--poll", "2")
     assert st.returncode == 0, st.stdout + st.stderr
@@ -219,3 +231,16 @@ def test_unknown_partition_is_reported_with_slurms_message(slurm, tmp_path, env)
     lines = [ln for ln in (p.stdout + p.stderr).splitlines() if ln.strip()]
     assert len(lines) == 1 and "Traceback" not in p.stderr, lines
     assert "invalid partition" in lines[0].lower(), lines
+
+
+def test_a_controller_that_does_not_answer_is_one_line(slurm, tmp_path, env):  # noqa: F811
+    """Slurm installed but its controller unreachable (a conf naming a port nobody listens on)."""
+    conf = tmp_path / "slurm.conf"
+    lines = Path("/etc/slurm/slurm.conf").read_text().splitlines()
+    conf.write_text("\n".join([ln for ln in lines if not ln.startswith(("SlurmctldPort", "MessageTimeout"))]
+                              + ["SlurmctldPort=1", "MessageTimeout=2"]) + "\n")
+    p = cli(["cluster=slurm_onenode", "stages=[detect]", f"run_dir={tmp_path / 'run'}"],
+            {**env, "SLURM_CONF": str(conf)}, tmp_path, check=False, timeout=300)
+    assert p.returncode == 2
+    lines = [ln for ln in (p.stdout + p.stderr).splitlines() if ln.strip()]
+    assert len(lines) == 1 and "does not answer" in lines[0] and "Traceback" not in p.stderr, lines
