@@ -15,6 +15,7 @@ slurm/local_cluster.sh and stops it afterwards).
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -218,7 +219,8 @@ def test_ratio_sweep_through_the_slurm_launcher_shares_one_scoring(cluster_run, 
         m = json.loads((run / f"select-select.ratio={ratio}" / "manifest.json").read_text())
         assert m["status"] == "done" and m["config"]["select"]["ratio"] == float(ratio)
     (sweep,) = (run / ".hydra").glob("multirun-*")
-    ids = sorted(p.name for p in (sweep / ".submitit").iterdir() if p.name.split("_")[0].isdigit())
+    # the launcher submits the points as one job array: folders <array id>_<task>
+    ids = sorted(p.name for p in (sweep / ".submitit").iterdir() if re.fullmatch(r"\d+_\d+", p.name))
     assert len(ids) == 2
     for jid in ids:  # real Slurm jobs, known to the controller
         assert job_fields(jid)[0]["JobState"] == "COMPLETED"
