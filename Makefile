@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export WANDB_MODE ?= offline
 
-.PHONY: setup setup-debs setup-sandbox demo test test-slow clean
+.PHONY: setup setup-debs setup-sandbox demo test test-slow test-cluster clean
 setup: $(VENV)/.installed setup-sandbox
 
 # HumanEval runs model-written code under bubblewrap (eval/code_exec.py refuses without it).
@@ -40,6 +40,12 @@ test: setup
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
+
+# Real Slurm jobs on a one-node Slurm started here (root; installs slurm-wlm + munge when
+# missing) and stopped again whatever the tests do.
+test-cluster: setup
+	slurm/local_cluster.sh up
+	$(BIN)/python -m pytest -q -m slurm; rc=$$?; slurm/local_cluster.sh down; exit $$rc
 
 clean:
 	rm -rf $(VENV) runs multirun outputs

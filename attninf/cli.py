@@ -36,6 +36,8 @@ def _main(cfg: DictConfig) -> None:
     overrides = list(hc.overrides.task)
     if multirun:
         overrides = swept_overrides(overrides, Path(hc.sweep.dir) / "multirun.yaml")
+    if (cfg.get("cluster") or {}).get("kind") == "slurm":
+        sys.exit(_submit(cfg, multirun))
     try:
         run_pipeline(cfg, overrides=overrides, multirun=multirun)
     except Incomplete as e:
@@ -50,6 +52,22 @@ def _main(cfg: DictConfig) -> None:
 
 def _debug() -> bool:
     return os.environ.get("HYDRA_FULL_ERROR") == "1" or os.environ.get("ATTNINF_DEBUG") == "1"
+
+
+def _submit(cfg: DictConfig, multirun: bool) -> int:
+    """cluster=slurm: submit the stages as Slurm jobs and return; bad input is one line, exit 2."""
+    from attninf.submit import SubmitError, submit_pipeline
+
+    if multirun:
+        log.error("cluster=slurm submits one run; for a sweep use `-m hydra/launcher=slurm` "
+                  "(each point a Slurm job running its stages) with cluster=local")
+        return 2
+    try:
+        submit_pipeline(cfg)
+    except (ConfigError, MissingInput, InputError, SubmitError) as e:
+        log.error("%s", e)
+        return 2
+    return 0
 
 
 def swept_overrides(job_overrides: list[str], multirun_yaml: Path) -> list[str]:

@@ -12,7 +12,9 @@ from tqdm.auto import tqdm
 
 class Progress:
     def __init__(self, total: int | None, desc: str, tracker=None, unit: str = "doc",
-                 log_every_s: float = 10.0, prefix: str = "progress", disable: bool = False):
+                 log_every_s: float = 10.0, prefix: str = "progress", disable: bool = False,
+                 path=None):
+        """`path`: also keep the latest rates in this JSON file (read by attninf-status)."""
         self.bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, disable=disable,
                         mininterval=1.0)
         self.tracker = tracker
@@ -23,6 +25,7 @@ class Progress:
         self.total = total
         self._last_log = self.t0
         self.log_every_s = log_every_s
+        self.path = path
 
     def rates(self) -> dict[str, float]:
         dt = max(time.perf_counter() - self.t0, 1e-9)
@@ -41,15 +44,28 @@ class Progress:
         now = time.perf_counter()
         dt = max(now - self.t0, 1e-9)
         self.bar.set_postfix(tok_s=f"{self.tokens / dt:,.0f}", refresh=False)
-        if self.tracker is not None and now - self._last_log >= self.log_every_s:
+        if now - self._last_log >= self.log_every_s:
             self._last_log = now
-            self.tracker.log(self.rates())
+            if self.tracker is not None:
+                self.tracker.log(self.rates())
+            self._write()
+
+    def _write(self, finished: bool = False) -> None:
+        if self.path is None:
+            return
+        from attninf.manifest import write_json
+
+        r = self.rates()
+        write_json(self.path, {"items": self.items, "tokens": self.tokens, "total": self.total,
+                               "tokens_per_s": r[f"{self.prefix}/tokens_per_s"],
+                               "eta_s": r.get(f"{self.prefix}/eta_s"), "finished": finished})
 
     def close(self) -> dict[str, float]:
         self.bar.close()
         r = self.rates()
         if self.tracker is not None:
             self.tracker.log(r)
+        self._write(finished=True)
         return r
 
     def __enter__(self):

@@ -310,7 +310,8 @@ def run(ctx) -> dict:
 
     total = _count_rows(ccfg)
     prog = Progress(total=(total + world - 1) // world if total else None, desc=f"score[{rank}/{world}]",
-                    tracker=ctx.tracker, prefix="score", disable=not cfg.progress)
+                    tracker=ctx.tracker, prefix="score", disable=not cfg.progress,
+                    path=out / f"progress-{rank}.json")
     n_shards = 0
     done_here = 0
     # The runner wrote this run's key into the `running` manifest; every shard records it, so a
