@@ -191,10 +191,15 @@ def run_pipeline(cfg: DictConfig, overrides: list[str] | None = None, multirun: 
     results = {}
     units = [(name, arm) for name in names for arm in STAGES[name].arms(cfg)]
     pipe = PipelineProgress(units, log=log)
-    ran = set()
+    ran: set[int] = set()  # units that ran here (the others were done already)
+
+    def started(i):
+        ran.add(i)
+        pipe.start(i)
+
     try:
         for i, (name, arm) in enumerate(units):
-            results[(name, arm)] = m = run_stage(cfg, name, arm, dirs, on_start=lambda i=i: (ran.add(i), pipe.start(i)))
+            results[(name, arm)] = m = run_stage(cfg, name, arm, dirs, on_start=lambda i=i: started(i))
             pipe.end(i, m.get("wall_s"), skipped=i not in ran)
     finally:
         pipe.abort()

@@ -233,6 +233,36 @@ class BranchScorer:
         return base, masked
 
 
+# --- work done -------------------------------------------------------------------------------
+
+def branch_flops(config, lengths: Sequence[int], split: int | None) -> dict[str, float]:
+    """FLOPs the fast path needs for documents of `lengths`, counted from the model's shape.
+
+    Per token and layer: the q/k/v/o projections and the SwiGLU MLP (2 FLOPs per weight), plus
+    causal attention (QK^T and AV over the i+1 positions token i sees, 4*heads*head_dim each).
+    Layers below `split` run once, the rest twice (None: no masked pass, every layer once); the
+    lm_head runs on the len-1 positions that predict a token, once per branch. Norms, rotary,
+    softmax and the masked heads' running mean are left out (elementwise, < 1%). This is the
+    useful work only: padding and the causal mask's skipped half are not counted, so achieved
+    GFLOP/s is honest about waste.
+    """
+    h = config.hidden_size
+    n_heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or n_heads
+    hd = getattr(config, "head_dim", None) or h // n_heads
+    ffn, vocab, n_layers = config.intermediate_size, config.vocab_size, config.num_hidden_layers
+    per_tok_layer = 2 * (h * n_heads * hd * 2 + h * kv * hd * 2) + 2 * 3 * h * ffn
+    passes = n_layers if split is None else split + 2 * (n_layers - split)
+    branches = 1 if split is None else 2
+    tokens = sum(lengths)
+    visible = sum(n * (n + 1) // 2 for n in lengths)  # sum over positions of keys seen
+    out = {"linear": float(per_tok_layer) * tokens * passes,
+           "attention": 4.0 * n_heads * hd * visible * passes,
+           "lm_head": 2.0 * h * vocab * sum(max(n - 1, 0) for n in lengths) * branches}
+    out["total"] = out["linear"] + out["attention"] + out["lm_head"]
+    return out
+
+
 # --- naive reference --------------------------------------------------------------------------
 
 @torch.inference_mode()
