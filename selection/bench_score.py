@@ -12,6 +12,13 @@ the largest score and loss differences, how far the per-domain rankings agree, a
 Tokens/s counts document tokens scored (each token goes through both passes), so the two
 figures are directly comparable with the `score` stage's progress bar.
 
+Achieved GFLOP/s: selection.scoring.branch_flops (the useful work from the model's shape: the
+shared prefix once, both branches above it, causal attention, the lm_head per branch) over the
+fast path's wall time. On CPU the same run measures the machine's GEMM peak in --dtype (a
+2,048^3 matmul on all threads, best of 5, before and after the fast path) and prints the
+fraction. Both also come as per-CPU-second figures, which stay meaningful when other jobs
+share the cores (wall figures then understate both sides by different amounts).
+
 Heads: --heads FILE (a detect/heads.json or a JSON list of [layer, head]); default a seeded
 random 5% of all heads, which usually includes a low layer and so understates what the shared
 prefix saves with real retrieval heads (the JSON reports first_masked_layer).
@@ -254,6 +261,14 @@ def main(argv: list[str] | None = None) -> dict:
                         r["max_discordant_ref_gap"] <= 2 * tol for r in res["ranking"].values())})
     text = json.dumps(res, indent=2)
     print(text)
+    line = [f"fast {res['fast_tokens_per_s']:,.0f} tokens/s, {res['fast_gflops']:,.0f} GFLOP/s"]
+    if "speedup" in res:
+        line.append(f"{res['speedup']:.2f}x naive ({res['speedup_cpu_time']:.2f}x by CPU time)")
+    if "peak_gemm_gflops" in res:
+        line.append(f"{100 * res['fraction_of_peak']:.0f}% of the measured {args.dtype} GEMM peak "
+                    f"{res['peak_gemm_gflops']:,.0f} GFLOP/s ({100 * (res['fraction_of_peak_cpu_time'] or 0):.0f}% "
+                    f"by CPU time)")
+    print("; ".join(line))
     if args.out:
         Path(args.out).write_text(text + "\n")
     return res
