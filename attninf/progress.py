@@ -91,10 +91,11 @@ class PipelineProgress:
     """`stage i of n` lines and an ETA for the whole pipeline.
 
     The ETA is the remaining prior cost (STAGE_PRIOR_S of the units not finished, less the done
-    fraction of the running one) times this run's measured speed: wall time spent on units
-    that ran here / prior cost of what they finished. The running stage's done fraction comes
-    from its own progress bar (Progress.update reports items / total here), so the ETA moves
-    while a long stage runs, not only between stages. Units skipped as already done cost 0.
+    fraction of the running one) times the measured speed: wall time spent on finished units
+    (and the running one) / their prior cost. The running stage's done fraction comes from its
+    own progress bar (Progress.update reports items / total here), so the ETA moves while a
+    long stage runs, not only between stages. Units skipped as already done cost nothing more,
+    but their recorded wall time still calibrates the speed.
     """
 
     def __init__(self, units: list[tuple[str, str | None]], log=None, clock=time.perf_counter):
@@ -151,6 +152,9 @@ class PipelineProgress:
     def end(self, i: int, wall_s: float | None, skipped: bool = False) -> None:
         if skipped:
             self.skipped.add(i)
+            if wall_s:  # its earlier run on this config is a measurement too
+                self.work_s += wall_s
+                self.work_prior += self.prior(i)
         else:
             self.done.add(i)
             self.work_s += self.clock() - self.current_t0 if self.current == i else (wall_s or 0.0)
