@@ -155,6 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
                    help="allowed |score difference| (default: 1e-5 for float32, 2e-2 for bf16/fp16, "
                         "see selection.scoring)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--peak-size", type=int, default=2048, help="n of the n x n x n GEMM that measures the peak")
     p.add_argument("--out", default=None, help="also write the JSON here")
     p.add_argument("--random-init", action="store_true",
                    help="same architecture and tokenizer, seeded random weights (for machines the "
@@ -198,7 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     kw = {"max_batch_tokens": args.batch_tokens, "max_batch_size": args.max_batch_size, "pad_id": pad}
     on_cpu = dev.type == "cpu"
-    peaks = [gemm_peak(args.dtype)] if on_cpu else []
+    peaks = [gemm_peak(args.dtype, args.peak_size)] if on_cpu else []
     scoring.score_tokens(scorer, toks[:4], **kw)  # warm-up (kernels, allocator)
     sync()
     t0, c0 = time.perf_counter(), time.process_time()
@@ -206,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
     sync()
     fast_s, fast_cpu = time.perf_counter() - t0, time.process_time() - c0
     if on_cpu:
-        peaks.append(gemm_peak(args.dtype))  # before and after: the best is the machine's
+        peaks.append(gemm_peak(args.dtype, args.peak_size))  # before and after: the best is the machine's
     n_tok = sum(len(t) for t in toks)
     flops = scoring.branch_flops(fast_model.config, [len(t) for t in toks], scorer.split)
     fast_score = [float(scoring.ai_score(b, m)) for b, m in zip(fb, fm)]
