@@ -31,7 +31,9 @@ from omegaconf import DictConfig, OmegaConf
 from attninf import arms, manifest
 from attninf.config import ConfigError, digest, to_plain
 from attninf.context import Incomplete, MissingInput, StageContext
+from attninf.progress import PipelineProgress
 from attninf.stages import ORDER, STAGES
+from attninf.summary import print_summary
 from attninf.tracking import Tracker
 
 log = logging.getLogger("attninf")
@@ -115,7 +117,8 @@ def selected_stages(cfg: DictConfig) -> list[str]:
     return [s for s in ORDER if s in wanted]
 
 
-def run_stage(cfg: DictConfig, name: str, arm: str | None, dirs, force: bool = False) -> dict:
+def run_stage(cfg: DictConfig, name: str, arm: str | None, dirs, force: bool = False,
+              on_start=None) -> dict:
     spec = STAGES[name]
     cfg = arms.config_for(cfg, arm)  # a seeded arm (`<arm>@seed<S>`) trains with pretrain.seed=S
     out = dirs[(name, arm)]
@@ -160,6 +163,8 @@ def run_stage(cfg: DictConfig, name: str, arm: str | None, dirs, force: bool = F
         ctx = StageContext(name=name, arm=arm, run_dir=run_dir, out=out, cfg=cfg, dirs=dirs,
                            tracker=tracker)
         log.info("run  %-22s -> %s", label, out)
+        if on_start is not None:
+            on_start()
         t0 = time.perf_counter()
         try:
             outputs = spec.fn()(ctx)
@@ -341,10 +346,22 @@ def run_pipeline(cfg: DictConfig, overrides: list[str] | None = None, multirun: 
             manifest.write_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         dirs = stage_dirs(cfg, overrides or [], multirun)
         results = {}
-        for name in names:
-            for arm in STAGES[name].arms(cfg):
-                results[(name, arm)] = run_stage(cfg, name, arm, dirs)
-        return results
+        units = [(name, arm) for name in names for arm in STAGES[name].arms(cfg)]
+        pipe = PipelineProgress(units, log=log)
+        ran: set[int] = set()  # units that ran here (the others were done already)
+
+        def started(i):
+            ran.add(i)
+            pipe.start(i)
+
+        try:
+            for i, (name, arm) in enumerate(units):
+                results[(name, arm)] = m = run_stage(cfg, name, arm, dirs, on_start=lambda i=i: started(i))
+                pipe.end(i, m.get("wall_s"), skipped=i not in ran)
+        finally:
+            pipe.abort()
+    print_summary(run_dir, units, dirs, {units[i] for i in ran}, time.perf_counter() - pipe.t0)
+    return results
 
 
 def setup_logging(level: str = "INFO") -> None:

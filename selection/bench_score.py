@@ -12,6 +12,13 @@ the largest score and loss differences, how far the per-domain rankings agree, a
 Tokens/s counts document tokens scored (each token goes through both passes), so the two
 figures are directly comparable with the `score` stage's progress bar.
 
+Achieved GFLOP/s: selection.scoring.branch_flops (the useful work from the model's shape: the
+shared prefix once, both branches above it, causal attention, the lm_head per branch) over the
+fast path's wall time. On CPU the same run measures the machine's GEMM peak in --dtype (a
+2,048^3 matmul on all threads, best of 5, before and after the fast path) and prints the
+fraction. Both also come as per-CPU-second figures, which stay meaningful when other jobs
+share the cores (wall figures then understate both sides by different amounts).
+
 Heads: --heads FILE (a detect/heads.json or a JSON list of [layer, head]); default a seeded
 random 5% of all heads, which usually includes a low layer and so understates what the shared
 prefix saves with real retrieval heads (the JSON reports first_masked_layer).
@@ -73,6 +80,32 @@ def _random_copy(path: str, seed: int) -> str:
     return str(out)
 
 
+def gemm_peak(dtype: str = "bfloat16", n: int = 2048, reps: int = 5) -> dict:
+    """This machine's dense GEMM rate: the best of `reps` n x n x n matmuls on all torch threads.
+
+    Two figures: wall GFLOP/s (the usual peak) and GFLOP per second of process CPU time times
+    the thread count, which stays near the quiet-machine figure when other jobs share the cores
+    (a thread descheduled for another job stops accruing CPU time).
+    """
+    import torch
+
+    dt = getattr(torch, dtype)
+    a = torch.randn(n, n).to(dt)
+    b = torch.randn(n, n).to(dt)
+    a @ b  # warm-up: oneDNN picks and JITs its kernel
+    flops = 2.0 * n ** 3
+    best_wall = best_cpu = 0.0
+    for _ in range(reps):
+        t0, c0 = time.perf_counter(), time.process_time()
+        a @ b
+        w, c = time.perf_counter() - t0, time.process_time() - c0
+        best_wall = max(best_wall, flops / w / 1e9)
+        if c > 0:
+            best_cpu = max(best_cpu, flops / c * torch.get_num_threads() / 1e9)
+    return {"gflops_wall": best_wall, "gflops_cpu_time": best_cpu, "n": n, "dtype": dtype,
+            "threads": torch.get_num_threads()}
+
+
 def ranking_agreement(domains: list[str], ref: list[float], fast: list[float], ratio: float = 0.2) -> dict:
     """Per domain: Spearman rho, discordant pairs, the largest reference gap among them, top-ratio Jaccard."""
     import numpy as np
@@ -122,6 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
                    help="allowed |score difference| (default: 1e-5 for float32, 2e-2 for bf16/fp16, "
                         "see selection.scoring)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--peak-size", type=int, default=2048, help="n of the n x n x n GEMM that measures the peak")
     p.add_argument("--out", default=None, help="also write the JSON here")
     p.add_argument("--random-init", action="store_true",
                    help="same architecture and tokenizer, seeded random weights (for machines the "
@@ -164,19 +198,37 @@ def main(argv: list[str] | None = None) -> dict:
             torch.cuda.synchronize()
 
     kw = {"max_batch_tokens": args.batch_tokens, "max_batch_size": args.max_batch_size, "pad_id": pad}
+    on_cpu = dev.type == "cpu"
+    peaks = [gemm_peak(args.dtype, args.peak_size)] if on_cpu else []
     scoring.score_tokens(scorer, toks[:4], **kw)  # warm-up (kernels, allocator)
     sync()
     t0, c0 = time.perf_counter(), time.process_time()
     fb, fm = scoring.score_tokens(scorer, toks, **kw)
     sync()
     fast_s, fast_cpu = time.perf_counter() - t0, time.process_time() - c0
+    if on_cpu:
+        peaks.append(gemm_peak(args.dtype, args.peak_size))  # before and after: the best is the machine's
     n_tok = sum(len(t) for t in toks)
+    flops = scoring.branch_flops(fast_model.config, [len(t) for t in toks], scorer.split)
     fast_score = [float(scoring.ai_score(b, m)) for b, m in zip(fb, fm)]
     res = {"model": args.model + (" (random init)" if args.random_init else ""), "device": str(dev), "dtype": args.dtype, "attn": args.attn,
            "threads": torch.get_num_threads(), "docs": len(docs), "tokens": n_tok,
            "max_tokens": args.max_tokens, "heads": len(heads), "first_masked_layer": scorer.split,
            "n_layers": n_layers, "share_prefix": not args.no_share_prefix,
-           "fast_tokens_per_s": n_tok / fast_s, "fast_s": fast_s, "fast_cpu_s": fast_cpu}
+           "fast_tokens_per_s": n_tok / fast_s, "fast_s": fast_s, "fast_cpu_s": fast_cpu,
+           "fast_gflop": flops["total"] / 1e9,
+           "fast_gflop_split": {k: v / 1e9 for k, v in flops.items() if k != "total"},
+           "fast_gflops": flops["total"] / fast_s / 1e9}
+    if peaks:
+        peak = max(p["gflops_wall"] for p in peaks)
+        peak_cpu = max(p["gflops_cpu_time"] for p in peaks)
+        fast_cpu_rate = flops["total"] / fast_cpu * torch.get_num_threads() / 1e9 if fast_cpu > 0 else None
+        res.update({"peak_gemm_gflops": peak, "fraction_of_peak": res["fast_gflops"] / peak,
+                    # the same fraction from process CPU time: robust when other jobs share the cores
+                    "fast_gflops_cpu_time": fast_cpu_rate, "peak_gemm_gflops_cpu_time": peak_cpu,
+                    "fraction_of_peak_cpu_time": fast_cpu_rate / peak_cpu if fast_cpu_rate and peak_cpu else None,
+                    "peak_gemm": f"{peaks[0]['dtype']} {peaks[0]['n']}^3 matmul, best of 5, "
+                                 f"{peaks[0]['threads']} threads, before and after the fast path"})
     del fast_model, scorer
     if not args.skip_naive:
         nn = args.naive_docs or len(toks)
@@ -210,6 +262,14 @@ def main(argv: list[str] | None = None) -> dict:
                         r["max_discordant_ref_gap"] <= 2 * tol for r in res["ranking"].values())})
     text = json.dumps(res, indent=2)
     print(text)
+    line = [f"fast {res['fast_tokens_per_s']:,.0f} tokens/s, {res['fast_gflops']:,.0f} GFLOP/s"]
+    if "speedup" in res:
+        line.append(f"{res['speedup']:.2f}x naive ({res['speedup_cpu_time']:.2f}x by CPU time)")
+    if "peak_gemm_gflops" in res:
+        line.append(f"{100 * res['fraction_of_peak']:.0f}% of the measured {args.dtype} GEMM peak "
+                    f"{res['peak_gemm_gflops']:,.0f} GFLOP/s ({100 * (res['fraction_of_peak_cpu_time'] or 0):.0f}% "
+                    f"by CPU time)")
+    print("; ".join(line))
     if args.out:
         Path(args.out).write_text(text + "\n")
     return res

@@ -19,6 +19,18 @@ Pure tensors in, tensors out (no Hydra, no files). Three ideas make it fast:
    chunk's logits are cast to fp32 before log-softmax, so bf16 matmuls keep an fp32 loss and the
    [tokens x vocab] logits never exist in full.
 
+Where a CPU forward's time goes (torch.profiler, SmolLM2-135M bf16, 8 documents of ~650-850
+tokens, 2 cores shared with other jobs, so shares only): GEMMs 39%, SDPA's CPU flash kernel 16%,
+and elementwise work ~40% (mul 12%, dtype copies 8%, add 5%, rotary's cat/neg 6.5%, RMSNorm's
+pow/sum 6%, silu 2.5%), log-softmax + NLL 4%. So the scorer is far from GEMM-bound: the
+elementwise ops of RMSNorm, rotary and SwiGLU on a 576-wide model cost nearly as much as the
+matmuls. torch.compile of the decoder layer (dynamic shapes, one graph for all 30 layers)
+fuses them: 1.33x less CPU time on the same batches (34.4 s vs 45.0/46.4 s eager, measured
+under load in one process), but compiling took ~32 s of CPU in-process plus the compile
+workers' time (~8 min wall under that load), more than it saves on the demo's 400 documents
+from a cold cache; it is not enabled here. Achieved GFLOP/s against this machine's measured bf16
+GEMM peak: `python -m selection.bench_score` (FLOPs from branch_flops below).
+
 The naive reference (`naive_losses`) is the obviously-correct version: one document at a time,
 two full forward passes through `model(...)`, `torch.nn.functional.cross_entropy` on the
 logits. Tests and the benchmark hold the fast path against it.
@@ -231,6 +243,36 @@ class BranchScorer:
         finally:
             masking.clear(self.model)
         return base, masked
+
+
+# --- work done -------------------------------------------------------------------------------
+
+def branch_flops(config, lengths: Sequence[int], split: int | None) -> dict[str, float]:
+    """FLOPs the fast path needs for documents of `lengths`, counted from the model's shape.
+
+    Per token and layer: the q/k/v/o projections and the SwiGLU MLP (2 FLOPs per weight), plus
+    causal attention (QK^T and AV over the i+1 positions token i sees, 4*heads*head_dim each).
+    Layers below `split` run once, the rest twice (None: no masked pass, every layer once); the
+    lm_head runs on the len-1 positions that predict a token, once per branch. Norms, rotary,
+    softmax and the masked heads' running mean are left out (elementwise, < 1%). This is the
+    useful work only: padding and the causal mask's skipped half are not counted, so achieved
+    GFLOP/s is honest about waste.
+    """
+    h = config.hidden_size
+    n_heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or n_heads
+    hd = getattr(config, "head_dim", None) or h // n_heads
+    ffn, vocab, n_layers = config.intermediate_size, config.vocab_size, config.num_hidden_layers
+    per_tok_layer = 2 * (h * n_heads * hd * 2 + h * kv * hd * 2) + 2 * 3 * h * ffn
+    passes = n_layers if split is None else split + 2 * (n_layers - split)
+    branches = 1 if split is None else 2
+    tokens = sum(lengths)
+    visible = sum(n * (n + 1) // 2 for n in lengths)  # sum over positions of keys seen
+    out = {"linear": float(per_tok_layer) * tokens * passes,
+           "attention": 4.0 * n_heads * hd * visible * passes,
+           "lm_head": 2.0 * h * vocab * sum(max(n - 1, 0) for n in lengths) * branches}
+    out["total"] = out["linear"] + out["attention"] + out["lm_head"]
+    return out
 
 
 # --- naive reference --------------------------------------------------------------------------

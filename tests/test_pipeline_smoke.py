@@ -118,6 +118,21 @@ def test_every_stage_hands_real_artifacts_to_the_next(smoke_run, corpus):
     assert "## The selector" in report and "Mirror effect" in report and "| python_edu |" in report
 
 
+def test_terminal_shows_stage_lines_and_the_summary(smoke_run):
+    run, p = smoke_run
+    log = p.stdout + p.stderr
+    n = len(STAGES) + 2 * (len(ARMS) - 1)
+    for i in range(1, n + 1):
+        assert f"stage {i} of {n}: " in log
+    assert f"stage {n} of {n}: report done in" in log and "pipeline ETA 0s" in log
+    summary = p.stdout[p.stdout.index("== attninf summary"):]
+    for part in ("retrieval heads: 2 of 16", "probe mirror check (8 held-out probes)", "selection (ratio",
+                 "held-out loss", "selector with heads masked", f"report: {run / 'report'}",
+                 "stage wall times:", "eval[random]"):
+        assert part in summary, (part, summary)
+    assert "a summary section failed" not in summary
+
+
 def test_rerun_recomputes_nothing(smoke_run, env, corpus):
     run, _ = smoke_run
     before = {p: p.stat().st_mtime_ns for p in run.rglob("manifest.json")}

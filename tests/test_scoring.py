@@ -110,3 +110,31 @@ def test_encode_truncates_and_bos_policies(tiny_tokenizer):
 
 def test_ai_score_formula():
     assert scoring.ai_score(2.0, 2.5) == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize("heads", [[(2, 1), (3, 0)], []])
+def test_branch_flops_match_a_flop_counter_on_the_real_forward(tiny_tokenizer, heads):
+    """Counted from the shape == what torch's FlopCounterMode sees the fast path execute.
+
+    Eager attention computes the full T x T score matrix (the counter sees 4*H*hd*T^2 per
+    layer pass); branch_flops counts only the causal half actually needed, T(T+1)/2. With
+    eager's explicit 4D mask each masked head's running mean is a [T, T] @ [T, hd] matmul
+    (2*T^2*hd, left out of branch_flops: under SDPA's mask-free path it is a cumsum).
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    m = make_tiny_llama(len(tiny_tokenizer), layers=4)
+    m.set_attn_implementation("eager")
+    sc = scoring.BranchScorer(m, heads)
+    t = 37
+    ids = torch.randint(2, 300, (1, t))
+    with FlopCounterMode(display=False) as fc:
+        sc.losses(ids, torch.tensor([t]))
+    got = scoring.branch_flops(m.config, [t], sc.split)
+    cfg = m.config
+    hd = cfg.hidden_size // cfg.num_attention_heads
+    passes = 4 if not heads else 2 + 2 * 2  # layers 0-1 once, 2-3 twice
+    full_attn = 4 * cfg.num_attention_heads * hd * t * t * passes
+    assert got["attention"] == 4 * cfg.num_attention_heads * hd * t * (t + 1) // 2 * passes
+    running_mean = 2 * t * t * hd * len(heads)
+    assert fc.get_total_flops() == got["linear"] + got["lm_head"] + full_attn + running_mean
