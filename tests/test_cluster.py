@@ -222,7 +222,8 @@ def test_ratio_sweep_through_the_slurm_launcher_shares_one_scoring(cluster_run, 
     # the launcher submits the points as one job array: folders <array id>_<task>
     ids = sorted(p.name for p in (sweep / ".submitit").iterdir() if re.fullmatch(r"\d+_\d+", p.name))
     assert len(ids) == 2
-    for jid in ids:  # real Slurm jobs, known to the controller
+    for jid in ids:  # real Slurm jobs, known to the controller (results land before the job ends)
+        _wait_for(lambda: job_fields(jid)[0]["JobState"] not in ("RUNNING", "COMPLETING"), 120, f"job {jid}")
         assert job_fields(jid)[0]["JobState"] == "COMPLETED"
 
 
