@@ -107,7 +107,7 @@ def test_every_stage_hands_real_artifacts_to_the_next(smoke_run, corpus):
 
     report = (run / "report/report.md").read_text()
     assert "Ours: attention_influence" in report and "Ours: random" in report
-    assert "Retrieval heads masked (2 heads)" in report
+    assert "Ours: 2 retrieval heads (top retrieval score)" in report  # the set actually masked
     assert "## The selector" in report and "Mirror effect" in report and "| python_edu |" in report
 
 
