@@ -114,7 +114,7 @@ def test_every_stage_hands_real_artifacts_to_the_next(smoke_run, corpus):
     assert all(r["phase"] == "final" and r["ci_low"] <= r["delta"] <= r["ci_high"] for r in deltas)
     assert (run / "report/deltas_ci.png").stat().st_size > 1000
     assert "[95% CI]" in report and "## Power" in report
-    assert "Retrieval heads masked (2 heads)" in report
+    assert "Ours: 2 retrieval heads (top retrieval score)" in report  # the set actually masked
     assert "## The selector" in report and "Mirror effect" in report and "| python_edu |" in report
 
 
