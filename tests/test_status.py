@@ -111,6 +111,7 @@ def test_status_of_a_local_run_from_manifests(tmp_path, toy, capsys):
     assert status.main([str(tmp_path / "run")]) == 1
     assert "boom" in capsys.readouterr().out
     run_pipeline(cfg)
+    capsys.readouterr()  # the run's own terminal summary is not status output
     assert status.main([str(tmp_path / "run"), "--wait", "--poll", "0.1"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert [ln.split()[:2] for ln in out[1:]] == [["detect", "done"], ["score", "done"]]
