@@ -42,3 +42,16 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     model.save_pretrained(d)
     tiny_tokenizer.save_pretrained(d)
     return d
+
+
+@pytest.fixture
+def toy(monkeypatch):
+    """Register tests/toy_stages.py as the `detect` and `score` stages; returns their call log."""
+    from attninf import stages as st
+    from tests import toy_stages
+
+    monkeypatch.setitem(st.STAGES, "detect", st.StageSpec("detect", "tests.toy_stages:produce", ("detect",)))
+    monkeypatch.setitem(st.STAGES, "score", st.StageSpec(
+        "score", "tests.toy_stages:consume", ("score",), lambda cfg, arm: [("detect", None)]))
+    toy_stages.CALLS.clear()
+    return toy_stages.CALLS

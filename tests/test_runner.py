@@ -8,27 +8,15 @@ import json
 import pytest
 from omegaconf import OmegaConf
 
-from attninf import stages as st
 from attninf.config import ConfigError, build, check
 from attninf.context import MissingInput
 from attninf.runner import run_pipeline, stage_dirs
 from tests import toy_stages
 
 
-@pytest.fixture
-def toy(monkeypatch):
-    monkeypatch.setitem(st.STAGES, "detect", st.StageSpec("detect", "tests.toy_stages:produce", ("detect",)))
-    monkeypatch.setitem(st.STAGES, "score", st.StageSpec(
-        "score", "tests.toy_stages:consume", ("score",), lambda cfg, arm: [("detect", None)]))
-    toy_stages.CALLS.clear()
-    return toy_stages.CALLS
 
 
-def _cfg(tmp_path, **kw):
-    base = {"run_dir": str(tmp_path / "run"), "stages": ["detect", "score"], "detect": {"value": 3},
-            "score": {"x": 1}, "wandb": {"mode": "disabled"}, "arms": {}}
-    base.update(kw)
-    return OmegaConf.create(base)
+_cfg = toy_stages.pipeline_cfg
 
 
 def test_second_run_skips_finished_stages(tmp_path, toy):

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from attninf import stages as st
 from attninf import status
 from attninf.config import ConfigError
 from attninf.runner import run_pipeline
@@ -22,20 +21,9 @@ from tests import toy_stages
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture
-def toy(monkeypatch):
-    monkeypatch.setitem(st.STAGES, "detect", st.StageSpec("detect", "tests.toy_stages:produce", ("detect",)))
-    monkeypatch.setitem(st.STAGES, "score", st.StageSpec(
-        "score", "tests.toy_stages:consume", ("score",), lambda cfg, arm: [("detect", None)]))
-    toy_stages.CALLS.clear()
-    return toy_stages.CALLS
 
 
-def _cfg(tmp_path, **kw):
-    base = {"run_dir": str(tmp_path / "run"), "stages": ["detect", "score"], "detect": {"value": 3},
-            "score": {"x": 1}, "wandb": {"mode": "disabled"}, "arms": {}}
-    base.update(kw)
-    return OmegaConf.create(base)
+_cfg = toy_stages.pipeline_cfg
 
 
 def test_cluster_slurm_without_slurm_is_one_line_exit_2(tmp_path):

@@ -6,10 +6,8 @@ import json
 import logging
 
 import pytest
-from omegaconf import OmegaConf
 
 from attninf import manifest
-from attninf import stages as st
 from attninf.progress import STAGE_PRIOR_S, PipelineProgress, fmt_s
 from attninf.runner import run_pipeline
 from attninf.summary import summary_lines
@@ -50,18 +48,10 @@ def test_fmt_s():
     assert [fmt_s(x) for x in (None, float("nan"), 4.4, 65, 3725)] == ["?", "?", "4s", "1m05s", "1h02m"]
 
 
-@pytest.fixture
-def toy(monkeypatch):
-    monkeypatch.setitem(st.STAGES, "detect", st.StageSpec("detect", "tests.toy_stages:produce", ("detect",)))
-    monkeypatch.setitem(st.STAGES, "score", st.StageSpec(
-        "score", "tests.toy_stages:consume", ("score",), lambda cfg, arm: [("detect", None)]))
-    toy_stages.CALLS.clear()
 
 
 def test_runner_prints_stage_lines_and_the_summary(tmp_path, toy, caplog, capsys):
-    cfg = OmegaConf.create({"run_dir": str(tmp_path / "run"), "stages": ["detect", "score"],
-                            "detect": {"value": 3}, "score": {"x": 1}, "wandb": {"mode": "disabled"},
-                            "arms": {}})
+    cfg = toy_stages.pipeline_cfg(tmp_path)
     with caplog.at_level(logging.INFO, logger="attninf"):
         run_pipeline(cfg)
     msgs = [r.getMessage() for r in caplog.records]

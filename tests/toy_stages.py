@@ -19,3 +19,13 @@ def consume(ctx):
     up = json.loads((ctx.upstream("detect") / "value.json").read_text())
     (ctx.out / "double.json").write_text(json.dumps({"v": 2 * up["v"]}))
     return {"double": 2 * up["v"]}
+
+
+def pipeline_cfg(tmp_path, **kw):
+    """A two-stage config (detect -> score) over these toy stages; `toy_stages` fixture registers them."""
+    from omegaconf import OmegaConf
+
+    base = {"run_dir": str(tmp_path / "run"), "stages": ["detect", "score"], "detect": {"value": 3},
+            "score": {"x": 1}, "wandb": {"mode": "disabled"}, "arms": {}}
+    base.update(kw)
+    return OmegaConf.create(base)
