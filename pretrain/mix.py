@@ -6,7 +6,8 @@ The experiment (PAPER.md section 5) compares pretraining arms that differ only i
 - attention_influence: the corpus plus the selected documents once more (the paper adds the
   73.1B selected tokens to the 241B corpus, i.e. upsamples them), or at a configured weight;
 - controls: a random subset of (per domain) equal tokens, a perplexity-ranked subset, ... - any
-  `method` present in `select/selected.parquet`.
+  `method` present in `select/selected.parquet` (the select stage draws the random control; mix
+  only copies what select chose).
 
 An arm is `{selection: <method or null>}` in `arms`; its blend is a list of dataset prefixes and
 weights for Megatron's BlendedMegatronDatasetBuilder. The subset's weight: `mix.subset_weight`
@@ -44,11 +45,6 @@ class MixConfig:
     # Unstated in the paper. null = add the subset once more (weight = its tokens, paper's reading);
     # a float f in (0, 1) = the subset's share of all trained tokens.
     subset_weight: float | None = None
-    # The random control: when selected.parquet has no rows for `random`, draw here per domain
-    # random training documents with (at least) the tokens of `random_match` 's selection.
-    random_fallback: bool = True
-    random_match: str = "attention_influence"
-    seed: int = 0
     # Report effective epochs per dataset for this many trained tokens (null: the pretrain stage
     # reports them for its own budget).
     planned_tokens: int | None = None
@@ -95,26 +91,6 @@ def effective_epochs(prefixes: list[str], weights: list[float], tokens: dict[str
     """Passes over each dataset when `planned_tokens` are sampled with these weights."""
     s = float(sum(weights))
     return {p: planned_tokens * w / s / max(tokens[p], 1) for p, w in zip(prefixes, weights)}
-
-
-def random_subset(doc_table, targets: dict[str, int], seed: int) -> list[int]:
-    """Row numbers of random training documents, per domain until its token target is reached."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    dom = doc_table.column("domain").to_pylist()
-    ntok = doc_table.column("n_tokens").to_pylist()
-    split = doc_table.column("split").to_pylist()
-    rows = []
-    for d, target in sorted(targets.items()):
-        cand = [i for i in range(len(dom)) if dom[i] == d and split[i] == "train"]
-        got = 0
-        for i in rng.permutation(len(cand)):
-            if got >= target:
-                break
-            rows.append(cand[i])
-            got += ntok[cand[i]]
-    return rows
 
 
 # --- stage edge -----------------------------------------------------------------------------------
@@ -174,126 +150,29 @@ def run(ctx) -> dict[str, Any]:
 def build_mix(docs, out: Path, tok_dir: Path, eod: int, vocab: int, tok_name: str, mcfg: MixConfig,
               arms: dict[str, dict], selected_path: Path | None, progress=None, rank: int = 0,
               world: int = 1) -> dict[str, Any]:
-    """The stage without the runner: documents in, indexed datasets + blend.json out."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
+    """The stage without the runner: documents in, indexed datasets + blend.json out.
 
+    Four steps, each below with its reasons: tokenise the corpus into shards, merge the held-out
+    documents per domain, copy each selection method's documents into a subset, blend per arm.
+    """
     from attninf.manifest import write_json
-    from pretrain import indexed
 
     skipped: dict[str, int] = {}
-
-    def usable(stream):
-        # Rows the corpus reader flagged (empty, undecodable, ...) are counted, never tokenised.
-        for d in stream:
-            reason = getattr(d, "skip", None)
-            if reason:
-                skipped[reason] = skipped.get(reason, 0) + 1
-                continue
-            yield d
-
-    workers = mcfg.workers or min(8, os.cpu_count() or 1)
-    shards = indexed.tokenize_corpus(usable(docs), out / "corpus", str(tok_dir), eod, vocab,
-                                     shard_docs=mcfg.shard_docs, valid_fraction=mcfg.valid_fraction,
-                                     workers=workers, rank=rank, world=world, progress=progress)
-    if world > 1:
-        from attninf.context import Incomplete
-
-        all_done = sorted((out / "corpus").glob("*/shard-*.done"))
-        if rank != 0:
-            raise Incomplete(f"mix: rank {rank} tokenised its {len(shards)} shard(s); rank 0 builds blends")
-        shards = [indexed.read_shard_result(str(p)[:-5]) for p in all_done]
-
+    shards = _tokenise(_usable(docs, skipped), out, tok_dir, eod, vocab, mcfg, progress, rank, world)
     rel = lambda p: os.path.relpath(p, out)  # noqa: E731
-    datasets: dict[str, dict] = {}
-    corpus_tokens: dict[str, int] = {}
-    by_domain: dict[str, list] = {}
-    for s in shards:
-        dom = Path(s.prefix).parent.name
-        by_domain.setdefault(dom, []).append(s)
-        if s.docs:
-            corpus_tokens[rel(s.prefix)] = s.tokens
-            datasets[rel(s.prefix)] = {"kind": "corpus", "domain": dom, "documents": s.docs,
-                                       "tokens": s.tokens}
-
-    # 3. Held-out documents per domain (one dataset each: validation loss per domain).
-    valid = {}
-    for dom, ss in sorted(by_domain.items()):
-        vp = [s.valid_prefix for s in ss if s.valid_docs]
-        if not vp:
-            log.warning("mix: domain %s has no held-out documents (valid_fraction=%s); no validation "
-                        "loss for it", dom, mcfg.valid_fraction)
-            continue
-        indexed.merge(vp, str(out / "valid" / dom))
-        d, t = indexed.dataset_tokens(str(out / "valid" / dom))
-        valid[dom] = {"prefix": rel(out / "valid" / dom), "documents": d, "tokens": t}
-
-    # 4. Subsets: copy the selected documents' token ranges out of the corpus shards.
-    table = indexed.load_doc_tables([s.prefix for s in shards])
-    table = table.append_column("domain", pa.array([Path(p).parent.name for p in
-                                                    table.column("prefix").to_pylist()], pa.string()))
-    where = {d: (p, i, sp, n) for d, p, i, sp, n in zip(
-        table.column("doc_id").to_pylist(), table.column("prefix").to_pylist(),
-        table.column("index").to_pylist(), table.column("split").to_pylist(),
-        table.column("n_tokens").to_pylist())}
-    methods = sorted({a.get("selection") for a in arms.values() if a.get("selection")})
+    datasets, corpus_tokens = _corpus_datasets(shards, rel)
+    valid = _valid_sets(shards, out, rel, mcfg.valid_fraction)
     subsets: dict[str, dict] = {}
-    sel = _selected(selected_path) if methods else None
-    for method in methods:
-        rows = sel.filter(pc.equal(sel.column("method"), method))
-        stats = {"selected": rows.num_rows, "held_out": 0, "missing": 0}
-        if rows.num_rows == 0 and method == "random" and mcfg.random_fallback:
-            ref = sel.filter(pc.equal(sel.column("method"), mcfg.random_match)).column("doc_id").to_pylist()
-            targets: dict[str, int] = {}
-            for d in ref:
-                if d in where and where[d][2] == "train":
-                    dom = Path(where[d][0]).parent.name
-                    targets[dom] = targets.get(dom, 0) + where[d][3]
-            if not targets:
-                raise ValueError(f"mix: no '{mcfg.random_match}' selection to match the random control to")
-            picked = random_subset(table, targets, mcfg.seed)
-            ids = [table.column("doc_id")[i].as_py() for i in picked]
-            stats = {"selected": len(ids), "held_out": 0, "missing": 0, "drawn_here": True,
-                     "matched_to": mcfg.random_match}
-        elif rows.num_rows == 0:
-            raise ValueError(f"mix: {selected_path} has no rows with "
-                             f"method == '{method}' (arms: {arms}); methods present: "
-                             f"{sorted(set(sel.column('method').to_pylist()))}")
-        else:
-            ids = rows.column("doc_id").to_pylist()
-        locs = []
-        for d in ids:
-            w = where.get(d)
-            if w is None:
-                stats["missing"] += 1
-            elif w[2] != "train":
-                stats["held_out"] += 1  # never train on validation documents
-            else:
-                locs.append((w[0], w[1]))
-        if stats["missing"]:
-            log.warning("mix: %d selected doc_id(s) of method %s are not in the corpus (skipped)",
-                        stats["missing"], method)
-        if not locs:
-            raise ValueError(f"mix: method '{method}': none of its {len(ids)} selected documents is in "
-                             f"the tokenised corpus (doc_id mismatch between corpus and selection?)")
-        prefix = out / "subsets" / method
-        n_docs, n_tok = indexed.copy_documents(locs, str(prefix))
-        datasets[rel(prefix)] = {"kind": "subset", "method": method, "documents": n_docs, "tokens": n_tok}
-        subsets[method] = {"prefix": rel(prefix), "documents": n_docs, "tokens": n_tok, **stats}
-
-    # 5. Blends per arm.
-    blend_arms = {}
-    tokens_of = {k: v["tokens"] for k, v in datasets.items()}
-    for arm, acfg in arms.items():
-        method = acfg.get("selection")
-        sw = acfg.get("subset_weight", mcfg.subset_weight)
-        sub = (subsets[method]["prefix"], subsets[method]["tokens"]) if method else None
-        prefixes, weights = arm_blend(corpus_tokens, sub, sw)
-        entry = {"selection": method, "subset_weight": sw, "prefixes": prefixes, "weights": weights,
-                 "tokens": int(sum(tokens_of[p] for p in prefixes))}
-        if mcfg.planned_tokens:
-            entry["epochs"] = effective_epochs(prefixes, weights, tokens_of, mcfg.planned_tokens)
-        blend_arms[arm] = entry
+    methods = sorted({a.get("selection") for a in arms.values() if a.get("selection")})
+    if methods:
+        sel = _selected(selected_path)
+        where = _doc_locations(shards)
+        for method in methods:
+            subsets[method] = _subset(method, sel, where, out, selected_path, arms)
+            datasets[subsets[method]["prefix"]] = {"kind": "subset", "method": method,
+                                                   "documents": subsets[method]["documents"],
+                                                   "tokens": subsets[method]["tokens"]}
+    blend_arms = _arm_blends(arms, mcfg, corpus_tokens, subsets, {k: v["tokens"] for k, v in datasets.items()})
     blend = {"root": "relative to this folder", "tokenizer": {"dir": os.path.relpath(tok_dir, out), "name": tok_name,
                                                              "vocab_size": vocab, "eod": int(eod)},
              "datasets": datasets, "valid": valid, "subsets": subsets, "arms": blend_arms,
@@ -305,3 +184,145 @@ def build_mix(docs, out: Path, tok_dir: Path, eod: int, vocab: int, tok_name: st
             "valid_domains": sorted(valid),
             "subsets": {k: {"documents": v["documents"], "tokens": v["tokens"]} for k, v in subsets.items()},
             "arms": {a: {"datasets": len(e["prefixes"]), "tokens": e["tokens"]} for a, e in blend_arms.items()}}
+
+
+def _usable(docs, skipped: dict[str, int]):
+    """Rows the corpus reader flagged (empty, undecodable, ...) are counted by reason in `skipped`
+    and never tokenised: the count lands in blend.json instead of a silent drop."""
+    for d in docs:
+        reason = getattr(d, "skip", None)
+        if reason:
+            skipped[reason] = skipped.get(reason, 0) + 1
+            continue
+        yield d
+
+
+def _tokenise(docs, out: Path, tok_dir: Path, eod: int, vocab: int, mcfg: MixConfig, progress,
+              rank: int, world: int) -> list:
+    """Step 1: the corpus as sharded indexed datasets (parallel, resumable per shard).
+
+    With several ranks each tokenises its share of shards; only rank 0 goes on to build the blends
+    (from every rank's finished-shard markers), the others stop with Incomplete."""
+    from pretrain import indexed
+
+    workers = mcfg.workers or min(8, os.cpu_count() or 1)
+    shards = indexed.tokenize_corpus(docs, out / "corpus", str(tok_dir), eod, vocab,
+                                     shard_docs=mcfg.shard_docs, valid_fraction=mcfg.valid_fraction,
+                                     workers=workers, rank=rank, world=world, progress=progress)
+    if world > 1:
+        from attninf.context import Incomplete
+
+        all_done = sorted((out / "corpus").glob("*/shard-*.done"))
+        if rank != 0:
+            raise Incomplete(f"mix: rank {rank} tokenised its {len(shards)} shard(s); rank 0 builds blends")
+        shards = [indexed.read_shard_result(str(p)[:-5]) for p in all_done]
+    return shards
+
+
+def _corpus_datasets(shards, rel) -> tuple[dict[str, dict], dict[str, int]]:
+    """blend.json `datasets` entries of the corpus shards (empty shards left out) and their
+    training tokens by prefix: what every arm's blend weighs by natural proportion."""
+    datasets: dict[str, dict] = {}
+    corpus_tokens: dict[str, int] = {}
+    for s in shards:
+        dom = Path(s.prefix).parent.name
+        if s.docs:
+            corpus_tokens[rel(s.prefix)] = s.tokens
+            datasets[rel(s.prefix)] = {"kind": "corpus", "domain": dom, "documents": s.docs,
+                                       "tokens": s.tokens}
+    return datasets, corpus_tokens
+
+
+def _valid_sets(shards, out: Path, rel, valid_fraction: float) -> dict[str, dict]:
+    """Step 2: the held-out documents merged into one dataset per domain, so validation loss is
+    reported per domain and is the same for every arm."""
+    from pretrain import indexed
+
+    by_domain: dict[str, list] = {}
+    for s in shards:
+        by_domain.setdefault(Path(s.prefix).parent.name, []).append(s)
+    valid = {}
+    for dom, ss in sorted(by_domain.items()):
+        vp = [s.valid_prefix for s in ss if s.valid_docs]
+        if not vp:
+            log.warning("mix: domain %s has no held-out documents (valid_fraction=%s); no validation "
+                        "loss for it", dom, valid_fraction)
+            continue
+        indexed.merge(vp, str(out / "valid" / dom))
+        d, t = indexed.dataset_tokens(str(out / "valid" / dom))
+        valid[dom] = {"prefix": rel(out / "valid" / dom), "documents": d, "tokens": t}
+    return valid
+
+
+def _doc_locations(shards) -> dict[str, tuple[str, int, str, int]]:
+    """doc_id -> (shard prefix, index in shard, split, tokens): where a selected document's
+    tokens already lie, so a subset copies token ranges instead of tokenising again."""
+    from pretrain import indexed
+
+    table = indexed.load_doc_tables([s.prefix for s in shards])
+    return {d: (p, i, sp, n) for d, p, i, sp, n in zip(
+        table.column("doc_id").to_pylist(), table.column("prefix").to_pylist(),
+        table.column("index").to_pylist(), table.column("split").to_pylist(),
+        table.column("n_tokens").to_pylist())}
+
+
+def _subset(method: str, sel, where: dict, out: Path, selected_path: Path | None, arms: dict) -> dict:
+    """Step 3: one method's selected documents copied out of the corpus shards (subsets/<method>).
+
+    Every subset, the random control of equal tokens included, is select's rows: the harness has
+    one random control (selection/select.py). Held-out documents are never trained on, and
+    doc_ids the corpus lacks are counted, not fatal, unless none is left."""
+    import pyarrow.compute as pc
+
+    from pretrain import indexed
+
+    rows = sel.filter(pc.equal(sel.column("method"), method))
+    if rows.num_rows == 0:
+        hint = f" (add '{method}' to select.methods)" if method in _select_methods() else ""
+        raise ValueError(f"mix: {selected_path} has no rows with "
+                         f"method == '{method}' (arms: {arms}); methods present: "
+                         f"{sorted(set(sel.column('method').to_pylist()))}{hint}")
+    ids = rows.column("doc_id").to_pylist()
+    stats = {"selected": rows.num_rows, "held_out": 0, "missing": 0}
+    locs = []
+    for d in ids:
+        w = where.get(d)
+        if w is None:
+            stats["missing"] += 1
+        elif w[2] != "train":
+            stats["held_out"] += 1  # never train on validation documents
+        else:
+            locs.append((w[0], w[1]))
+    if stats["missing"]:
+        log.warning("mix: %d selected doc_id(s) of method %s are not in the corpus (skipped)",
+                    stats["missing"], method)
+    if not locs:
+        raise ValueError(f"mix: method '{method}': none of its {len(ids)} selected documents is in "
+                         f"the tokenised corpus (doc_id mismatch between corpus and selection?)")
+    prefix = out / "subsets" / method
+    n_docs, n_tok = indexed.copy_documents(locs, str(prefix))
+    return {"prefix": os.path.relpath(prefix, out), "documents": n_docs, "tokens": n_tok, **stats}
+
+
+def _select_methods() -> tuple[str, ...]:
+    from selection.select import METHODS  # lazy: owned by the select stage
+
+    return METHODS
+
+
+def _arm_blends(arms: dict[str, dict], mcfg: MixConfig, corpus_tokens: dict[str, int],
+                subsets: dict[str, dict], tokens_of: dict[str, int]) -> dict[str, dict]:
+    """Step 4: each arm's prefixes and weights (arm_blend), its trained-token total and, with
+    mix.planned_tokens, the epochs over each dataset (how often a subset repeats)."""
+    blend_arms = {}
+    for arm, acfg in arms.items():
+        method = acfg.get("selection")
+        sw = acfg.get("subset_weight", mcfg.subset_weight)
+        sub = (subsets[method]["prefix"], subsets[method]["tokens"]) if method else None
+        prefixes, weights = arm_blend(corpus_tokens, sub, sw)
+        entry = {"selection": method, "subset_weight": sw, "prefixes": prefixes, "weights": weights,
+                 "tokens": int(sum(tokens_of[p] for p in prefixes))}
+        if mcfg.planned_tokens:
+            entry["epochs"] = effective_epochs(prefixes, weights, tokens_of, mcfg.planned_tokens)
+        blend_arms[arm] = entry
+    return blend_arms

@@ -161,8 +161,10 @@ def mix_dir(tmp_path_factory, tiny_tokenizer):
     tiny_tokenizer.save_pretrained(root / "tok")
     docs = make_docs()
     sel = [d for d in docs if d.text and int(d.doc_id.split(":")[1]) % 5 == 0]
-    pq.write_table(pa.table({"doc_id": [d.doc_id for d in sel], "domain": [d.domain for d in sel],
-                             "score": [1.0] * len(sel), "method": ["attention_influence"] * len(sel)}),
+    rnd = [d for d in docs if d.text and int(d.doc_id.split(":")[1]) % 7 == 1]  # select's random control
+    pq.write_table(pa.table({"doc_id": [d.doc_id for d in sel + rnd], "domain": [d.domain for d in sel + rnd],
+                             "score": [1.0] * len(sel + rnd),
+                             "method": ["attention_influence"] * len(sel) + ["random"] * len(rnd)}),
                    root / "selected.parquet")
     arms = {"baseline": {"selection": None}, "attention_influence": {"selection": "attention_influence"},
             "random": {"selection": "random"}, "ai_quarter": {"selection": "attention_influence",
@@ -217,7 +219,9 @@ def test_mix_subset_is_a_copy_of_corpus_token_ranges(mix_dir):
     blend = json.loads((root / "mix" / "blend.json").read_text())
     prefixes = sorted(str(p)[: -len(".docs.parquet")] for p in (root / "mix" / "corpus").glob("*/*.docs.parquet"))
     where = {r["doc_id"]: r for r in load_doc_tables(prefixes).to_pylist()}
-    selected = pq.read_table(root / "selected.parquet").column("doc_id").to_pylist()
+    t = pq.read_table(root / "selected.parquet")
+    selected = [d for d, m in zip(t.column("doc_id").to_pylist(), t.column("method").to_pylist())
+                if m == "attention_influence"]
     train_sel = [d for d in selected if where[d]["split"] == "train"]
     sub = _read(root / "mix" / "subsets" / "attention_influence")
     assert len(sub) == len(train_sel) and blend["subsets"]["attention_influence"]["held_out"] == len(selected) - len(train_sel)
@@ -252,9 +256,12 @@ def test_mix_blend_weights_and_epochs(mix_dir):
     assert wq["subsets/attention_influence"] == pytest.approx(0.25)
     for p in corpus:  # corpus keeps its internal proportions
         assert wq[p] == pytest.approx(0.75 * corpus[p] / C)
-    # random control, drawn here: per domain at least the AI subset's tokens, at most one doc more
+    # the random control is select's rows, copied as they are (mix draws nothing of its own)
+    t = pq.read_table(root / "selected.parquet")
+    n_random = t.column("method").to_pylist().count("random")
     rnd = b["subsets"]["random"]
-    assert rnd["drawn_here"] and abs(rnd["tokens"] - S) < 3 * 130
+    assert rnd["selected"] == n_random and rnd["documents"] == n_random - rnd["held_out"] > 0
+    assert "drawn_here" not in rnd
 
 
 def test_mix_resume_skips_finished_shards(mix_dir, tiny_tokenizer):
@@ -277,6 +284,19 @@ def test_mix_unknown_method_names_file_and_methods(mix_dir, tiny_tokenizer, tmp_
         build_mix(iter(docs), tmp_path / "mix", root / "tok", tiny_tokenizer.eos_token_id, len(tiny_tokenizer),
                   "tiny", MixConfig(shard_docs=50, workers=1), {"p": {"selection": "perplexity"}},
                   root / "selected.parquet")
+
+
+def test_mix_random_arm_needs_select_random_rows(mix_dir, tiny_tokenizer, tmp_path):
+    from pretrain.mix import MixConfig, build_mix
+
+    root, _, docs = mix_dir
+    t = pq.read_table(root / "selected.parquet")
+    ai_only = t.filter(pa.array([m == "attention_influence" for m in t.column("method").to_pylist()]))
+    pq.write_table(ai_only, tmp_path / "selected.parquet")
+    with pytest.raises(ValueError, match=r"no rows with method == 'random'.*add 'random' to select.methods"):
+        build_mix(iter(docs), tmp_path / "mix", root / "tok", tiny_tokenizer.eos_token_id, len(tiny_tokenizer),
+                  "tiny", MixConfig(shard_docs=50, workers=1), {"r": {"selection": "random"}},
+                  tmp_path / "selected.parquet")
 
 
 def test_plot_loss_curves(tmp_path):
