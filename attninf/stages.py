@@ -49,14 +49,10 @@ class StageSpec:
 
 
 def _heads_needs(cfg, arm):
-    # A user-given head list or heads.json replaces detection.
-    # Random heads only need detection when they must avoid the retrieval heads (paper Table 6).
-    heads = cfg.get("heads") or {}
-    if heads.get("file") or heads.get("list") or heads.get("set") in ("list", "none"):
-        return []
-    if heads.get("set") == "random" and not heads.get("exclude_retrieval", True):
-        return []
-    return [("detect", None)]
+    # The rule lives in selection/heads.py (needs_detection); that module imports no torch.
+    from selection.heads import needs_detection
+
+    return [("detect", None)] if needs_detection(cfg.get("heads")) else []
 
 
 def _eval_is_per_arm(cfg) -> bool:

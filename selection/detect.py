@@ -61,7 +61,7 @@ from typing import Sequence
 
 import torch
 
-from attninf.config import ConfigError, check
+from attninf.config import check
 from selection.probes import DEFAULT_INSTRUCTION, LAYOUTS, Probe
 
 log = logging.getLogger(__name__)
@@ -498,11 +498,6 @@ def detect_retrieval_heads(model, tokenizer, probes: Sequence[Probe], n_layers: 
         scores_other=(total_other / n).tolist(), recall_ceiling=ceil / n, recall_ceiling_other=ceil_o / n)
 
 
-def model_context(model) -> int | None:
-    """The selector's context length (max_position_embeddings), when it states one."""
-    return getattr(model.config, "max_position_embeddings", None)
-
-
 def heads_document(det: Detection, cfg: DetectConfig, model_name: str, geometry: tuple[int, int, int],
                    fraction: float = 0.05, count: int | None = None) -> dict:
     """The detect/heads.json payload (schema in the module docs of selection/heads.py).
@@ -567,35 +562,19 @@ def heads_document(det: Detection, cfg: DetectConfig, model_name: str, geometry:
 # Stage edge
 # --------------------------------------------------------------------------------------------
 
-def load_sentences(cfg: DetectConfig) -> list[str] | None:
-    if not cfg.text_source:
-        return None
-    from selection.probes import read_text_source
-
-    return read_text_source(cfg.text_source, cfg.text_field)
-
-
-def check_context(cfg_max_tokens: int, model, key: str = "detect.max_tokens") -> None:
-    ctx_len = model_context(model)
-    if ctx_len is not None and cfg_max_tokens > ctx_len:
-        raise ConfigError(f"{key}: {cfg_max_tokens} is beyond the model's context "
-                          f"({ctx_len} tokens, max_position_embeddings)")
-
-
 def run(ctx) -> dict:
     """Stage `detect`: probes -> per-head retrieval scores -> detect/heads.json (+ heatmap)."""
     from attninf.config import build
     from attninf.manifest import write_json
     from attninf.progress import Progress
-    from selection.models import ModelConfig, head_geometry, load_selector
-    from selection.probes import generate_probes, save_probes
-
     from selection.heads import HeadsConfig
+    from selection.models import ModelConfig, check_context, head_geometry, load_selector
+    from selection.probes import generate_probes, load_sentences, save_probes
 
     cfg = build(DetectConfig, ctx.cfg.get("detect"), "detect")
     mcfg = build(ModelConfig, ctx.cfg.get("model"), "model")
     hcfg = build(HeadsConfig, ctx.cfg.get("heads"), "heads")
-    sentences = load_sentences(cfg)  # a bad source fails before the model loads
+    sentences = load_sentences(cfg.text_source, cfg.text_field)  # a bad source fails before the model loads
     model, tokenizer = load_selector(mcfg)
     check_context(cfg.max_tokens, model)
     geometry = head_geometry(model)

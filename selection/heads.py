@@ -77,6 +77,26 @@ class HeadsConfig:
         return self.fraction is not None or self.count is not None
 
 
+def needs_scores(set_: str, exclude_retrieval: bool = True) -> bool:
+    """Whether head set `set_` is chosen by retrieval score (retrieval, bottom, and random heads
+    that must avoid the retrieval heads, paper Table 6)."""
+    return set_ in ("retrieval", "bottom") or (set_ == "random" and bool(exclude_retrieval))
+
+
+def needs_detection(heads: Any) -> bool:
+    """Whether a stage masking the `heads` section's set needs this run's detect output.
+
+    The one statement of the rule: the stage registry (attninf/stages.py) declares the detect
+    dependency with it and heads_json_for_stage reads heads.json by it. A head file or an explicit
+    list replaces detection; otherwise the set needs detection when it is chosen by score.
+    Takes the raw section (a DictConfig or dict) so the registry need not build the config.
+    """
+    heads = heads or {}
+    if heads.get("file") or heads.get("list"):
+        return False
+    return needs_scores(heads.get("set", "retrieval"), heads.get("exclude_retrieval", True))
+
+
 def parse_head_list(obj: Any, where: str) -> list[Head]:
     """[[l, h], ...] (lists, tuples or "l,h"/"l:h" strings) -> list of int tuples; clear errors."""
     if not isinstance(obj, (list, tuple)):
@@ -171,7 +191,7 @@ def resolve_heads(cfg: HeadsConfig, heads_json: dict | None, n_layers: int, n_he
             raise ConfigError("heads.set=list needs heads.list or heads.file")
         check_heads(heads, n_layers, n_heads, "heads.list" if cfg.list is not None else "heads.file")
         return heads
-    if cfg.set in ("retrieval", "bottom") or (cfg.set == "random" and cfg.exclude_retrieval):
+    if needs_scores(cfg.set, cfg.exclude_retrieval):
         if heads_json is None:
             need = ("heads.set=random with heads.exclude_retrieval=true" if cfg.set == "random"
                     else f"heads.set={cfg.set}")
@@ -235,8 +255,7 @@ def heads_json_for_stage(ctx, cfg: HeadsConfig) -> tuple[dict | None, str | None
     """(heads_json, where it came from): heads.file, else this run's detect output when present."""
     if cfg.file:
         return load_heads_json(cfg.file), str(cfg.file)
-    needs_scores = cfg.set in ("retrieval", "bottom") or (cfg.set == "random" and cfg.exclude_retrieval)
-    if cfg.set == "list" or not needs_scores:
+    if not needs_detection({"set": cfg.set, "exclude_retrieval": cfg.exclude_retrieval}):
         return None, None
     from attninf.context import MissingInput
 

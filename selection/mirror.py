@@ -1,7 +1,8 @@
 """Mirror-effect check (the paper's Table 6, on the detection probes): does masking the detected
 heads break retrieval, while masking as many random non-retrieval heads barely matters?
 
-On held-out probes (same generator as detection, another seed) the selector is run three ways:
+On held-out probes (same generator and settings as the detection, read from its heads.json
+`probe_settings`; another seed) the selector is run three ways:
 no heads masked, the head set of `heads` masked (the detected retrieval heads by default), and
 `random_draws` seeded sets of equally many random heads that avoid that set and the retrieval
 heads. For each: exact-match accuracy and the mean teacher-forced loss of the answer tokens.
@@ -33,7 +34,7 @@ class MirrorConfig:
     """The `mirror` config group (conf/mirror/default.yaml)."""
 
     num_probes: int = 100
-    max_tokens: int | None = None  # null = detect.max_tokens
+    max_tokens: int | None = None  # null = the detection's (heads.json probe_settings)
     seed: int = 1  # probe seed; differs from detect.seed (0) so the probes are held out
     random_draws: int = 3  # random head sets averaged for the control row
     random_seed: int = 0  # first random set's seed (draw i uses random_seed + i)
@@ -109,24 +110,40 @@ def table_markdown(rows: Sequence[dict], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def probe_settings(ctx, heads_json: dict | None) -> dict:
+    """How the held-out probes are built: the `probe_settings` the detection behind the head set
+    wrote into heads.json, so the probes match the ones the heads were detected on even when the
+    detect config has changed since. A head set with no detection behind it (heads.list, a plain
+    list file, unconstrained random heads) has none; its probes follow the `detect` config."""
+    settings = (heads_json or {}).get("probe_settings")
+    if settings is not None:
+        return dict(settings)
+    from dataclasses import asdict
+
+    from attninf.config import build
+    from selection.detect import DetectConfig
+
+    log.info("mirror: the head set has no detection's probe settings; probes follow the detect config")
+    return asdict(build(DetectConfig, ctx.cfg.get("detect"), "detect"))
+
+
 def run(ctx) -> dict:
     """Stage `mirror`: the mirror-effect table on held-out probes."""
     from attninf.config import build
     from attninf.manifest import write_atomic, write_json
-    from selection.detect import DetectConfig, check_context, load_sentences
     from selection.heads import HeadsConfig, describe, heads_json_for_stage, resolve_heads, retrieval_set
-    from selection.models import ModelConfig, head_geometry, load_selector
-    from selection.probes import generate_probes, save_probes
+    from selection.models import ModelConfig, check_context, head_geometry, load_selector
+    from selection.probes import load_sentences, probes_from_settings, save_probes
 
     cfg = build(MirrorConfig, ctx.cfg.get("mirror"), "mirror")
-    dcfg = build(DetectConfig, ctx.cfg.get("detect"), "detect")
     hcfg = build(HeadsConfig, ctx.cfg.get("heads"), "heads")
     mcfg = build(ModelConfig, ctx.cfg.get("model"), "model")
-    if cfg.seed == dcfg.seed:
-        log.warning("mirror.seed == detect.seed (%d): the mirror probes are the detection probes", cfg.seed)
-    max_tokens = cfg.max_tokens or dcfg.max_tokens
     heads_json, source = heads_json_for_stage(ctx, hcfg)
-    sentences = load_sentences(dcfg)
+    settings = probe_settings(ctx, heads_json)
+    if cfg.seed == settings["seed"]:
+        log.warning("mirror.seed == detect.seed (%d): the mirror probes are the detection probes", cfg.seed)
+    max_tokens = cfg.max_tokens or settings["max_tokens"]
+    sentences = load_sentences(settings.get("text_source"), settings.get("text_field", "text"))
     model, tokenizer = load_selector(mcfg)
     check_context(max_tokens, model, "mirror.max_tokens" if cfg.max_tokens else "detect.max_tokens")
     n_layers, n_heads, _ = head_geometry(model)
@@ -135,9 +152,7 @@ def run(ctx) -> dict:
         raise ValueError("mirror: heads.set=none masks nothing; pick a head set to compare")
     avoid = set(retrieval_set(hcfg, heads_json, n_layers, n_heads))  # random rows also avoid `heads`
 
-    probes = generate_probes(tokenizer, cfg.num_probes, max_tokens, cfg.seed, sentences, dcfg.shots,
-                             dcfg.key_length, dcfg.max_value_tokens, dcfg.min_value_tokens, dcfg.instruction,
-                             dcfg.json_layout)
+    probes = probes_from_settings(tokenizer, settings, cfg.num_probes, max_tokens, cfg.seed, sentences)
     save_probes(ctx.out / "probes.jsonl", probes)
     from attninf.progress import Progress
 

@@ -198,8 +198,17 @@ def head_geometry(model) -> tuple[int, int, int]:
     return c.num_hidden_layers, c.num_attention_heads, getattr(c, "num_key_value_heads", None) or c.num_attention_heads
 
 
-def max_context(model) -> int | None:
+def model_context(model) -> int | None:
+    """The selector's context length (max_position_embeddings), when it states one."""
     return getattr(model.config, "max_position_embeddings", None)
+
+
+def check_context(cfg_max_tokens: int, model, key: str = "detect.max_tokens") -> None:
+    """Probes of `cfg_max_tokens` must fit the model's context; ConfigError names `key`."""
+    ctx_len = model_context(model)
+    if ctx_len is not None and cfg_max_tokens > ctx_len:
+        raise ConfigError(f"{key}: {cfg_max_tokens} is beyond the model's context "
+                          f"({ctx_len} tokens, max_position_embeddings)")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -28,7 +28,7 @@ import re
 import string
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 from attninf.config import ConfigError
 
@@ -325,6 +325,23 @@ def generate_probes(tokenizer, num_probes: int, max_tokens: int, seed: int = 0,
     pool = ValuePool(tokenizer, rng, sentences, max_value_tokens, min_value_tokens)
     return [make_probe(i, tokenizer, pool, rng, max_tokens, shots, key_length, instruction, layout)
             for i in range(num_probes)]
+
+
+def load_sentences(text_source: str | None, text_field: str = "text") -> list[str] | None:
+    """The probe values' source text (detect.text_source), or None for the built-in sentences."""
+    if not text_source:
+        return None
+    return read_text_source(text_source, text_field)
+
+
+def probes_from_settings(tokenizer, settings: Mapping, num_probes: int, max_tokens: int, seed: int,
+                         sentences: Sequence[str] | None) -> list[Probe]:
+    """Probes built the way a detection built its own, from the `probe_settings` it wrote into
+    heads.json (shots, key length, value lengths, instruction, layout), at another size and
+    seed: the mirror check's held-out probes follow the detection they test, not today's config."""
+    return generate_probes(tokenizer, num_probes, max_tokens, seed, sentences, settings["shots"],
+                           settings["key_length"], settings["max_value_tokens"],
+                           settings["min_value_tokens"], settings["instruction"], settings["json_layout"])
 
 
 def save_probes(path: str | Path, probes: Iterable[Probe]) -> None:

@@ -223,8 +223,7 @@ def stability(cfg: StabilityConfig) -> dict:
     import torch
 
     from attninf.manifest import write_json
-    from selection.detect import check_context
-    from selection.models import ModelConfig, head_geometry, load_selector
+    from selection.models import ModelConfig, check_context, head_geometry, load_selector
 
     cfg.validate()
     if cfg.threads:
