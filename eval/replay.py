@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 2)
     args = p.parse_args(argv)
     ecfg = build(EvalConfig, {"tasks": ["humaneval"], "limit": args.limit, "allow_code_eval": True,
-                              "offline_mirror": "always", "mirror_dir": args.mirror_dir,
+                              "offline_data": "always", "offline_data_dir": args.mirror_dir,
                               "use_cache": False, "log_samples": False,
                               "humaneval": {"n": 1, "temperature": 0.0,
                                             "num_workers": args.workers}}, "eval")

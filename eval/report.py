@@ -392,8 +392,8 @@ def provenance_markdown(cfg_digest: str, mans: list[dict], results: dict[str, di
             lines.append(f"- Eval `{arm}`: {NOT_RUN}")
             continue
         a = res.get("attninf") or {}
-        mir = a.get("mirror") or {}
-        mtxt = ("offline mirror (" + mir.get("reason", "") + "; few-shot pools: "
+        mir = a.get("offline_data") or {}
+        mtxt = ("offline benchmark data (" + mir.get("reason", "") + "; few-shot pools: "
                 + "; ".join(f"{k}: {v.get('fewshot_pool')}" for k, v in (mir.get("benchmarks") or {}).items())
                 + ")") if mir.get("used") else f"Hub datasets ({mir.get('reason', 'unknown')})"
         model = a.get("model") or {}
@@ -403,8 +403,8 @@ def provenance_markdown(cfg_digest: str, mans: list[dict], results: dict[str, di
                      f"data: {mtxt}; lm-eval {res.get('lm_eval_version')}; "
                      f"skipped: {a.get('skipped_tasks') or 'none'}; wall {a.get('wall_s') or 0:.0f}s")
     if masked:
-        mir = ((masked.get("attninf") or {}).get("mirror") or {})
-        lines.append(f"- Masked eval: offline mirror {'used' if mir.get('used') else 'not used'}")
+        mir = ((masked.get("attninf") or {}).get("offline_data") or {})
+        lines.append(f"- Masked eval: offline benchmark data {'used' if mir.get('used') else 'not used'}")
     if tokens.get("selection"):
         for m, v in tokens["selection"].items():
             lines.append(f"- Selection `{m}`: {v['selected']} documents, {v['selected_tokens']:,} of "

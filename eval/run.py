@@ -5,7 +5,7 @@
   attninf stages=[eval] +experiment=demo eval.pre_decay=true             # + the pre-decay exports
 
 With `eval.model` unset the stage runs once per arm on `pretrain/<arm>/hf`. Writes
-`results.json` (lm-eval's format + an `attninf` block: model, mirror, few-shot pools, time),
+`results.json` (lm-eval's format + an `attninf` block: model, offline data, few-shot pools, time),
 `samples/<task>.jsonl`, the generated task overrides (`tasks/`) and lm-eval's request cache
 (`cache/`, so a killed evaluation resumes without recomputing finished requests). With
 `eval.pre_decay=true` the arm's `hf_pre_decay` export is evaluated the same way into
@@ -26,7 +26,7 @@ from eval.config import EvalConfig
 log = logging.getLogger(__name__)
 
 
-def _evaluate(ctx, ecfg: EvalConfig, tp, mirror, path: str, source: str, out: Path, phase: str) -> dict:
+def _evaluate(ctx, ecfg: EvalConfig, tp, data, path: str, source: str, out: Path, phase: str) -> dict:
     t0 = time.perf_counter()
     model, tok = harness.load_model(path, ecfg.dtype, ecfg.device)
     load_s = time.perf_counter() - t0
@@ -39,7 +39,7 @@ def _evaluate(ctx, ecfg: EvalConfig, tp, mirror, path: str, source: str, out: Pa
                   "max_length": lm.max_length},
         "limit": ecfg.limit, "tasks": tp.tasks, "skipped_tasks": tp.skipped,
         "num_fewshot": {k: v["num_fewshot"] for k, v in tp.leaves.items()},
-        "mirror": harness.mirror_meta(mirror),
+        "offline_data": harness.data_meta(data),
         "humaneval": asdict(ecfg.humaneval) if "humaneval" in tp.leaves else None,
         "sandbox_network_namespace": network_isolation_available() if "humaneval" in tp.leaves else None,
         "sandbox": sandbox_record(ecfg.humaneval.sandbox) if "humaneval" in tp.leaves else None,
@@ -71,11 +71,11 @@ def run(ctx) -> dict:
                 f"eval.pre_decay: {pre} does not exist; train with pretrain.export_pre_decay=true "
                 "and pretrain.save_pre_decay=true (and a schedule with a decay phase)")
         todo.append(("pre_decay", str(pre), f"pretrain/{ctx.arm}/hf_pre_decay", ctx.out / "pre_decay"))
-    # Tasks, mirror and the code-execution gate are settled before the model loads.
-    tp, mirror = harness.plan(ecfg, ctx.out)
-    done = {phase: _evaluate(ctx, ecfg, tp, mirror, p, src, out, phase) for phase, p, src, out in todo}
+    # Tasks, offline data and the code-execution gate are settled before the model loads.
+    tp, data = harness.plan(ecfg, ctx.out)
+    done = {phase: _evaluate(ctx, ecfg, tp, data, p, src, out, phase) for phase, p, src, out in todo}
     final = done["final"]
-    return {"model": path, "tasks": tp.tasks, "skipped": tp.skipped, "mirror": mirror.used,
+    return {"model": path, "tasks": tp.tasks, "skipped": tp.skipped, "offline_data": data.used,
             "headline": final["head"], "wall_s": final["wall_s"],
             **({"pre_decay": {"headline": done["pre_decay"]["head"], "wall_s": done["pre_decay"]["wall_s"]}}
                if "pre_decay" in done else {})}

@@ -15,7 +15,7 @@ from attninf.runner import run_pipeline
 from eval import harness
 from eval.config import EvalConfig
 from eval.report import Inputs, ReportConfig, render
-from tests.test_eval_run import CONF, mirror_dir  # noqa: F401 - shared session fixture
+from tests.test_eval_run import CONF, offline_dir  # noqa: F401 - shared session fixture
 
 N_LAYERS, N_HEADS = 4, 4  # tests/conftest.py make_tiny_llama
 
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def masked_run(tmp_path_factory, tiny_model_dir, mirror_dir):  # noqa: F811
+def masked_run(tmp_path_factory, tiny_model_dir, offline_dir):  # noqa: F811
     run_dir = tmp_path_factory.mktemp("masked")
     rng = random.Random(3)
     scores = [[rng.random() for _ in range(N_HEADS)] for _ in range(N_LAYERS)]
@@ -34,7 +34,7 @@ def masked_run(tmp_path_factory, tiny_model_dir, mirror_dir):  # noqa: F811
                                       "scores": scores, "selected": [[l, h] for _, l, h in flat[:3]]}))
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         c = compose(overrides=["+eval=smoke", "+heads=retrieval",
-                               f"eval.offline_mirror={mirror_dir}", "eval.tasks=[mmlu]", "eval.limit=1",
+                               f"eval.offline_data={offline_dir}", "eval.tasks=[mmlu]", "eval.limit=1",
                                "eval.max_length=256", "eval.default_fewshot=1", "eval.dtype=float32",
                                f"heads.file={heads_file}", "heads.count=3"])
     cfg = OmegaConf.create({
@@ -57,7 +57,7 @@ def test_head_sets_are_retrieval_and_equal_count_random_non_retrieval(masked_run
     assert sets["random"]["label"].startswith("3 random heads (outside the masked and the retrieval")
     rnd = [tuple(h) for h in sets["random"]["heads"]]
     assert len(rnd) == 3 and not set(rnd) & set(top3)
-    assert res["attninf"]["heads"]["mode"] == "uniform" and res["attninf"]["mirror"]["used"]
+    assert res["attninf"]["heads"]["mode"] == "uniform" and res["attninf"]["offline_data"]["used"]
     for name in sets:
         r = json.loads((run_dir / "eval_masked" / name / "results.json").read_text())
         assert r["results"]["mmlu"]["sample_len"] == 57 and r["attninf"]["head_set"] == name

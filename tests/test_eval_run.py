@@ -33,11 +33,11 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="session")
-def mirror_dir(tmp_path_factory) -> Path:
-    from eval.benchmarks import build_mirror
+def offline_dir(tmp_path_factory) -> Path:
+    from eval.benchmarks import build_offline_data
 
     d = tmp_path_factory.mktemp("benchmarks")
-    build_mirror(d)
+    build_offline_data(d)
     return d
 
 
@@ -46,8 +46,8 @@ def allow_code(monkeypatch):
     monkeypatch.setenv("HF_ALLOW_CODE_EVAL", "1")
 
 
-def ecfg(mirror_dir, **kw) -> EvalConfig:
-    base = {"offline_mirror": str(mirror_dir), "dtype": "float32", "device": "cpu", "limit": 2, "max_length": 512,
+def ecfg(offline_dir, **kw) -> EvalConfig:
+    base = {"offline_data": str(offline_dir), "dtype": "float32", "device": "cpu", "limit": 2, "max_length": 512,
             "allow_code_eval": True, "humaneval": {"n": 2, "max_gen_toks": 16}, "batch_size": 4}
     base.update(kw)
     return build(EvalConfig, base, "eval")
@@ -71,75 +71,75 @@ def test_unknown_key_is_rejected():
         build(EvalConfig, {"batchsize": 3}, "eval")
 
 
-def test_plan_writes_overrides_and_skips_tasks_without_offline_data(tmp_path, mirror_dir, allow_code):
-    e = ecfg(mirror_dir, tasks=["mmlu", "gsm8k", "humaneval", "hellaswag"], humaneval={})
-    tp, mirror = harness.plan(e, tmp_path)
+def test_plan_writes_overrides_and_skips_tasks_without_offline_data(tmp_path, offline_dir, allow_code):
+    e = ecfg(offline_dir, tasks=["mmlu", "gsm8k", "humaneval", "hellaswag"], humaneval={})
+    tp, data = harness.plan(e, tmp_path)
     assert tp.tasks == ["mmlu", "gsm8k", "humaneval"] and "hellaswag" in tp.skipped
-    assert mirror.used and len([k for k in tp.leaves if k.startswith("mmlu_")]) == 57
+    assert data.used and len([k for k in tp.leaves if k.startswith("mmlu_")]) == 57
     anatomy = yaml.safe_load((tmp_path / "tasks/mmlu_anatomy.yaml").read_text())
     assert anatomy["include"].endswith("mmlu/default/mmlu_anatomy.yaml")
     assert anatomy["num_fewshot"] == 5 and anatomy["dataset_path"] == "parquet"
     assert anatomy["dataset_name"] is None
-    assert anatomy["dataset_kwargs"]["data_files"] == {"test": str(mirror_dir / "mmlu/anatomy/test.parquet"),
-                                                       "dev": str(mirror_dir / "mmlu/anatomy/dev.parquet")}
+    assert anatomy["dataset_kwargs"]["data_files"] == {"test": str(offline_dir / "mmlu/anatomy/test.parquet"),
+                                                       "dev": str(offline_dir / "mmlu/anatomy/dev.parquet")}
     text = (tmp_path / "tasks/humaneval.yaml").read_text()
     assert re.search(r"!function '?eval\.code_exec\.pass_at_k", text)
     he = yaml.load(text.replace("!function ", ""), Loader=yaml.SafeLoader)
     assert he["repeats"] == 20 and he["generation_kwargs"]["temperature"] == 0.2
     assert he["generation_kwargs"]["top_p"] == 0.95 and he["generation_kwargs"]["max_gen_toks"] == 1024
-    assert he["dataset_kwargs"]["data_files"]["test"].startswith(str(mirror_dir / "humaneval"))
+    assert he["dataset_kwargs"]["data_files"]["test"].startswith(str(offline_dir / "humaneval"))
     assert he["num_fewshot"] == 0
 
 
 def test_hub_mode_keeps_hub_datasets_but_sets_shots(tmp_path, allow_code):
-    e = build(EvalConfig, {"offline_mirror": "off", "tasks": ["mmlu", "gsm8k"]}, "eval")
-    tp, mirror = harness.plan(e, tmp_path)
-    assert not mirror.used
+    e = build(EvalConfig, {"offline_data": "off", "tasks": ["mmlu", "gsm8k"]}, "eval")
+    tp, data = harness.plan(e, tmp_path)
+    assert not data.used
     anatomy = yaml.safe_load((tmp_path / "tasks/mmlu_anatomy.yaml").read_text())
     assert "dataset_path" not in anatomy and anatomy["num_fewshot"] == 5
 
 
-def test_strict_offline_and_unknown_tasks_are_config_errors(tmp_path, mirror_dir):
+def test_strict_offline_and_unknown_tasks_are_config_errors(tmp_path, offline_dir):
     with pytest.raises(ConfigError, match="hellaswag.*no offline data"):
-        harness.plan(ecfg(mirror_dir, tasks=["hellaswag"], strict_offline=True), tmp_path)
+        harness.plan(ecfg(offline_dir, tasks=["hellaswag"], strict_offline=True), tmp_path)
     with pytest.raises(ConfigError, match="no task or group named 'not_a_task'"):
-        harness.plan(ecfg(mirror_dir, tasks=["not_a_task"]), tmp_path)
+        harness.plan(ecfg(offline_dir, tasks=["not_a_task"]), tmp_path)
 
 
-def test_humaneval_needs_config_confirmation_and_env(tmp_path, mirror_dir, monkeypatch):
+def test_humaneval_needs_config_confirmation_and_env(tmp_path, offline_dir, monkeypatch):
     monkeypatch.setenv("HF_ALLOW_CODE_EVAL", "1")
     with pytest.raises(ConfigError, match="eval.allow_code_eval=true"):
-        harness.plan(ecfg(mirror_dir, tasks=["humaneval"], allow_code_eval=False), tmp_path)
+        harness.plan(ecfg(offline_dir, tasks=["humaneval"], allow_code_eval=False), tmp_path)
     monkeypatch.delenv("HF_ALLOW_CODE_EVAL")
     with pytest.raises(ConfigError, match="HF_ALLOW_CODE_EVAL=1"):
-        harness.plan(ecfg(mirror_dir, tasks=["humaneval"]), tmp_path)
+        harness.plan(ecfg(offline_dir, tasks=["humaneval"]), tmp_path)
 
 
 # ---------------------------------------------------------------- HumanEval: the full scoring path
 
-def _replay_humaneval(tmp_path, mirror_dir, limit):
-    e = ecfg(mirror_dir, tasks=["humaneval"], limit=limit, use_cache=False, log_samples=False,
+def _replay_humaneval(tmp_path, offline_dir, limit):
+    e = ecfg(offline_dir, tasks=["humaneval"], limit=limit, use_cache=False, log_samples=False,
              humaneval={"n": 1, "temperature": 0.0, "timeout_s": 1.0, "num_workers": 2})
-    tp, mirror = harness.plan(e, tmp_path)
-    res = harness.run_suite(ReplayLM(humaneval_table(Path(mirror.path)).__getitem__), e, tp, tmp_path / "ok")
-    return e, tp, mirror, res
+    tp, data = harness.plan(e, tmp_path)
+    res = harness.run_suite(ReplayLM(humaneval_table(Path(data.path)).__getitem__), e, tp, tmp_path / "ok")
+    return e, tp, data, res
 
 
-def test_humaneval_canonical_solutions_pass_and_broken_ones_fail(tmp_path, mirror_dir, allow_code):
+def test_humaneval_canonical_solutions_pass_and_broken_ones_fail(tmp_path, offline_dir, allow_code):
     """Canonical solutions through lm-eval's task, filter, our metric and sandbox: pass@1 = 1."""
-    e, tp, mirror, res = _replay_humaneval(tmp_path, mirror_dir, 40)
+    e, tp, data, res = _replay_humaneval(tmp_path, offline_dir, 40)
     assert res["n-samples"]["humaneval"]["effective"] == 40
     assert harness.headline(res)["humaneval"]["value"] == 1.0
     e.limit = 3
     for name, fn in BROKEN.items():  # wrong, crashing, infinite loop, memory hog
-        table = humaneval_table(Path(mirror.path), fn)
+        table = humaneval_table(Path(data.path), fn)
         res = harness.run_suite(ReplayLM(table.__getitem__), e, tp, tmp_path / name)
         assert harness.headline(res)["humaneval"]["value"] == 0.0, name
 
 
 @pytest.mark.slow
-def test_all_164_humaneval_canonical_solutions_pass(tmp_path, mirror_dir, allow_code):
-    _, _, _, res = _replay_humaneval(tmp_path, mirror_dir, None)
+def test_all_164_humaneval_canonical_solutions_pass(tmp_path, offline_dir, allow_code):
+    _, _, _, res = _replay_humaneval(tmp_path, offline_dir, None)
     assert res["n-samples"]["humaneval"]["effective"] == 164
     assert harness.headline(res)["humaneval"]["value"] == 1.0
 
@@ -158,12 +158,12 @@ def _fake_pretrain(run_dir: Path, arm: str, tokenizer, seed: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def two_arm_run(tmp_path_factory, tiny_tokenizer, mirror_dir):
+def two_arm_run(tmp_path_factory, tiny_tokenizer, offline_dir):
     os.environ["HF_ALLOW_CODE_EVAL"] = "1"
     run_dir = tmp_path_factory.mktemp("two_arms")
     for seed, arm in enumerate(ARMS):
         _fake_pretrain(run_dir, arm, tiny_tokenizer, seed)
-    c = composed(f"eval.offline_mirror={mirror_dir}", "eval.limit=2", "eval.dtype=float32",
+    c = composed(f"eval.offline_data={offline_dir}", "eval.limit=2", "eval.dtype=float32",
                  "eval.allow_code_eval=true", "eval.humaneval.max_gen_toks=16", "eval.batch_size=4",
                  "eval.max_length=384")  # tiny BPE: 5-shot MMLU prompts are ~5k tokens
     cfg = OmegaConf.create({"run_dir": str(run_dir), "stages": ["eval", "report"], "arms": ARMS,
@@ -173,7 +173,7 @@ def two_arm_run(tmp_path_factory, tiny_tokenizer, mirror_dir):
     return run_dir
 
 
-def test_eval_writes_lm_eval_results_and_samples_per_arm(two_arm_run, mirror_dir):
+def test_eval_writes_lm_eval_results_and_samples_per_arm(two_arm_run, offline_dir):
     for arm in ARMS:
         d = two_arm_run / "eval" / arm
         res = json.loads((d / "results.json").read_text())
@@ -182,8 +182,8 @@ def test_eval_writes_lm_eval_results_and_samples_per_arm(two_arm_run, mirror_dir
         assert res["n-shot"]["humaneval"] == 0
         assert res["n-samples"]["gsm8k"]["effective"] == 2
         meta = res["attninf"]
-        assert meta["mirror"]["used"] and meta["mirror"]["path"] == str(mirror_dir)
-        assert "removed from test" in meta["mirror"]["benchmarks"]["gsm8k"]["fewshot_pool"]
+        assert meta["offline_data"]["used"] and meta["offline_data"]["path"] == str(offline_dir)
+        assert "removed from test" in meta["offline_data"]["benchmarks"]["gsm8k"]["fewshot_pool"]
         assert meta["model"]["source"] == f"pretrain/{arm}/hf"
         assert set(meta["headline"]) == {"mmlu", "gsm8k", "humaneval"}
         assert (d / "samples" / "gsm8k.jsonl").exists() and (d / "tasks" / "humaneval.yaml").exists()
@@ -213,19 +213,19 @@ def test_report_renders_table1_from_two_arms(two_arm_run):
     assert "| 50.05 | 51.48 | +1.43 |" in line  # the paper's numbers, from paper_numbers.yaml
     assert next(ln for ln in md.splitlines() if ln.startswith("| HellaSwag |")).count("not run") == 3
     assert "Masked-head evaluation: not run" in md
-    assert "offline mirror" in md and "Config digest" in md
+    assert "offline benchmark data" in md and "Config digest" in md
     assert (two_arm_run / "report" / "deltas.png").stat().st_size > 1000
     assert rep["table1"]["average"]["n_benchmarks"] == 3
 
 
-def test_single_model_eval_and_request_cache_resume(tmp_path, tiny_model_dir, mirror_dir, allow_code):
+def test_single_model_eval_and_request_cache_resume(tmp_path, tiny_model_dir, offline_dir, allow_code):
     """eval.model=DIR runs once into run_dir/eval; a re-run is answered from lm-eval's cache."""
     import torch
 
     cfg = OmegaConf.create({"run_dir": str(tmp_path / "run"), "stages": ["eval"], "arms": {},
                             "wandb": {"mode": "disabled"}, "experiment_name": "single",
                             "eval": OmegaConf.to_container(composed(
-                                f"eval.offline_mirror={mirror_dir}", f"eval.model={tiny_model_dir}",
+                                f"eval.offline_data={offline_dir}", f"eval.model={tiny_model_dir}",
                                 "eval.tasks=[mmlu_anatomy]", "eval.limit=3", "eval.dtype=float32",
                                 "eval.max_length=512").eval)})
     run_pipeline(cfg)

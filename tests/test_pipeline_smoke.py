@@ -101,7 +101,7 @@ def test_every_stage_hands_real_artifacts_to_the_next(smoke_run, corpus):
         assert (run / "pretrain" / a / "hf" / "config.json").exists()
         res = json.loads((run / "eval" / a / "results.json").read_text())
         assert {"mmlu", "gsm8k", "humaneval"} <= set(res["results"])
-        assert res["attninf"]["mirror"]["used"] is True
+        assert res["attninf"]["offline_data"]["used"] is True
 
     masked = json.loads((run / "eval_masked/results.json").read_text())["head_sets"]
     assert set(masked) == {"none", "random", "retrieval"}

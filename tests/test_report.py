@@ -53,7 +53,7 @@ def test_report_of_an_unfinished_experiment_says_not_run(tmp_path):
     (run_dir / "eval" / "baseline").mkdir(parents=True)
     res = {"results": {"gsm8k": {"exact_match,flexible-extract": 0.25, "exact_match_stderr,flexible-extract": 0.1}},
            "n-samples": {"gsm8k": {"original": 4, "effective": 4}},
-           "attninf": {"mirror": {"used": True, "reason": "HF_HUB_OFFLINE=1", "benchmarks": {}}}}
+           "attninf": {"offline_data": {"used": True, "reason": "HF_HUB_OFFLINE=1", "benchmarks": {}}}}
     (run_dir / "eval" / "baseline" / "results.json").write_text(json.dumps(res))
     cfg = OmegaConf.create({"experiment_name": "partial", "arms": {"baseline": {}, "attention_influence": {}}})
     inp = Inputs(arms=["baseline", "attention_influence"],

@@ -1,4 +1,4 @@
-"""lm-eval task overrides: the paper's shots and HumanEval settings, the offline mirror, our sandbox.
+"""lm-eval task overrides: the paper's shots and HumanEval settings, the offline benchmark data, our sandbox.
 
 Why overrides and not new tasks: result keys must stay `mmlu`, `gsm8k`, `humaneval` (as on a
 cluster), and the prompts, filters and metrics must stay lm-eval's own. So for every leaf task
@@ -6,7 +6,7 @@ of a requested task/group we write a small YAML into the stage folder that `incl
 built-in YAML and changes only what the paper or the offline setting needs:
 
 - `num_fewshot` (lm-eval's `num_fewshot` argument is global; the paper mixes 5, 4, 3 and 0 shots);
-- the data source, when the offline mirror replaces a hub dataset (eval/benchmarks.py);
+- the data source, when the offline benchmark data replaces a hub dataset (eval/benchmarks.py);
 - HumanEval: the paper's sampling (n=20, temperature 0.2, top-p 0.95, 1,024 tokens) and our
   sandboxed `code_eval` (eval/code_exec.py). Its YAML is written in full rather than included,
   because loading the built-in one imports a module that fetches `code_eval` from the Hub.
@@ -171,13 +171,13 @@ def humaneval_config(settings: HumanEvalSettings, source: dict[str, Any]) -> dic
 
 
 def prepare_tasks(tm, names: list[str], out_dir: Path, *, num_fewshot: dict[str, int],
-                  default_fewshot: int | None, mirror: Callable[[str, str | None], dict | None] | None,
+                  default_fewshot: int | None, offline_data: Callable[[str, str | None], dict | None] | None,
                   humaneval: HumanEvalSettings, strict: bool = False) -> TaskPlan:
     """Write override YAMLs for `names` into out_dir and register them on `tm`.
 
     num_fewshot: shots by task/group name (applies to all its leaves); default_fewshot for the
-    rest (None = the task's own default). mirror: (hub id, config) -> task keys reading the
-    offline copy, or None when it has no copy; when given, a task whose data the mirror lacks
+    rest (None = the task's own default). offline_data: (hub id, config) -> task keys reading the
+    offline copy, or None when it has no copy; when given, a task whose data the offline copy lacks
     is skipped (or an error when strict).
     """
     from lm_eval.tasks._index import Kind, TaskIndex
@@ -197,8 +197,8 @@ def prepare_tasks(tm, names: list[str], out_dir: Path, *, num_fewshot: dict[str,
             cfg = entry.cfg or {}
             shots = num_fewshot.get(leaf, num_fewshot.get(name, default_fewshot))
             source: dict[str, Any] = {"dataset_path": cfg.get("dataset_path")}
-            if mirror is not None:
-                local = mirror(cfg.get("dataset_path"), cfg.get("dataset_name"))
+            if offline_data is not None:
+                local = offline_data(cfg.get("dataset_path"), cfg.get("dataset_name"))
                 if local is None:
                     missing.append(f"{leaf} ({cfg.get('dataset_path')})")
                     continue
@@ -207,12 +207,12 @@ def prepare_tasks(tm, names: list[str], out_dir: Path, *, num_fewshot: dict[str,
                 doc = humaneval_config(humaneval, source)
             elif entry.kind == Kind.TASK and entry.yaml_path is not None:
                 doc = {"include": str(Path(entry.yaml_path).resolve()), "task": leaf}
-                if mirror is not None:
+                if offline_data is not None:
                     doc.update(source)
                 if shots is not None:
                     doc["num_fewshot"] = int(shots)
             else:
-                if mirror is not None or shots is not None:
+                if offline_data is not None or shots is not None:
                     log.warning("task %s (%s) cannot be overridden; runs with lm-eval defaults",
                                 leaf, entry.kind.name)
                 continue
