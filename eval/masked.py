@@ -54,7 +54,7 @@ def head_sets(hcfg, heads_json: dict | None, n_layers: int, n_heads: int, wanted
 def run(ctx) -> dict:
     from selection.heads import HeadsConfig, heads_json_for_stage
     from selection.masking import mask_heads
-    from selection.models import ModelConfig, head_geometry, load_selector
+    from selection.models import ModelConfig, head_geometry, load_selector, resolve_model_path
 
     ecfg = build(EvalConfig, ctx.section("eval"), "eval")
     ecfg = dataclasses.replace(ecfg, tasks=list(ecfg.masked.tasks or ecfg.tasks),
@@ -67,7 +67,7 @@ def run(ctx) -> dict:
     n_layers, n_heads, _ = head_geometry(model)
     sets = head_sets(hcfg, heads_json, n_layers, n_heads, list(ecfg.masked.head_sets))
     base_meta = {"stage": "eval_masked", "suite": ecfg.suite, "limit": ecfg.limit,
-                 "model": {"path": mcfg.path, "resolved": harness.resolve_model_path(mcfg.path),
+                 "model": {"path": mcfg.path, "resolved": resolve_model_path(mcfg.path),
                            "dtype": mcfg.dtype, "device": str(model.device),
                            "attn_impl": mcfg.attn_impl},
                  "heads": {"set": hcfg.set, "source": heads_source, "mode": hcfg.mode,

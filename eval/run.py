@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 
 def _evaluate(ctx, ecfg: EvalConfig, tp, data, path: str, source: str, out: Path, phase: str) -> dict:
+    from selection.models import resolve_model_path
+
     t0 = time.perf_counter()
     model, tok = harness.load_model(path, ecfg.dtype, ecfg.device)
     load_s = time.perf_counter() - t0
@@ -34,7 +36,7 @@ def _evaluate(ctx, ecfg: EvalConfig, tp, data, path: str, source: str, out: Path
     res = harness.run_suite(lm, ecfg, tp, out)
     meta = {
         "stage": "eval", "arm": ctx.arm, "phase": phase, "suite": ecfg.suite,
-        "model": {"path": path, "source": source, "resolved": harness.resolve_model_path(path),
+        "model": {"path": path, "source": source, "resolved": resolve_model_path(path),
                   "dtype": ecfg.dtype, "device": str(model.device), "load_s": load_s,
                   "max_length": lm.max_length},
         "limit": ecfg.limit, "tasks": tp.tasks, "skipped_tasks": tp.skipped,

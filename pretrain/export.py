@@ -78,12 +78,9 @@ def save_tokenizer(tokenizer_dir: Path, out_dir: Path) -> None:
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     tok.save_pretrained(out_dir)
-    p = out_dir / "tokenizer_config.json"
-    if p.exists():
-        c = json.loads(p.read_text())
-        if c.get("tokenizer_class") in (None, "TokenizersBackend"):
-            c["tokenizer_class"] = "PreTrainedTokenizerFast"
-            p.write_text(json.dumps(c, indent=2) + "\n")
+    from selection.models import make_tokenizer_portable
+
+    make_tokenizer_portable(out_dir)
 
 
 def verify_tokens(vocab: int, seq: int, n: int = 2, seed: int = 0) -> torch.Tensor:
@@ -187,7 +184,6 @@ def export_all(stage: Path, cfg, blend: dict, mix_dir: Path) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     """Export a pretrain stage folder: hf/ from the final checkpoint, hf_pre_decay/ if configured."""
     import logging
-    import socket
 
     from omegaconf import OmegaConf
 
@@ -207,9 +203,9 @@ def main(argv: list[str] | None = None) -> int:
 
     on_cpu = cpu_compat.enable()
     if "MASTER_PORT" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+        from attninf.dist import free_port
+
+        os.environ["MASTER_PORT"] = str(free_port())
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
     torch.distributed.init_process_group("gloo" if on_cpu else "nccl")
     from megatron.core import parallel_state as ps

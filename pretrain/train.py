@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -38,6 +37,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from attninf.config import build, check
+from attninf.dist import free_port
 from pretrain.model import ModelShape
 from pretrain.schedule import WSDConfig
 
@@ -446,12 +446,6 @@ def read_metrics(path: Path) -> list[dict]:
 # ==================================================================================================
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env() -> dict:
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parent.parent)
@@ -476,7 +470,7 @@ def _stream(cmd: list[str], log_path: Path, env: dict) -> int:
 def launch_local(stage_dir: Path, nproc: int, port: int | None = None) -> None:
     """Train in fresh processes: `python -m pretrain.launch` (1 process) or torchrun (several)."""
     env = _env()
-    port = port or _free_port()
+    port = port or free_port()
     if nproc == 1:
         env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

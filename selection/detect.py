@@ -52,11 +52,9 @@ exact; probes are short enough that batching would not pay on CPU.
 from __future__ import annotations
 
 import logging
-import math
 import re
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Sequence
 
 import torch

