@@ -55,11 +55,3 @@ class StageContext:
                 f"finished manifest: run it first, e.g. `attninf stages=[{stage},{self.name}] "
                 f"run_dir={self.run_dir}`")
         return path
-
-    @property
-    def arm_cfg(self) -> Any:
-        if self.arm is None:
-            return None
-        from attninf.arms import base
-
-        return self.cfg.arms[base(self.arm)]

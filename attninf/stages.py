@@ -59,6 +59,18 @@ def _eval_is_per_arm(cfg) -> bool:
     return not (cfg.get("eval") or {}).get("model") and bool(_arms(cfg))
 
 
+def _report_needs(cfg, arm):
+    # The report reads every folder it shows through these declared upstreams (eval/report.py):
+    # each arm's eval; and, when this run has them, each arm's pretraining (token counts, loss
+    # curves), the mix (blends), and the selector side. Its key and, in a sweep, its folder follow
+    # all of them.
+    stages = list(cfg.get("stages") or [])
+    needs = [("eval", a) for a in _arms(cfg)]
+    if "pretrain" in stages:
+        needs += [("pretrain", a) for a in _arms(cfg)]
+    return needs + [(s, None) for s in ("detect", "mirror", "select", "mix", "eval_masked") if s in stages]
+
+
 STAGES: dict[str, StageSpec] = {s.name: s for s in [
     StageSpec("detect", "selection.detect:run", ("model", "detect")),
     StageSpec("mirror", "selection.mirror:run", ("model", "detect", "heads", "mirror"), _heads_needs),
@@ -74,12 +86,7 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in [
               lambda cfg, arm: [("pretrain", arm)] if arm is not None else [],
               per_arm=_eval_is_per_arm),
     StageSpec("eval_masked", "eval.masked:run", ("model", "heads", "eval"), _heads_needs),
-    StageSpec("report", "eval.report:run", ("report", "arms"),
-              lambda cfg, arm: [("eval", a) for a in _arms(cfg)]
-              # what the report shows of the selector side, when this run has it: its key and,
-              # in a sweep, its folder follow those stages too
-              + [(s, None) for s in ("detect", "mirror", "select", "eval_masked")
-                 if s in list(cfg.get("stages") or [])]),
+    StageSpec("report", "eval.report:run", ("report", "arms"), _report_needs),
 ]}
 
 ORDER = ["detect", "mirror", "score", "select", "mix", "pretrain", "eval", "eval_masked", "report"]

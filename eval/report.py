@@ -641,7 +641,7 @@ def inputs_from_context(ctx) -> Inputs:
         except MissingInput:
             return None
 
-    def done(stage, arm=None):  # folders the report does not depend on but shows (selector side)
+    def done(stage, arm=None):  # a folder it shows when present (a declared input when in `stages`)
         d = ctx.dirs.get((stage, arm))
         return d if d is not None and (d / MANIFEST).exists() else None
 

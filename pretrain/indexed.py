@@ -57,10 +57,6 @@ class ShardResult:
     skipped_empty: int
 
 
-def _paths(prefix: str) -> tuple[str, str]:
-    return prefix + ".bin", prefix + ".idx"
-
-
 def shard_done(prefix: str) -> bool:
     return os.path.exists(prefix + ".done")
 

@@ -497,7 +497,7 @@ def detect_retrieval_heads(model, tokenizer, probes: Sequence[Probe], n_layers: 
 
 
 def heads_document(det: Detection, cfg: DetectConfig, model_name: str, geometry: tuple[int, int, int],
-                   fraction: float = 0.05, count: int | None = None) -> dict:
+                   fraction: float, count: int | None = None) -> dict:
     """The detect/heads.json payload (schema in the module docs of selection/heads.py).
 
     fraction / count: the `heads` group's size knob (one knob for what is marked and masked)."""
