@@ -39,7 +39,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from attninf import arms, manifest
-from attninf.config import ConfigError, to_plain
+from attninf.config import ConfigError, build, check
 from attninf.context import Incomplete, MissingInput
 from attninf.stages import ORDER, STAGES
 
@@ -81,6 +81,17 @@ class ClusterConfig:
     python: str | None = None                       # interpreter on the nodes (default: this one)
     setup: list = field(default_factory=list)       # shell lines run in every job before srun
 
+    def validate(self) -> None:
+        check(self.kind in ("local", "slurm"), "kind", f"'{self.kind}' is not one of local | slurm")
+        check(int(self.score_tasks) >= 1, "score_tasks", f"{self.score_tasks} must be >= 1")
+        for name in self.stages or {}:
+            check(name in STAGES, "stages", f"unknown stage '{name}'; known: {ORDER}")
+        for name in list(self.stages or {}) + ["detect"]:  # each stage's merged resources
+            unknown = sorted(set({**(self.resources or {}), **((self.stages or {}).get(name) or {})})
+                             - set(RESOURCE_KEYS))
+            check(not unknown, f"stages.{name}" if name in (self.stages or {}) else "resources",
+                  f"unknown key(s) {unknown}; known: {list(RESOURCE_KEYS)}")
+
     def for_stage(self, name: str) -> Resources:
         merged = {**(self.resources or {}), **((self.stages or {}).get(name) or {})}
         unknown = sorted(set(merged) - set(RESOURCE_KEYS))
@@ -90,21 +101,7 @@ class ClusterConfig:
 
 
 def cluster_config(cfg: DictConfig) -> ClusterConfig:
-    raw = to_plain(cfg.get("cluster")) or {}
-    known = set(ClusterConfig.__dataclass_fields__)
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ConfigError(f"cluster: unknown key(s) {unknown}; known: {sorted(known)}")
-    cc = ClusterConfig(**raw)
-    if cc.kind not in ("local", "slurm"):
-        raise ConfigError(f"cluster.kind: '{cc.kind}' is not one of local | slurm")
-    if int(cc.score_tasks) < 1:
-        raise ConfigError(f"cluster.score_tasks: {cc.score_tasks} must be >= 1")
-    for name in list(cc.stages or {}) + [None]:
-        if name is not None and name not in STAGES:
-            raise ConfigError(f"cluster.stages: unknown stage '{name}'; known: {ORDER}")
-        cc.for_stage(name or "detect")
-    return cc
+    return build(ClusterConfig, cfg.get("cluster"), "cluster")
 
 
 # --- what a run needs ------------------------------------------------------------------------

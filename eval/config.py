@@ -22,6 +22,10 @@ class OfflineFewshotSettings:
     mmlu_dev_per_subject: int = 5
     gsm8k_fewshot_pool: int = 100
 
+    def validate(self) -> None:
+        check(self.mmlu_dev_per_subject >= 1, "mmlu_dev_per_subject", "must be >= 1")
+        check(self.gsm8k_fewshot_pool >= 1, "gsm8k_fewshot_pool", "must be >= 1")
+
 
 @dataclass
 class MaskedEvalSettings:
@@ -36,11 +40,11 @@ class MaskedEvalSettings:
     limit: float | None = None          # items per subtask for the masked runs; null = eval.limit
 
     def validate(self) -> None:
-        check(bool(self.head_sets), "masked.head_sets", "must not be empty")
-        check(self.tasks is None or bool(self.tasks), "masked.tasks", "must be null or name a task")
-        check(self.limit is None or self.limit > 0, "masked.limit", "must be > 0 (or null)")
+        check(bool(self.head_sets), "head_sets", "must not be empty")
+        check(self.tasks is None or bool(self.tasks), "tasks", "must be null or name a task")
+        check(self.limit is None or self.limit > 0, "limit", "must be > 0 (or null)")
         bad = [h for h in self.head_sets if h not in HEAD_SETS]
-        check(not bad, "masked.head_sets", f"unknown {bad}; known: {list(HEAD_SETS)}")
+        check(not bad, "head_sets", f"unknown {bad}; known: {list(HEAD_SETS)}")
 
 
 @dataclass
@@ -91,8 +95,7 @@ class EvalConfig:
         check(all(v >= 0 for v in self.num_fewshot.values()), "num_fewshot", "shots must be >= 0")
         check(self.default_fewshot is None or self.default_fewshot >= 0, "default_fewshot",
               "must be >= 0 or null")
-        self.humaneval.validate()
-        self.masked.validate()
+        check(bool(self.offline_data), "offline_data", "auto | off | always | a directory")
 
     @property
     def lm_limit(self) -> int | float | None:

@@ -63,6 +63,10 @@ class TokenizerConfig:
     path: str = "HuggingFaceTB/SmolLM2-135M"
     eod: int | None = None  # end-of-document id appended to every document; null = eos_token_id
 
+    def validate(self) -> None:
+        check(bool(self.path), "path", "must name a tokenizer (hub id, local dir or alias)")
+        check(self.eod is None or self.eod >= 0, "eod", "must be a token id >= 0 (or null)")
+
 
 # --- pure helpers ---------------------------------------------------------------------------------
 

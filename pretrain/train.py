@@ -55,6 +55,14 @@ class OptimConfig:
     # GPU only: Megatron's distributed optimizer (ZeRO-1). Its resume is broken on CPU (OFFLINE.md).
     use_distributed_optimizer: bool = False
 
+    def validate(self) -> None:
+        check(self.lr > 0, "lr", "must be > 0")
+        check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        check(0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1, "adam_beta1",
+              "betas must be in [0, 1)")
+        check(self.adam_eps > 0, "adam_eps", "must be > 0")
+        check(self.clip_grad >= 0, "clip_grad", "must be >= 0 (0 = no clipping)")
+
 
 @dataclass
 class LaunchConfig:
@@ -98,14 +106,7 @@ class PretrainConfig:
     peak_tflops: float = 989.0  # per-GPU dense bf16 peak for MFU (H100 SXM); H200 same
     data_cache: str | None = None  # Megatron dataset index cache; null = <stage>/data_cache
 
-    def validate(self) -> None:
-        from attninf.config import ConfigError
-
-        for name in ("model", "schedule", "launch"):  # build() only validates the top level
-            try:
-                getattr(self, name).validate()
-            except ConfigError as e:
-                raise ConfigError(f"{name}.{e}") from None
+    def validate(self) -> None:  # model, schedule, optim, launch: build() validates them first
         check(self.train_iters is not None or self.train_tokens is not None, "train_iters",
               "set train_iters or train_tokens")
         check(self.global_batch_size % self.micro_batch_size == 0, "global_batch_size",

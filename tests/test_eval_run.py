@@ -91,6 +91,21 @@ def test_plan_writes_overrides_and_skips_tasks_without_offline_data(tmp_path, of
     assert he["num_fewshot"] == 0
 
 
+@pytest.mark.parametrize("section, message", [
+    ({"humaneval": {"n": 0}}, r"^eval.humaneval.n: must be >= 1"),
+    ({"humaneval": {"k": [1, 5], "n": 2}}, r"^eval.humaneval.k: each k must be in \[1, n=2\]"),
+    ({"humaneval": {"samples": 3}}, r"^unknown config key\(s\) eval.humaneval.samples;"),
+    ({"masked": {"head_sets": ["bottom"]}}, r"^eval.masked.head_sets: unknown \['bottom'\]"),
+    ({"offline_fewshot": {"gsm8k_fewshot_pool": 0}}, r"^eval.offline_fewshot.gsm8k_fewshot_pool: must be >= 1"),
+    ({"offline_fewshot": {"mmlu_dev": 5}}, r"^unknown config key\(s\) eval.offline_fewshot.mmlu_dev;"),
+    ({"offline_data": ""}, r"^eval.offline_data: auto \| off \| always \| a directory"),
+])
+def test_nested_eval_settings_are_validated_by_build(section, message):
+    """Nested sections go through the same build path as the top level; the message names the key."""
+    with pytest.raises(ConfigError, match=message):
+        build(EvalConfig, section, "eval")
+
+
 def test_hub_mode_keeps_hub_datasets_but_sets_shots(tmp_path, allow_code):
     e = build(EvalConfig, {"offline_data": "off", "tasks": ["mmlu", "gsm8k"]}, "eval")
     tp, data = harness.plan(e, tmp_path)

@@ -122,6 +122,15 @@ def test_pretrain_config_validates():
         load_config({"global_batch_size": 6, "micro_batch_size": 4})
     with pytest.raises(ConfigError, match="num_query_groups"):
         load_config({"model": {"num_attention_heads": 4, "num_query_groups": 3}})
+    # nested sections: validated by build, messages name the full key
+    for section, message in [({"optim": {"lr": 0.0}}, r"^pretrain.optim.lr: must be > 0"),
+                             ({"optim": {"adam_beta2": 1.0}}, r"^pretrain.optim.adam_beta1: betas must be in \[0, 1\)"),
+                             ({"optim": {"momentum": 0.9}}, r"^unknown config key\(s\) pretrain.optim.momentum;"),
+                             ({"launch": {"mode": "ssh"}}, r"^pretrain.launch.mode: local \| external"),
+                             ({"schedule": {"min_lr_ratio": 2.0}}, r"^pretrain.schedule.min_lr_ratio: must be in"),
+                             ({"model": {"seq_length": 0}}, r"^pretrain.model.seq_length: must be > 0")]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(section)
     cfg = load_config({"train_iters": None, "train_tokens": 10_000, "global_batch_size": 4,
                        "micro_batch_size": 2, "model": {"seq_length": 100}})
     assert cfg.total_steps() == 25
@@ -284,6 +293,15 @@ def test_mix_unknown_method_names_file_and_methods(mix_dir, tiny_tokenizer, tmp_
         build_mix(iter(docs), tmp_path / "mix", root / "tok", tiny_tokenizer.eos_token_id, len(tiny_tokenizer),
                   "tiny", MixConfig(shard_docs=50, workers=1), {"p": {"selection": "perplexity"}},
                   root / "selected.parquet")
+
+
+def test_tokenizer_config_validates():
+    from pretrain.mix import TokenizerConfig
+
+    with pytest.raises(ConfigError, match=r"^tokenizer.eod: must be a token id >= 0"):
+        build(TokenizerConfig, {"eod": -1}, "tokenizer")
+    with pytest.raises(ConfigError, match=r"^tokenizer.path: must name a tokenizer"):
+        build(TokenizerConfig, {"path": ""}, "tokenizer")
 
 
 def test_mix_random_arm_needs_select_random_rows(mix_dir, tiny_tokenizer, tmp_path):

@@ -49,6 +49,10 @@ def test_cluster_config_is_validated_at_the_edge():
         cluster_config(OmegaConf.create({"cluster": {"kind": "slurm", "stages": {"scor": {}}}}))
     with pytest.raises(ConfigError, match="cluster.kind"):
         cluster_config(OmegaConf.create({"cluster": {"kind": "pbs"}}))
+    with pytest.raises(ConfigError, match=r"^cluster.score_tasks: 0 must be >= 1"):
+        cluster_config(OmegaConf.create({"cluster": {"kind": "slurm", "score_tasks": 0}}))
+    with pytest.raises(ConfigError, match=r"^unknown config key\(s\) cluster.partitions;"):
+        cluster_config(OmegaConf.create({"cluster": {"partitions": "gpu"}}))
     cc = cluster_config(OmegaConf.create({"cluster": {"kind": "slurm", "resources": {"cpus_per_task": 2, "mem_gb": 8},
                                                       "stages": {"score": {"cpus_per_task": 4}}}}))
     assert (cc.for_stage("score").cpus_per_task, cc.for_stage("score").mem_gb) == (4, 8)

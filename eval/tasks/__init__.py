@@ -58,16 +58,17 @@ class HumanEvalSettings:
     def validate(self) -> None:
         from attninf.config import check
 
-        check(self.n >= 1, "humaneval.n", "must be >= 1")
-        check(self.temperature >= 0, "humaneval.temperature", "must be >= 0")
-        check(0 < self.top_p <= 1, "humaneval.top_p", "must be in (0, 1]")
-        check(self.max_gen_toks >= 1, "humaneval.max_gen_toks", "must be >= 1")
-        check(self.max_length is None or self.max_length >= 2, "humaneval.max_length", "must be >= 2 (or null)")
-        check(bool(self.k) and all(1 <= k <= self.n for k in self.k), "humaneval.k",
+        check(self.n >= 1, "n", "must be >= 1")
+        check(self.temperature >= 0, "temperature", "must be >= 0")
+        check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        check(self.max_gen_toks >= 1, "max_gen_toks", "must be >= 1")
+        check(self.max_length is None or self.max_length >= 2, "max_length", "must be >= 2 (or null)")
+        check(bool(self.k) and all(1 <= k <= self.n for k in self.k), "k",
               f"each k must be in [1, n={self.n}]")
-        check(self.timeout_s > 0, "humaneval.timeout_s", "must be > 0")
-        check(self.memory_mb >= 64, "humaneval.memory_mb", "must be >= 64")
-        check(self.sandbox in ("bwrap", "process"), "humaneval.sandbox",
+        check(self.timeout_s > 0, "timeout_s", "must be > 0")
+        check(self.memory_mb >= 64, "memory_mb", "must be >= 64")
+        check(self.num_workers >= 1, "num_workers", "must be >= 1")
+        check(self.sandbox in ("bwrap", "process"), "sandbox",
               f"must be bwrap or process, got {self.sandbox!r}")
 
 
