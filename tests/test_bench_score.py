@@ -1,10 +1,10 @@
-"""selection.bench_score end to end on a tiny random model: ratio, agreement and fraction of peak in one run."""
+"""bench.score end to end on a tiny random model: ratio, agreement and fraction of peak in one run."""
 
 from __future__ import annotations
 
 import json
 
-from selection import bench_score
+from bench import score as bench_score
 
 
 def test_bench_reports_speedup_agreement_and_fraction_of_the_measured_peak(tmp_path, capsys, monkeypatch):

@@ -8,8 +8,8 @@ import math
 import pytest
 from omegaconf import OmegaConf
 
-from attninf import cost
 from attninf.config import ConfigError
+from tools import cost
 
 
 def test_llama_params_match_published_sizes():

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from selection import demo_corpus as dc
+from tools import demo_corpus as dc
 
 
 def _rows(path: Path) -> list[dict]:

@@ -17,7 +17,7 @@ from attninf.config import ConfigError, build
 from attninf.runner import run_pipeline
 from eval import harness
 from eval.config import EvalConfig
-from eval.replay import BROKEN, ReplayLM, humaneval_table
+from tools.replay_humaneval import BROKEN, ReplayLM, humaneval_table
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 ARMS = {"baseline": {"selection": None}, "attention_influence": {"selection": "attention_influence"}}

@@ -104,7 +104,7 @@ def test_local_launcher_reports_a_failing_job(tmp_path):
 
 @pytest.mark.parametrize("preset", ["paper_7b", "paper_1b_proxy"])
 def test_paper_presets_are_global_packages_with_a_cost_section(preset):
-    from attninf.cost import estimate, from_mapping
+    from tools.cost import estimate, from_mapping
 
     path = CONF / "experiment" / f"{preset}.yaml"
     assert path.read_text().startswith("# @package _global_")

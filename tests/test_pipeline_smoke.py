@@ -39,7 +39,7 @@ def env(tmp_path_factory):
 def corpus(tmp_path_factory, env) -> str:
     """The demo corpus builder, run for real (Debian docs used when installed, else fallbacks)."""
     out = tmp_path_factory.mktemp("demo_corpus")
-    subprocess.run([sys.executable, "-m", "selection.demo_corpus", "--out", str(out), "--per-domain", "40"],
+    subprocess.run([sys.executable, "-m", "tools.demo_corpus", "--out", str(out), "--per-domain", "40"],
                    check=True, env=env, cwd=ROOT, capture_output=True)
     return f"corpus.paths=[{out}/*.jsonl]"
 

@@ -1,6 +1,6 @@
 """Throughput benchmark: tokens/s and MFU of the real training path for a few steps.
 
-    python -m pretrain.bench --model 1b --steps 12 --gbs 16 --mbs 2 [--out DIR]
+    python -m bench.pretrain --model 1b --steps 12 --gbs 16 --mbs 2 [--out DIR]
 
 Builds a synthetic mixture (random-token documents written as Megatron indexed datasets), a
 stage folder with the chosen `conf/pretrain/model/<name>.yaml`, and runs `pretrain.launch` exactly

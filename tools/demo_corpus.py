@@ -1,8 +1,8 @@
 """Build the offline demo corpus: four small domains that mirror SmolLM-Corpus, from real text.
 
-    python -m selection.demo_corpus --out data/demo_corpus [--per-domain 200] [--max-chars 2500]
-    python -m selection.demo_corpus --check            # only say which sources are present
-    python -m selection.demo_corpus --out DIR --install-debs   # apt-get the Debian sources first
+    python -m tools.demo_corpus --out data/demo_corpus [--per-domain 200] [--max-chars 2500]
+    python -m tools.demo_corpus --check            # only say which sources are present
+    python -m tools.demo_corpus --out DIR --install-debs   # apt-get the Debian sources first
 
 Why these sources: the demo must run without the Hugging Face Hub, so every document comes from
 text that installs from a package registry (PyPI or Debian) or ships with Python itself, and
@@ -565,7 +565,7 @@ def build(out: Path, cfg: BuildConfig, sources: list[Source] | None = None) -> d
     seen: set[str] = set()
     present = {s.name: s.available() for s in sources}
     manifest: dict = {
-        "builder": "selection.demo_corpus", "config": {**cfg.__dict__, "domains": list(cfg.domains)},
+        "builder": "tools.demo_corpus", "config": {**cfg.__dict__, "domains": list(cfg.domains)},
         "python": sys.version.split()[0], "domains": {}, "sources": {}, "missing": [],
         "fallbacks_used": {}, "apt_command": None,
     }
@@ -702,7 +702,7 @@ def _print_missing(missing: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m selection.demo_corpus", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m tools.demo_corpus", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, help="output folder (one <domain>.jsonl each + manifest.json)")
     d = BuildConfig()

@@ -1,8 +1,8 @@
 """What a run costs before it runs: GPU-hours for scoring and for pretraining.
 
-    python -m attninf.cost conf/experiment/paper_7b.yaml      # the `cost:` section of a preset
-    python -m attninf.cost runs/x/config.yaml                  # or of a run's frozen config
-    python -m attninf.cost --paper                             # PAPER.md's numbers, built in
+    python -m tools.cost conf/experiment/paper_7b.yaml      # the `cost:` section of a preset
+    python -m tools.cost runs/x/config.yaml                  # or of a run's frozen config
+    python -m tools.cost --paper                             # PAPER.md's numbers, built in
 
 Two estimates, both plain arithmetic on configured sizes (nothing is measured here; every input
 carries its provenance, which is printed with the table):
@@ -13,7 +13,7 @@ carries its provenance, which is printed with the table):
   `shared_prefix`, layers below the first layer holding a masked head compute the same hidden
   states in both passes, so the masked pass costs only the layers from there on. Time comes
   from a measured rate when given (document tokens/s through both passes, as
-  `python -m selection.bench_score` prints, or a one-pass forward rate), else from FLOPs:
+  `python -m bench.score` prints, or a one-pass forward rate), else from FLOPs:
   2*N per token for the weights plus 2*layers*ctx*hidden for causal attention (QK^T and AV,
   average visible length ctx/2), at `score_mfu` of the GPU's peak.
 - Pretraining: 6*N*D FLOPs (forward + backward) plus the causal-attention term
@@ -75,7 +75,7 @@ class CostConfig:
     shared_prefix: bool = False  # masked pass re-uses hidden states below the first masked layer
     masked_first_layer: int = 0  # lowest layer holding a retrieval head (known after detection)
     score_tokens_per_gpu_s: float | None = None  # measured one-pass forward throughput per GPU
-    # document tokens/s per GPU through both passes, as `python -m selection.bench_score` and the
+    # document tokens/s per GPU through both passes, as `python -m bench.score` and the
     # score stage's progress bar report (shared prefix already included); wins over the above
     score_doc_tokens_per_gpu_s: float | None = None
     score_mfu: float = 0.35  # forward-only, long sequences, batched: assumed
@@ -236,7 +236,7 @@ def from_mapping(node, where: str = "cost") -> CostConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m attninf.cost", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m tools.cost", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("yaml", nargs="?", type=Path, help="a preset or run config with a `cost:` section")
     p.add_argument("--paper", action="store_true", help="PAPER.md's numbers (7B, 1T tokens)")

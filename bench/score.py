@@ -1,7 +1,7 @@
 """Benchmark: the fast scorer against the naive reference on the same documents, one process.
 
-    python -m selection.bench_score --docs 200                          # CPU, bf16 fast path
-    python -m selection.bench_score --device cuda --dtype bfloat16 --attn flash_attention_2 --docs 2000
+    python -m bench.score --docs 200                          # CPU, bf16 fast path
+    python -m bench.score --device cuda --dtype bfloat16 --attn flash_attention_2 --docs 2000
 
 Naive reference: a separately loaded fp32 model with eager attention, one document at a time,
 two full forward passes (heads off / on), F.cross_entropy on the logits. Fast path: the scorer
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not paths:
         tmp = Path(tempfile.mkdtemp(prefix="bench_corpus_"))
         per = max(25, math.ceil(args.docs / 4))
-        subprocess.run([sys.executable, "-m", "selection.demo_corpus", "--out", str(tmp), "--per-domain",
+        subprocess.run([sys.executable, "-m", "tools.demo_corpus", "--out", str(tmp), "--per-domain",
                         str(per)], check=True, stdout=subprocess.DEVNULL)
         paths = sorted(str(x) for x in tmp.glob("*.jsonl"))
     docs = _docs(paths, args.docs)

@@ -4,7 +4,7 @@ HumanEval's score depends on prompt construction, lm-eval's filter, our sandbox 
 Replaying the canonical solutions through the real task must give pass@1 = 1.0, and replaying
 broken ones 0.0; anything else means the path (not the model) is wrong.
 
-  HF_ALLOW_CODE_EVAL=1 python -m eval.replay            # all 164 problems, canonical + broken
+  HF_ALLOW_CODE_EVAL=1 python -m tools.replay_humaneval            # all 164 problems, canonical + broken
 """
 
 from __future__ import annotations
