@@ -19,7 +19,7 @@ carries its provenance, which is printed with the table):
 - Pretraining: 6*N*D FLOPs (forward + backward) plus the causal-attention term
   6*layers*seq*hidden*D, divided by peak*MFU, or D / stated tokens/s/GPU when given. Checked
   against a public figure: LLaMA-2-7B, 2T tokens, reported 184,320 A100-hours; this formula gives
-  ~180k at MFU 0.4 (tests/test_cost.py).
+  ~180k at MFU 0.4 (tests/tools/test_cost.py).
 
 Pure functions in, dicts out; only `main` reads files and prints.
 """

@@ -100,7 +100,7 @@ def test_smollm_corpus_config_builds():
 
     from omegaconf import OmegaConf
 
-    root = Path(__file__).resolve().parent.parent / "conf" / "corpus"
+    root = Path(__file__).resolve().parents[2] / "conf" / "corpus"
     node = OmegaConf.merge(OmegaConf.load(root / "jsonl.yaml"), OmegaConf.load(root / "smollm_corpus.yaml"))
     node.pop("defaults", None)
     cfg = build(CorpusConfig, node, "corpus")

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from attninf.context import Incomplete
 from attninf.runner import run_pipeline
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 WORDS = ["alpha", "beta", "gamma", "delta", "the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "def", "return", "x", "y", "z", "retrieval", "heads", "copy", "tokens", "photosynthesis", "energy"]
 
 

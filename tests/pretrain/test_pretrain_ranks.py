@@ -38,9 +38,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from tests.test_pretrain import make_docs
+from tests.pretrain.test_pretrain import make_docs
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TOTAL = 10
 TOL = 1e-5
 KEYS = ("loss", "grad_norm", "lr")

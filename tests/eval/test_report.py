@@ -21,7 +21,7 @@ from attninf import manifest
 from eval import paper
 from eval.report import Inputs, ReportConfig, render
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 EVAL_DIR = ROOT / "eval"
 
 

@@ -19,7 +19,7 @@ from eval import harness
 from eval.config import EvalConfig
 from tools.replay_humaneval import BROKEN, ReplayLM, humaneval_table
 
-CONF = Path(__file__).resolve().parent.parent / "conf"
+CONF = Path(__file__).resolve().parents[2] / "conf"
 ARMS = {"baseline": {"selection": None}, "attention_influence": {"selection": "attention_influence"}}
 
 

@@ -12,7 +12,7 @@ import pytest
 from attninf.config import ConfigError, build
 from selection.heads import (HeadsConfig, load_heads_json, n_selected, rank_heads, resolve_heads)
 
-CONF = Path(__file__).resolve().parent.parent / "conf"
+CONF = Path(__file__).resolve().parents[2] / "conf"
 
 
 def _scores(n_layers=4, n_heads=5, seed=0):

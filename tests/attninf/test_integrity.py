@@ -18,7 +18,7 @@ import pytest
 from attninf.config import ConfigError
 from attninf.context import InputError
 from attninf.runner import run_pipeline
-from tests.test_score_stage import ROOT, _cfg, _corpus, _rows
+from tests.selection.test_score_stage import ROOT, _cfg, _corpus, _rows
 
 
 def _ai_rows(run: Path) -> list[tuple]:

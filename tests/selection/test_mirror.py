@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from attninf.config import ConfigError
-from tests.test_detect import _pipeline_cfg
+from tests.selection.test_detect import _pipeline_cfg
 
 
 @pytest.fixture(scope="module")

@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from tests.test_pretrain import Doc, make_docs  # noqa: F401  (same synthetic corpus)
+from tests.pretrain.test_pretrain import Doc, make_docs  # noqa: F401  (same synthetic corpus)
 
-ROOT = Path(__file__).resolve().parent.parent
-GOLDEN = Path(__file__).resolve().parent / "golden" / "pretrain_tiny_loss.txt"
+ROOT = Path(__file__).resolve().parents[2]
+GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "pretrain_tiny_loss.txt"
 
 TOTAL, WARM, STABLE_END, PEAK, MIN_RATIO = 10, 2, 6, 3e-3, 0.1
 
@@ -188,7 +188,7 @@ def test_golden_loss_curve(runs):
     losses = [r["loss"] for r in _rows(a) if "loss" in r]
     if os.environ.get("UPDATE_GOLDEN"):
         GOLDEN.parent.mkdir(exist_ok=True)
-        GOLDEN.write_text("# tiny test config of tests/test_pretrain_train.py: step loss (CPU fp32)\n"
+        GOLDEN.write_text("# tiny test config of tests/pretrain/test_pretrain_train.py: step loss (CPU fp32)\n"
                           + "".join(f"{i + 1} {v:.6f}\n" for i, v in enumerate(losses)))
     gold = [float(ln.split()[1]) for ln in GOLDEN.read_text().splitlines() if ln and not ln.startswith("#")]
     # fp32 on CPU: summation order may differ across machines/thread counts, hence a tolerance

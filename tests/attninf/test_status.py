@@ -18,7 +18,7 @@ from attninf.runner import run_pipeline
 from attninf.submit import _expand_tasks, cluster_config, plan
 from tests import toy_stages
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 

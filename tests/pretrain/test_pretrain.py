@@ -17,7 +17,7 @@ import pytest
 
 from attninf.config import ConfigError, build
 
-CONF = Path(__file__).resolve().parent.parent / "conf"
+CONF = Path(__file__).resolve().parents[2] / "conf"
 
 
 # --------------------------------------------------------------------------- WSD schedule

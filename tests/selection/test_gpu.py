@@ -7,7 +7,7 @@ import torch
 
 from selection import masking
 from tests.conftest import make_tiny_llama
-from tests.test_masking import HEADS, _batch, reference_logits
+from tests.selection.test_masking import HEADS, _batch, reference_logits
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]

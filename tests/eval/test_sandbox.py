@@ -23,7 +23,7 @@ from eval import code_exec
 from eval.code_exec import SandboxLimits, SandboxUnavailable, run_program
 
 LIM = SandboxLimits(timeout_s=3.0, memory_mb=512)
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)
