@@ -25,7 +25,6 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from tests.test_pipeline_smoke import ROOT, corpus, env  # noqa: F401  (module fixtures)
 
 pytestmark = pytest.mark.slurm
 
@@ -71,7 +70,7 @@ def jobs(run: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def local_run(tmp_path_factory, env, corpus):  # noqa: F811
+def local_run(tmp_path_factory, env, corpus):
     run = tmp_path_factory.mktemp("local") / "run"
     t0 = time.perf_counter()
     cli([*SMOKE, f"run_dir={run}", corpus], env, run.parent)
@@ -79,7 +78,7 @@ def local_run(tmp_path_factory, env, corpus):  # noqa: F811
 
 
 @pytest.fixture(scope="module")
-def cluster_run(slurm, tmp_path_factory, env, corpus, local_run):  # noqa: F811
+def cluster_run(slurm, tmp_path_factory, env, corpus, local_run):
     run = tmp_path_factory.mktemp("cluster") / "run"
     t0 = time.perf_counter()
     p = cli([*SMOKE, *CLUSTER, f"run_dir={run}", corpus], env, run.parent)
@@ -142,7 +141,7 @@ def test_smoke_as_slurm_jobs_equals_the_local_run(cluster_run, local_run):
             json.loads((local_run[0] / stage / "manifest.json").read_text())["key"]
 
 
-def test_resubmitting_a_finished_run_submits_nothing(cluster_run, env, corpus):  # noqa: F811
+def test_resubmitting_a_finished_run_submits_nothing(cluster_run, env, corpus):
     run = cluster_run[0]
     before = (run / "cluster/jobs.json").read_text()
     p = cli([*SMOKE, *CLUSTER, f"run_dir={run}", corpus], env, run.parent)
@@ -176,7 +175,7 @@ def _requeue(job_id: str) -> None:
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
 
 
-def test_requeued_score_task_and_pretrain_job_change_nothing(slurm, tmp_path, env, corpus, local_run):  # noqa: F811
+def test_requeued_score_task_and_pretrain_job_change_nothing(slurm, tmp_path, env, corpus, local_run):
     """Requeue one score array task after its first shard, and the baseline pretraining after its
     first checkpoint (save_interval=2: checkpoints at steps 2 and 4; the math is unchanged)."""
     run = tmp_path / "run"
@@ -208,7 +207,7 @@ def test_requeued_score_task_and_pretrain_job_change_nothing(slurm, tmp_path, en
     assert_same_artifacts(run, local_run[0], stages=("score", "select", "pretrain"))
 
 
-def test_ratio_sweep_through_the_slurm_launcher_shares_one_scoring(cluster_run, env, corpus):  # noqa: F811
+def test_ratio_sweep_through_the_slurm_launcher_shares_one_scoring(cluster_run, env, corpus):
     run = cluster_run[0]
     score_manifest = (run / "score/manifest.json").stat().st_mtime_ns
     cli(["-m", "hydra/launcher=slurm", *SMOKE, f"run_dir={run}", corpus, "stages=[detect,score,select]",
@@ -227,7 +226,7 @@ def test_ratio_sweep_through_the_slurm_launcher_shares_one_scoring(cluster_run, 
         assert job_fields(jid)[0]["JobState"] == "COMPLETED"
 
 
-def test_unknown_partition_is_reported_with_slurms_message(slurm, tmp_path, env):  # noqa: F811
+def test_unknown_partition_is_reported_with_slurms_message(slurm, tmp_path, env):
     p = cli(["cluster=slurm_onenode", "cluster.partition=no_such_part", "stages=[detect]",
              f"run_dir={tmp_path / 'run'}"], env, tmp_path, check=False)
     assert p.returncode == 2
@@ -236,7 +235,7 @@ def test_unknown_partition_is_reported_with_slurms_message(slurm, tmp_path, env)
     assert "invalid partition" in lines[0].lower(), lines
 
 
-def test_a_controller_that_does_not_answer_is_one_line(slurm, tmp_path, env):  # noqa: F811
+def test_a_controller_that_does_not_answer_is_one_line(slurm, tmp_path, env):
     """Slurm installed but its controller unreachable (a conf naming a port nobody listens on)."""
     conf = tmp_path / "slurm.conf"
     lines = Path("/etc/slurm/slurm.conf").read_text().splitlines()

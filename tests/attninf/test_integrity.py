@@ -18,7 +18,7 @@ import pytest
 from attninf.config import ConfigError
 from attninf.context import InputError
 from attninf.runner import run_pipeline
-from tests.selection.test_score_stage import ROOT, _cfg, _corpus, _rows
+from tests.helpers import ROOT, score_corpus, score_rows, score_stage_cfg
 
 
 def _ai_rows(run: Path) -> list[tuple]:
@@ -27,10 +27,10 @@ def _ai_rows(run: Path) -> list[tuple]:
 
 
 def test_deleted_shard_is_named_by_select_and_remade_by_score(tmp_path, tiny_model_dir):
-    paths = _corpus(tmp_path, n=12)
-    run_pipeline(_cfg(tmp_path, tiny_model_dir, paths, run="whole"))
+    paths = score_corpus(tmp_path, n=12)
+    run_pipeline(score_stage_cfg(tmp_path, tiny_model_dir, paths, run="whole"))
     before = _ai_rows(tmp_path / "whole")
-    cfg = _cfg(tmp_path, tiny_model_dir, paths)
+    cfg = score_stage_cfg(tmp_path, tiny_model_dir, paths)
     cfg.stages = ["score"]
     run_pipeline(cfg)
     sd = tmp_path / "run/score"
@@ -46,8 +46,8 @@ def test_deleted_shard_is_named_by_select_and_remade_by_score(tmp_path, tiny_mod
 
 
 def test_altered_shard_is_refused(tmp_path, tiny_model_dir):
-    paths = _corpus(tmp_path, n=12)
-    cfg = _cfg(tmp_path, tiny_model_dir, paths)
+    paths = score_corpus(tmp_path, n=12)
+    cfg = score_stage_cfg(tmp_path, tiny_model_dir, paths)
     cfg.stages = ["score"]
     run_pipeline(cfg)
     p = tmp_path / "run/score/shard-00000.parquet"
@@ -59,25 +59,25 @@ def test_altered_shard_is_refused(tmp_path, tiny_model_dir):
 
 
 def test_torn_manifest_and_new_config_never_reuse_old_shards(tmp_path, tiny_model_dir):
-    paths = _corpus(tmp_path, n=12)
-    cfg = _cfg(tmp_path, tiny_model_dir, paths)
+    paths = score_corpus(tmp_path, n=12)
+    cfg = score_stage_cfg(tmp_path, tiny_model_dir, paths)
     cfg.stages = ["score"]
     run_pipeline(cfg)
     sd = tmp_path / "run/score"
-    assert max(r[2] for r in _rows(sd)) <= 24
+    assert max(r[2] for r in score_rows(sd)) <= 24
     m = (sd / "manifest.json").read_text()
     (sd / "manifest.json").write_text(m[: len(m) // 2])  # killed mid-write: unreadable
     cfg.score.max_tokens = 48
     run_pipeline(cfg)
-    rows = _rows(sd)
+    rows = score_rows(sd)
     assert max(r[2] for r in rows) > 24  # rescored at the new length, not the old shards
     key = json.loads((sd / "manifest.json").read_text())["key"]
     assert {json.loads(p.read_text())["key"] for p in sd.glob("shard-*.stats.json")} == {key}
 
 
 def test_all_rows_skipped_fails_with_the_skip_table(tmp_path, tiny_model_dir):
-    paths = _corpus(tmp_path, n=12)
-    cfg = _cfg(tmp_path, tiny_model_dir, paths)
+    paths = score_corpus(tmp_path, n=12)
+    cfg = score_stage_cfg(tmp_path, tiny_model_dir, paths)
     cfg.corpus.text_field = "body"  # a typo: every row lacks it
     with pytest.raises(InputError, match=r"score: 24 of 24 rows skipped \(100% > score.max_skip_share"
                                          r"=0.5\): .*e\.g\. .*part0\.jsonl:0.*corpus\.text_field='body'"):
@@ -86,22 +86,22 @@ def test_all_rows_skipped_fails_with_the_skip_table(tmp_path, tiny_model_dir):
 
 
 def test_skip_share_above_the_ceiling_fails_below_passes(tmp_path, tiny_model_dir, caplog):
-    paths = _corpus(tmp_path, n=12)  # 6 of 24 rows are bad: 25%
+    paths = score_corpus(tmp_path, n=12)  # 6 of 24 rows are bad: 25%
     with pytest.raises(InputError, match=r"6 of 24 rows skipped \(25% > score.max_skip_share=0.2\)"):
-        run_pipeline(_cfg(tmp_path, tiny_model_dir, paths, max_skip_share=0.2))
+        run_pipeline(score_stage_cfg(tmp_path, tiny_model_dir, paths, max_skip_share=0.2))
     caplog.set_level("INFO")
-    run_pipeline(_cfg(tmp_path, tiny_model_dir, paths, run="ok"))
+    run_pipeline(score_stage_cfg(tmp_path, tiny_model_dir, paths, run="ok"))
     line = [r.getMessage() for r in caplog.records if r.getMessage().startswith("score: 24 rows")]
     assert line and "18 scored, 6 skipped: " in line[0] and "undecodable 2" in line[0]
 
 
 def test_duplicate_ids_are_found_before_scoring_with_both_rows(tmp_path, tiny_model_dir):
-    paths = _corpus(tmp_path, n=12)
+    paths = score_corpus(tmp_path, n=12)
     lines = Path(paths[0]).read_bytes().splitlines()
     lines[2] = lines[1]  # doc1 twice, rows 1 and 2
     Path(paths[0]).write_bytes(b"\n".join(lines) + b"\n")
     with pytest.raises(InputError, match=rf"doc id 'doc1' at {paths[0]}:1 and again at {paths[0]}:2"):
-        run_pipeline(_cfg(tmp_path, tiny_model_dir, paths))
+        run_pipeline(score_stage_cfg(tmp_path, tiny_model_dir, paths))
     assert list((tmp_path / "run/score").glob("shard-*.parquet")) == []  # nothing was scored
 
 
@@ -109,18 +109,18 @@ def test_empty_corpus_is_an_error_not_a_loop(tmp_path, tiny_model_dir):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     with pytest.raises(InputError, match=r"corpus: no documents in .*empty\.jsonl"):
-        run_pipeline(_cfg(tmp_path, tiny_model_dir, [str(empty)]))
+        run_pipeline(score_stage_cfg(tmp_path, tiny_model_dir, [str(empty)]))
 
 
 def test_missing_corpus_file_is_a_config_error_before_any_stage(tmp_path, tiny_model_dir):
-    cfg = _cfg(tmp_path, tiny_model_dir, [str(tmp_path / "nope.jsonl")])
+    cfg = score_stage_cfg(tmp_path, tiny_model_dir, [str(tmp_path / "nope.jsonl")])
     with pytest.raises(ConfigError, match=r"corpus.paths: corpus file not found: .*nope\.jsonl"):
         run_pipeline(cfg)
     assert not (tmp_path / "run/score").exists()
 
 
 def test_bad_select_ratio_is_refused_before_scoring(tmp_path, tiny_model_dir):
-    cfg = _cfg(tmp_path, tiny_model_dir, _corpus(tmp_path, n=12))
+    cfg = score_stage_cfg(tmp_path, tiny_model_dir, score_corpus(tmp_path, n=12))
     cfg.select.ratio = 1.5
     with pytest.raises(ConfigError, match=r"select.ratio: must be in \(0, 1\]"):
         run_pipeline(cfg)
@@ -128,7 +128,7 @@ def test_bad_select_ratio_is_refused_before_scoring(tmp_path, tiny_model_dir):
 
 
 def test_model_path_without_a_model_is_one_config_line(tmp_path, tiny_model_dir):
-    cfg = _cfg(tmp_path, tiny_model_dir, _corpus(tmp_path, n=12))
+    cfg = score_stage_cfg(tmp_path, tiny_model_dir, score_corpus(tmp_path, n=12))
     (tmp_path / "notamodel").mkdir()
     cfg.model.path = str(tmp_path / "notamodel")
     with pytest.raises(ConfigError, match=r"model.path: .*notamodel is a folder without config.json"):
@@ -162,7 +162,7 @@ def test_cli_expected_failures_are_one_line_exit_2(tmp_path):
 
 
 def test_head_list_outside_the_model_is_refused_before_loading(tmp_path, tiny_model_dir):
-    cfg = _cfg(tmp_path, tiny_model_dir, _corpus(tmp_path, n=12))
+    cfg = score_stage_cfg(tmp_path, tiny_model_dir, score_corpus(tmp_path, n=12))
     n_l = json.loads((tiny_model_dir / "config.json").read_text())["num_hidden_layers"]
     cfg.heads.list = [[1, 0], [n_l, 0]]
     with pytest.raises(ConfigError, match=rf"heads.list: head \[{n_l}, 0\] is outside the model"):
@@ -174,4 +174,4 @@ def test_unreadable_corpus_file_is_an_input_error_naming_it(tmp_path, tiny_model
     bad = tmp_path / "bad.parquet"
     bad.write_bytes(b"PAR1 this is not parquet")
     with pytest.raises(InputError, match=r"bad\.parquet: not a readable parquet file"):
-        run_pipeline(_cfg(tmp_path, tiny_model_dir, [str(bad)]))
+        run_pipeline(score_stage_cfg(tmp_path, tiny_model_dir, [str(bad)]))

@@ -15,7 +15,7 @@ from attninf.runner import run_pipeline
 from eval import harness
 from eval.config import EvalConfig
 from eval.report import Inputs, ReportConfig, render
-from tests.eval.test_run import CONF, mirror_dir  # noqa: F401 - shared session fixture
+from tests.helpers import CONF
 
 N_LAYERS, N_HEADS = 4, 4  # tests/conftest.py make_tiny_llama
 

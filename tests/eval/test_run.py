@@ -32,15 +32,6 @@ def composed(*overrides: str):
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="session")
-def mirror_dir(tmp_path_factory) -> Path:
-    from eval.benchmarks import build_mirror
-
-    d = tmp_path_factory.mktemp("benchmarks")
-    build_mirror(d)
-    return d
-
-
 @pytest.fixture
 def allow_code(monkeypatch):
     monkeypatch.setenv("HF_ALLOW_CODE_EVAL", "1")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from attninf.config import ConfigError, build
+from tests.helpers import make_docs
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
@@ -128,29 +128,6 @@ def test_pretrain_config_validates():
 
 
 # --------------------------------------------------------------------------- mixture
-
-
-@dataclass(frozen=True)
-class Doc:
-    doc_id: str
-    domain: str
-    text: str
-    skip: str | None = None
-
-
-WORDS = ("the quick brown fox jumps over the lazy dog retrieval heads copy tokens from context "
-         "def add return x real number energy plants light").split()
-
-
-def make_docs(n_per_domain=60, seed=0):
-    rng = np.random.default_rng(seed)
-    docs = []
-    for dom in ("web", "code", "math"):
-        for i in range(n_per_domain):
-            k = int(rng.integers(10, 120))
-            docs.append(Doc(f"{dom}:{i}", dom, " ".join(rng.choice(WORDS, size=k))))
-    docs.append(Doc("web:empty", "web", "", skip="empty"))
-    return docs
 
 
 @pytest.fixture(scope="module")

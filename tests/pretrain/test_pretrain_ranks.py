@@ -38,7 +38,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from tests.pretrain.test_pretrain import make_docs
+from tests.helpers import make_docs
 
 ROOT = Path(__file__).resolve().parents[2]
 TOTAL = 10

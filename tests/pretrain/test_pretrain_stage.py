@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.pretrain.test_pretrain import make_docs
+from tests.helpers import make_docs
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from tests.pretrain.test_pretrain import Doc, make_docs  # noqa: F401  (same synthetic corpus)
+from tests.helpers import Doc, make_docs  # noqa: F401  (same synthetic corpus)
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "pretrain_tiny_loss.txt"

@@ -14,6 +14,7 @@ from selection.detect import (ArgmaxObserver, DetectConfig, copy_hits, detect_re
                               retrieval_recall, rouge1_recall)
 from selection.probes import Probe, random_key, render
 from tests.conftest import make_tiny_llama
+from tests.helpers import detect_cfg
 
 
 # --- pure scoring -----------------------------------------------------------------------------
@@ -208,26 +209,12 @@ def test_config_validation():
 
 # --- the stage, end to end on a tiny model -----------------------------------------------------
 
-def _pipeline_cfg(run_dir, model_dir, **detect):
-    from omegaconf import OmegaConf
-
-    return OmegaConf.create({
-        "run_dir": str(run_dir), "stages": ["detect"], "seed": 0, "experiment_name": "t",
-        "arms": {}, "wandb": {"mode": "disabled"},
-        "model": {"path": str(model_dir), "dtype": "float32", "device": "cpu", "attn_impl": "sdpa"},
-        "detect": {"num_probes": 3, "max_tokens": 1024, "max_value_tokens": 80, "mode": "teacher_forced",
-                   **detect},
-        "heads": {"set": "retrieval", "fraction": 0.1},
-        "mirror": {"num_probes": 2, "random_draws": 2},
-    })
-
-
 def test_detect_stage_writes_heads_json(tmp_path, tiny_model_dir):
     from attninf.runner import run_pipeline
     from selection.heads import load_heads_json, rank_heads
     from selection.probes import load_probes
 
-    cfg = _pipeline_cfg(tmp_path / "run", tiny_model_dir, mode="generate", max_new_tokens=4)
+    cfg = detect_cfg(tmp_path / "run", tiny_model_dir, mode="generate", max_new_tokens=4)
     run_pipeline(cfg)
     out = tmp_path / "run" / "detect"
     doc = json.loads((out / "heads.json").read_text())
@@ -250,7 +237,7 @@ def test_detect_stage_writes_heads_json(tmp_path, tiny_model_dir):
 def test_detect_rejects_context_beyond_model(tmp_path, tiny_model_dir):
     from attninf.runner import run_pipeline
 
-    cfg = _pipeline_cfg(tmp_path / "run", tiny_model_dir, max_tokens=5000)  # tiny model: 4096
+    cfg = detect_cfg(tmp_path / "run", tiny_model_dir, max_tokens=5000)  # tiny model: 4096
     with pytest.raises(ConfigError, match=r"detect.max_tokens: 5000 is beyond the model's context \(4096"):
         run_pipeline(cfg)
     assert not (tmp_path / "run" / "detect" / "probes.jsonl").exists()

@@ -145,3 +145,38 @@ def test_observer_sees_every_layer():
     masking.set_observer(model, None)
     assert [s[0] for s in seen] == [0, 1, 2]
     assert seen[0][1] == (1, 4, 5, 8) and seen[0][2] == (1, 2, 5, 8)
+
+
+# --- CUDA (marker `gpu`: `pytest -m gpu` on a GPU machine; skipped elsewhere) ----------------------
+
+def cuda(fn):
+    """Mark a test as a CUDA check: selected by `-m gpu`, skipped without CUDA."""
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")(fn))
+
+
+@cuda
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("mode", ["uniform", "zero"])
+def test_masking_on_cuda_fp32_matches_reference(impl, mode):
+    model = make_tiny_llama(vocab_size=97, layers=4, heads=4, kv_heads=2, hidden=32).float()
+    ids, pad = _batch(97, "left")
+    with torch.no_grad():
+        ref = reference_logits(model, ids, pad, HEADS, mode)
+        model.cuda().set_attn_implementation(masking.register(impl))
+        with masking.mask_heads(model, HEADS, mode=mode):
+            got = model(input_ids=ids.cuda(), attention_mask=pad.long().cuda()).logits.cpu()
+    # TF32 may be on for cuda matmuls; allow for it
+    assert (got - ref)[pad].abs().max() <= 2e-3
+
+
+@cuda
+def test_masking_bf16_close_to_fp32():
+    model = make_tiny_llama(vocab_size=97, layers=4, heads=4, kv_heads=2, hidden=64).float()
+    ids, pad = _batch(97, "right")
+    with torch.no_grad():
+        ref = reference_logits(model, ids, pad, HEADS, "uniform")
+        model = model.to("cuda", torch.bfloat16)
+        model.set_attn_implementation(masking.register("sdpa"))
+        with masking.mask_heads(model, HEADS):
+            got = model(input_ids=ids.cuda(), attention_mask=pad.long().cuda()).logits.float().cpu()
+    assert (got - ref)[pad].abs().max() <= 0.05

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from attninf.config import ConfigError
-from tests.selection.test_detect import _pipeline_cfg
+from tests.helpers import detect_cfg
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +16,7 @@ def mirror_run(tmp_path_factory, tiny_model_dir):
     from attninf.runner import run_pipeline
 
     run = tmp_path_factory.mktemp("mirror") / "run"
-    cfg = _pipeline_cfg(run, tiny_model_dir)
+    cfg = detect_cfg(run, tiny_model_dir)
     cfg.stages = ["detect", "mirror"]
     run_pipeline(cfg)
     return run
@@ -75,7 +75,7 @@ def test_unmasked_row_matches_plain_transformers(mirror_run, tiny_model_dir):
 def test_mirror_rejects_heads_outside_model(tmp_path, tiny_model_dir):
     from attninf.runner import run_pipeline
 
-    cfg = _pipeline_cfg(tmp_path / "run", tiny_model_dir)
+    cfg = detect_cfg(tmp_path / "run", tiny_model_dir)
     cfg.stages = ["mirror"]
     cfg.heads = {"set": "list", "list": [[0, 1], [7, 0]]}
     with pytest.raises(ConfigError, match=r"heads.list: head \[7, 0\] is outside the model \(4 layers x 4 heads"):

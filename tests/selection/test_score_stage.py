@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -16,56 +15,12 @@ from omegaconf import OmegaConf
 
 from attninf.context import Incomplete
 from attninf.runner import run_pipeline
-
-ROOT = Path(__file__).resolve().parents[2]
-WORDS = ["alpha", "beta", "gamma", "delta", "the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "def", "return", "x", "y", "z", "retrieval", "heads", "copy", "tokens", "photosynthesis", "energy"]
-
-
-def _corpus(tmp_path: Path, n: int = 30) -> list[str]:
-    """Two jsonl files, two domains, a few bad rows in known places."""
-    paths = []
-    for f in range(2):
-        lines = []
-        for i in range(n):
-            k = f * n + i
-            text = " ".join(WORDS[(k * 7 + j * 3) % len(WORDS)] for j in range(5 + (k * 13) % 40))
-            lines.append(json.dumps({"id": f"doc{k}", "domain": ["web", "math"][k % 2], "text": text}).encode())
-        lines[3] = json.dumps({"id": f"empty{f}", "domain": "web", "text": ""}).encode()
-        lines[5] = b'{"id": "bytes%d", "domain": "web", "text": "\xff\xfe"}' % f
-        lines[7] = json.dumps({"id": f"short{f}", "domain": "math", "text": "a"}).encode()
-        p = tmp_path / f"part{f}.jsonl"
-        p.write_bytes(b"\n".join(lines) + b"\n")
-        paths.append(str(p))
-    return paths
-
-
-def _cfg(tmp_path, model_dir, paths, run="run", **score):
-    root = ROOT / "conf"
-    cfg = OmegaConf.create({
-        "run_dir": str(tmp_path / run), "stages": ["score", "select"], "seed": 0, "arms": {},
-        "wandb": {"mode": "disabled"},
-        "model": {"path": str(model_dir), "dtype": "float32", "device": "cpu", "attn_impl": "sdpa"},
-        "heads": {**OmegaConf.to_container(OmegaConf.load(root / "heads/retrieval.yaml")),
-                  "set": "list", "list": [[1, 0], [2, 3]]},
-        "corpus": {**OmegaConf.to_container(OmegaConf.load(root / "corpus/jsonl.yaml")), "paths": paths},
-        "score": {**OmegaConf.to_container(OmegaConf.load(root / "score/default.yaml")),
-                  "shard_size": 7, "progress": False, "max_tokens": 24, "batch_tokens": 64,
-                  **score},
-        "select": {**OmegaConf.to_container(OmegaConf.load(root / "select/paper.yaml")), "examples": 1},
-    })
-    return cfg
-
-
-def _rows(score_dir: Path) -> list[tuple]:
-    out = []
-    for p in sorted(score_dir.glob("shard-*.parquet")):
-        out.extend(tuple(r.values()) for r in pq.read_table(p).to_pylist())
-    return out
+from tests.helpers import ROOT, score_corpus, score_rows, score_stage_cfg
 
 
 def test_score_and_select_stages(tmp_path, tiny_model_dir):
-    paths = _corpus(tmp_path)
-    run_pipeline(_cfg(tmp_path, tiny_model_dir, paths))
+    paths = score_corpus(tmp_path)
+    run_pipeline(score_stage_cfg(tmp_path, tiny_model_dir, paths))
     sd = tmp_path / "run/score"
     assert sorted(p.name for p in sd.glob("shard-*.parquet")) == [f"shard-{i:05d}.parquet" for i in range(9)]
     t = pq.read_table(min(sd.glob("shard-*.parquet")))
@@ -76,7 +31,7 @@ def test_score_and_select_stages(tmp_path, tiny_model_dir):
     assert stats["skipped"] == {"empty": 2, "undecodable": 2, "too_short": 2}
     first = json.loads((sd / "shard-00000.stats.json").read_text())
     assert first["skip_examples"]["undecodable"] == [f"{paths[0]}:5"]
-    rows = _rows(sd)
+    rows = score_rows(sd)
     assert len({r[0] for r in rows}) == 54 and max(r[2] for r in rows) <= 24
     assert all(abs(r[6] - (r[5] - r[4]) / r[4]) < 1e-12 for r in rows)
     sel = pq.read_table(tmp_path / "run/select/selected.parquet").to_pylist()
@@ -95,9 +50,9 @@ def test_fp32_fast_scores_equal_naive_reference(tmp_path, tiny_model_dir):
     from selection import scoring
     from selection.models import ModelConfig, load_selector
 
-    paths = _corpus(tmp_path, n=10)
-    run_pipeline(_cfg(tmp_path, tiny_model_dir, paths, max_tokens=4096, batch_tokens=4096))
-    rows = {r[0]: r for r in _rows(tmp_path / "run/score")}
+    paths = score_corpus(tmp_path, n=10)
+    run_pipeline(score_stage_cfg(tmp_path, tiny_model_dir, paths, max_tokens=4096, batch_tokens=4096))
+    rows = {r[0]: r for r in score_rows(tmp_path / "run/score")}
     ref, tok = load_selector(ModelConfig(path=str(tiny_model_dir), dtype="float32", device="cpu",
                                          attn_impl="eager"))
     from selection.corpora import CorpusConfig, iter_documents
@@ -112,8 +67,8 @@ def test_fp32_fast_scores_equal_naive_reference(tmp_path, tiny_model_dir):
 
 
 def test_ranks_share_shards_and_last_one_finishes(tmp_path, tiny_model_dir, monkeypatch):
-    paths = _corpus(tmp_path, n=12)
-    cfg = _cfg(tmp_path, tiny_model_dir, paths)
+    paths = score_corpus(tmp_path, n=12)
+    cfg = score_stage_cfg(tmp_path, tiny_model_dir, paths)
     cfg.stages = ["score"]
     monkeypatch.setenv("ATTNINF_WORLD_SIZE", "2")
     monkeypatch.setenv("ATTNINF_RANK", "0")
@@ -134,9 +89,9 @@ _RUNNER = ("import sys; from omegaconf import OmegaConf; from attninf.runner imp
 @pytest.mark.slow
 def test_kill_and_resume_loses_and_duplicates_nothing(tmp_path, tiny_model_dir):
     """A real process SIGKILLed mid-run, then re-run, gives exactly the uninterrupted rows."""
-    paths = _corpus(tmp_path, n=60)
+    paths = score_corpus(tmp_path, n=60)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled"}
-    cfg = _cfg(tmp_path, tiny_model_dir, paths, run="killed", shard_size=5)
+    cfg = score_stage_cfg(tmp_path, tiny_model_dir, paths, run="killed", shard_size=5)
     cfg.stages = ["score"]
     cfg_path = tmp_path / "killed.yaml"
     cfg_path.write_text(OmegaConf.to_yaml(cfg))
@@ -151,9 +106,9 @@ def test_kill_and_resume_loses_and_duplicates_nothing(tmp_path, tiny_model_dir):
     assert 0 < done_before < 24, "the kill must land mid-run for this test to mean anything"
     subprocess.run([sys.executable, "-c", _RUNNER, str(cfg_path)], env=env, cwd=ROOT, check=True)
 
-    clean = _cfg(tmp_path, tiny_model_dir, paths, run="clean", shard_size=5)
+    clean = score_stage_cfg(tmp_path, tiny_model_dir, paths, run="clean", shard_size=5)
     clean.stages = ["score"]
     run_pipeline(clean)
-    resumed, straight = _rows(sd), _rows(tmp_path / "clean/score")
+    resumed, straight = score_rows(sd), score_rows(tmp_path / "clean/score")
     assert len(resumed) == len({r[0] for r in resumed}) == 120 - 6
     assert resumed == straight
