@@ -29,7 +29,7 @@ $(VENV)/.installed: pyproject.toml requirements-cpu.txt requirements-offline.txt
 
 # The corpus builder installs DEMO_DEBS itself when run as root (--install-debs).
 data/demo_corpus/manifest.json: | setup
-	$(BIN)/python -m selection.demo_corpus --out data/demo_corpus $(if $(filter 0,$(shell id -u)),--install-debs,)
+	$(BIN)/python -m tools.demo_corpus --out data/demo_corpus $(if $(filter 0,$(shell id -u)),--install-debs,)
 
 # HumanEval executes model-written code (sandboxed); the demo confirms it here and in its config.
 demo: setup data/demo_corpus/manifest.json

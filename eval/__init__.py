@@ -7,6 +7,5 @@
 - tasks/        task overrides: the paper's shots and HumanEval settings, offline data, sandbox
 - benchmarks.py offline benchmark data: MMLU / GSM8K / HumanEval from PyPI-shipped data
 - code_exec.py  sandboxed execution for HumanEval (the local `code_eval`)
-- replay.py     an LM that answers from a table: checks the HumanEval scoring path
 - paper.py + paper_numbers.yaml: the paper's numbers (the only place they live)
 """

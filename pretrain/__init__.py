@@ -7,6 +7,6 @@
               .schedule, .checkpoint, .export, .figures; processes: pretrain.launch)
 
 The same code trains a tiny model on a CPU (through `cpu_compat`, inert when CUDA exists) and a
-7B model across Slurm nodes (slurm/pretrain.sbatch). `python -m pretrain.bench` measures
+7B model across Slurm nodes (slurm/pretrain.sbatch). `python -m bench.pretrain` measures
 tokens/s and MFU of the real training path.
 """

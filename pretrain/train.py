@@ -255,21 +255,28 @@ def _reference_logits(model, shape, vocab: int, tp: int) -> "Any":
     return {"tokens": tokens, "logits": local.cpu()}
 
 
-def train(cfg: PretrainConfig, blend: dict, mix_dir: Path, arm: str, out: Path,
-          log_fn: Callable[[dict, int], None] | None = None) -> dict:
-    """Train (or resume) one arm. Called in every training process after init_process_group."""
+@dataclass
+class _Parallel:
+    """This process's place in the parallel layout (fixed for the whole run)."""
+
+    rank: int
+    world: int
+    tp: int
+    pp: int
+    dp: int
+    dp_rank: int
+    n_micro: int  # microbatches per global batch on this data-parallel rank (gradient accumulation)
+
+
+def _init_parallel(cfg: PretrainConfig) -> _Parallel:
+    """Split the world into TP x PP x DP and check the batch divides over it.
+
+    Both checks fail before any model is built: a world size or batch that does not divide would
+    otherwise surface as a hang in a collective or a silently different effective batch.
+    """
     import torch
     from megatron.core import parallel_state as ps
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-    from megatron.core.pipeline_parallel.schedules import get_forward_backward_func
 
-    from pretrain import checkpoint, cpu_compat, schedule
-    from pretrain.model import build_gpt, flops_per_token, padded_vocab_size
-
-    on_gpu = torch.cuda.is_available()
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and on_gpu)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     tp, pp = cfg.tensor_parallel, cfg.pipeline_parallel
     if world % (tp * pp):
@@ -281,12 +288,24 @@ def train(cfg: PretrainConfig, blend: dict, mix_dir: Path, arm: str, out: Path,
     if gbs % (mbs * dp):
         raise ValueError(f"pretrain: global_batch_size {gbs} is not a multiple of micro_batch_size x "
                          f"data-parallel size = {mbs} x {dp}")
-    n_micro = gbs // (mbs * dp)
-    cpu_compat.seed_all(cfg.seed)
+    return _Parallel(rank, world, tp, pp, dp, dp_rank, gbs // (mbs * dp))
+
+
+def _build_model(cfg: PretrainConfig, blend: dict, par: _Parallel, bf16: bool, on_gpu: bool):
+    """GPTModel (this rank's TP/PP shard) wrapped in DDP; returns (ddp, padded vocab size).
+
+    Called right after seeding: the initial weights are the first random draws of the run. The
+    vocabulary is padded so it splits evenly over TP ranks (and is a multiple of the configured
+    divisor), as Megatron's own training does.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+
+    from pretrain.model import build_gpt, padded_vocab_size
 
     vocab = cfg.model.vocab_size or blend["tokenizer"]["vocab_size"]
-    vocab = padded_vocab_size(vocab, cfg.model.make_vocab_size_divisible_by, tp)
-    model = build_gpt(cfg.model, vocab, tp=tp, pp=pp, bf16=bf16,
+    vocab = padded_vocab_size(vocab, cfg.model.make_vocab_size_divisible_by, par.tp)
+    model = build_gpt(cfg.model, vocab, tp=par.tp, pp=par.pp, bf16=bf16,
                       pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
     if bf16:
         from megatron.core.transformer.module import Float16Module
@@ -298,7 +317,21 @@ def train(cfg: PretrainConfig, blend: dict, mix_dir: Path, arm: str, out: Path,
         use_distributed_optimizer=cfg.optim.use_distributed_optimizer and on_gpu), model)
     mcfg.finalize_model_grads_func = finalize_model_grads
     mcfg.no_sync_func = ddp.no_sync
-    total = cfg.total_steps()
+    return ddp, vocab
+
+
+def _build_optimizer(cfg: PretrainConfig, ddp, total: int, bf16: bool, on_gpu: bool):
+    """Adam and Megatron's OptimizerParamScheduler driven by the WSD schedule; returns (opt, sched).
+
+    The scheduler takes its shape from the config, never from a checkpoint, so a run resumed with
+    a different decay branch (pre-decay export, then another decay) follows the config.
+    """
+    import torch
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    from pretrain import schedule
+
     kw = schedule.megatron_kwargs(cfg.schedule, total, cfg.optim.lr)
     opt = get_megatron_optimizer(OptimizerConfig(
         optimizer="adam", lr=cfg.optim.lr, min_lr=kw["min_lr"], weight_decay=cfg.optim.weight_decay,
@@ -310,10 +343,17 @@ def train(cfg: PretrainConfig, blend: dict, mix_dir: Path, arm: str, out: Path,
                                     # the config, not the checkpoint, defines the schedule (decay branches)
                                     use_checkpoint_opt_param_scheduler=False,
                                     override_opt_param_scheduler=True, **kw)
-    phases = schedule.phases(cfg.schedule, total)
+    return opt, sched
 
-    cache = Path(cfg.data_cache) if cfg.data_cache else out / "data_cache"
-    train_ds, valid_ds = _datasets(cfg, blend, mix_dir, arm, total, cache)
+
+def _resume(out: Path, ddp, opt, sched, rank: int) -> int:
+    """Load the latest checkpoint under `out/ckpt` if any; return the step to start from.
+
+    Rows of metrics.jsonl past that step are dropped (an interrupted run may have logged further
+    than it saved), so a resumed run's log equals the uninterrupted one's. A fresh run also drops an
+    earlier run's export reference, which would no longer match the weights.
+    """
+    from pretrain import checkpoint
 
     ckpt_root = out / "ckpt"
     start = 0
@@ -323,46 +363,166 @@ def train(cfg: PretrainConfig, blend: dict, mix_dir: Path, arm: str, out: Path,
         start = st["step"]
         if rank == 0:
             log.info("resumed from %s (step %d)", checkpoint.step_dir(ckpt_root, start), start)
-    metrics_path = out / "metrics.jsonl"
     if rank == 0:
-        _truncate_metrics(metrics_path, start)
+        _truncate_metrics(out / "metrics.jsonl", start)
         if resume is None:  # a fresh run: an earlier run's export reference is stale
             (out / "reference_logits.pt").unlink(missing_ok=True)
+    return start
 
-    fwd_bwd = get_forward_backward_func()
-    seq = cfg.model.seq_length
-    fpt = flops_per_token(cfg.model, vocab)
 
-    def log_row(row: dict) -> None:
-        if rank != 0:
+@dataclass
+class _Loop:
+    """What every step of the loop needs: the model, its optimizer, the layout and the log."""
+
+    cfg: PretrainConfig
+    ddp: Any
+    opt: Any
+    sched: Any
+    par: _Parallel
+    fwd_bwd: Callable
+    metrics_path: Path
+    log_fn: Callable[[dict, int], None] | None
+
+    def log_row(self, row: dict) -> None:
+        """Rank 0 appends the row to metrics.jsonl and hands it to the tracker (W&B)."""
+        if self.par.rank != 0:
             return
-        with open(metrics_path, "a") as fh:
+        with open(self.metrics_path, "a") as fh:
             fh.write(json.dumps(row) + "\n")
-        if log_fn is not None:
-            log_fn({k: v for k, v in row.items() if k != "step"}, row["step"])
+        if self.log_fn is not None:
+            self.log_fn({k: v for k, v in row.items() if k != "step"}, row["step"])
 
-    eval_interval = cfg.eval_interval
-    def evaluate(step: int) -> dict:
-        ddp.eval()
-        res = {}
-        for dom, ds in valid_ds.items():
-            n = min(len(ds), cfg.eval_samples)  # a GPTDataset holds whole epochs: >= eval_samples
-            if n == 0:
-                continue
-            mb = [_batch(ds, range(i, min(i + mbs, n)), pad_to=mbs) for i in range(0, n, mbs)]
-            with torch.no_grad():
-                losses = fwd_bwd(forward_step_func=_forward_step, data_iterator=iter(mb), model=[ddp],
-                                 num_microbatches=len(mb), seq_length=seq, micro_batch_size=mbs,
-                                 forward_only=True) if mb else []
-            # every rank evaluates the same rows: the token-weighted mean, replicated over DP/TP
-            v = (float(sum(float(x["lm sum"]) for x in losses) / sum(float(x["lm tokens"]) for x in losses))
-                 if losses else 0.0)
-            res[f"val/{dom}"] = _reduce_last_stage(v, 1.0)
-        ddp.train()
-        if res:
-            res["val/mean"] = sum(res.values()) / len(res)
-            log_row({"step": step, **res})
-        return res
+
+def _train_step(loop: _Loop, train_ds, step: int, on_gpu: bool) -> dict:
+    """One optimizer step on global batch `step`; returns its loss, lr and timings (unlogged).
+
+    The batch is a pure function of the step (samples [step*GBS, (step+1)*GBS), this DP rank's
+    slice), which is what makes a resumed run equal the uninterrupted one. The lr reported is the
+    one the step used (read before the scheduler advances).
+    """
+    import torch
+
+    cfg, par = loop.cfg, loop.par
+    mbs, gbs, seq = cfg.micro_batch_size, cfg.global_batch_size, cfg.model.seq_length
+    t0 = time.perf_counter()
+    base = step * gbs + par.dp_rank * mbs * par.n_micro
+    mb = [_batch(train_ds, range(base + k * mbs, base + (k + 1) * mbs)) for k in range(par.n_micro)]
+    t_data = time.perf_counter() - t0
+    loop.ddp.zero_grad_buffer()
+    loop.opt.zero_grad()
+    lr = loop.opt.param_groups[0]["lr"]
+    losses = loop.fwd_bwd(forward_step_func=_forward_step, data_iterator=iter(mb), model=[loop.ddp],
+                          num_microbatches=par.n_micro, seq_length=seq, micro_batch_size=mbs, forward_only=False)
+    t_fb = time.perf_counter() - t0 - t_data
+    ok, grad_norm, _ = loop.opt.step()
+    loop.sched.step(1)
+    # the unscaled per-microbatch losses (the schedule divided only the returned tensor)
+    loss = _reduce_last_stage(sum(float(x["lm loss"]) for x in losses), float(len(losses)))
+    if on_gpu:
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "ok": ok, "dt": dt, "t_data": t_data, "t_fb": t_fb}
+
+
+def _log_step(loop: _Loop, step: int, total: int, s: dict, fpt: float, on_gpu: bool) -> None:
+    """Write the metrics row of a finished step (every log_interval steps and at the last)."""
+    cfg, par = loop.cfg, loop.par
+    gbs, seq = cfg.global_batch_size, cfg.model.seq_length
+    tok_s = gbs * seq / s["dt"]
+    grad_norm = s["grad_norm"]
+    row = {"step": step, "loss": s["loss"], "lr": s["lr"],
+           "grad_norm": float(grad_norm) if grad_norm is not None else None,
+           "tokens_per_s": tok_s, "step_time_s": s["dt"], "data_s": s["t_data"], "fwd_bwd_s": s["t_fb"],
+           "consumed_tokens": step * gbs * seq, "update_ok": bool(s["ok"])}
+    if on_gpu:
+        row["mfu"] = fpt * tok_s / (par.world * cfg.peak_tflops * 1e12)
+    loop.log_row(row)
+    if par.rank == 0:
+        log.info("step %d/%d loss %.4f lr %.3e gnorm %.3f %.0f tok/s", step, total, s["loss"], s["lr"],
+                 row["grad_norm"] or float("nan"), tok_s)
+
+
+def _evaluate(loop: _Loop, valid_ds: dict, step: int) -> dict:
+    """Validation loss per domain (token-weighted mean over eval_samples rows), logged as val/*.
+
+    Every rank evaluates the same rows, so the mean is replicated over DP and TP; the last
+    pipeline stage holds it and `_reduce_last_stage` hands it to every rank.
+    """
+    import torch
+
+    cfg, ddp = loop.cfg, loop.ddp
+    mbs, seq = cfg.micro_batch_size, cfg.model.seq_length
+    ddp.eval()
+    res = {}
+    for dom, ds in valid_ds.items():
+        n = min(len(ds), cfg.eval_samples)  # a GPTDataset holds whole epochs: >= eval_samples
+        if n == 0:
+            continue
+        mb = [_batch(ds, range(i, min(i + mbs, n)), pad_to=mbs) for i in range(0, n, mbs)]
+        with torch.no_grad():
+            losses = loop.fwd_bwd(forward_step_func=_forward_step, data_iterator=iter(mb), model=[ddp],
+                                  num_microbatches=len(mb), seq_length=seq, micro_batch_size=mbs,
+                                  forward_only=True) if mb else []
+        # every rank evaluates the same rows: the token-weighted mean, replicated over DP/TP
+        v = (float(sum(float(x["lm sum"]) for x in losses) / sum(float(x["lm tokens"]) for x in losses))
+             if losses else 0.0)
+        res[f"val/{dom}"] = _reduce_last_stage(v, 1.0)
+    ddp.train()
+    if res:
+        res["val/mean"] = sum(res.values()) / len(res)
+        loop.log_row({"step": step, **res})
+    return res
+
+
+def _save_if_due(loop: _Loop, out: Path, step: int, total: int, steps_this_run: int, phases) -> bool:
+    """Checkpoint where the run needs one; return True when this run should stop here.
+
+    Saved: the last stable-phase step (the pre-decay checkpoint the paper's before-decay numbers
+    come from), every save_interval steps, the final step, and, with save_on_exit, the step at
+    which exit_after_steps stops the run (so a re-run resumes from it).
+    """
+    from pretrain import checkpoint
+
+    cfg = loop.cfg
+    is_pre_decay = cfg.save_pre_decay and step == phases.stable_end and phases.decay > 0
+    periodic = cfg.save_interval and step % cfg.save_interval == 0
+    stopping = cfg.exit_after_steps is not None and steps_this_run >= cfg.exit_after_steps and step < total
+    if is_pre_decay or periodic or step == total or (stopping and cfg.save_on_exit):
+        checkpoint.save(out / "ckpt", step, loop.ddp, loop.opt, loop.sched, step * cfg.global_batch_size,
+                        pre_decay=is_pre_decay, keep_last=cfg.keep_last, protect=(total,))
+    if stopping and loop.par.rank == 0:
+        log.info("exit_after_steps=%d reached at step %d; a re-run resumes", cfg.exit_after_steps, step)
+    return bool(stopping)
+
+
+def train(cfg: PretrainConfig, blend: dict, mix_dir: Path, arm: str, out: Path,
+          log_fn: Callable[[dict, int], None] | None = None) -> dict:
+    """Train (or resume) one arm. Called in every training process after init_process_group.
+
+    Steps: parallel layout, seed, model, optimizer + WSD scheduler, datasets, resume, the loop
+    (step, log, evaluate, checkpoint), then the export reference and the summary. The order of
+    the first four fixes the random draws; it is the same on a fresh and a resumed run.
+    """
+    import torch
+    from megatron.core.pipeline_parallel.schedules import get_forward_backward_func
+
+    from pretrain import cpu_compat, schedule
+    from pretrain.model import flops_per_token
+
+    on_gpu = torch.cuda.is_available()
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and on_gpu)
+    par = _init_parallel(cfg)
+    cpu_compat.seed_all(cfg.seed)
+    ddp, vocab = _build_model(cfg, blend, par, bf16, on_gpu)
+    total = cfg.total_steps()
+    opt, sched = _build_optimizer(cfg, ddp, total, bf16, on_gpu)
+    phases = schedule.phases(cfg.schedule, total)
+
+    cache = Path(cfg.data_cache) if cfg.data_cache else out / "data_cache"
+    train_ds, valid_ds = _datasets(cfg, blend, mix_dir, arm, total, cache)
+    start = _resume(out, ddp, opt, sched, par.rank)
+    loop = _Loop(cfg, ddp, opt, sched, par, get_forward_backward_func(), out / "metrics.jsonl", log_fn)
+    fpt = flops_per_token(cfg.model, vocab)
 
     ddp.train()
     steps_this_run = 0
@@ -371,61 +531,34 @@ def train(cfg: PretrainConfig, blend: dict, mix_dir: Path, arm: str, out: Path,
     tok_total = 0
     step = start
     while step < total:
-        t0 = time.perf_counter()
-        base = step * gbs + dp_rank * mbs * n_micro
-        mb = [_batch(train_ds, range(base + k * mbs, base + (k + 1) * mbs)) for k in range(n_micro)]
-        t_data = time.perf_counter() - t0
-        ddp.zero_grad_buffer()
-        opt.zero_grad()
-        lr = opt.param_groups[0]["lr"]
-        losses = fwd_bwd(forward_step_func=_forward_step, data_iterator=iter(mb), model=[ddp],
-                         num_microbatches=n_micro, seq_length=seq, micro_batch_size=mbs, forward_only=False)
-        t_fb = time.perf_counter() - t0 - t_data
-        ok, grad_norm, _ = opt.step()
-        sched.step(1)
-        # the unscaled per-microbatch losses (the schedule divided only the returned tensor)
-        loss = _reduce_last_stage(sum(float(x["lm loss"]) for x in losses), float(len(losses)))
-        if on_gpu:
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
+        s = _train_step(loop, train_ds, step, on_gpu)
         step += 1
         steps_this_run += 1
-        tok_s = gbs * seq / dt
-        tok_total += gbs * seq
+        tok_total += cfg.global_batch_size * cfg.model.seq_length
         if step % cfg.log_interval == 0 or step == total:
-            row = {"step": step, "loss": loss, "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                   "tokens_per_s": tok_s, "step_time_s": dt, "data_s": t_data, "fwd_bwd_s": t_fb, "consumed_tokens": step * gbs * seq,
-                   "update_ok": bool(ok)}
-            if on_gpu:
-                row["mfu"] = fpt * tok_s / (world * cfg.peak_tflops * 1e12)
-            log_row(row)
-            if rank == 0:
-                log.info("step %d/%d loss %.4f lr %.3e gnorm %.3f %.0f tok/s", step, total, loss, lr,
-                         row["grad_norm"] or float("nan"), tok_s)
-        if eval_interval and (step % eval_interval == 0 or step == total):
-            last_val = evaluate(step)
-        is_pre_decay = cfg.save_pre_decay and step == phases.stable_end and phases.decay > 0
-        periodic = cfg.save_interval and step % cfg.save_interval == 0
-        stopping = cfg.exit_after_steps is not None and steps_this_run >= cfg.exit_after_steps and step < total
-        if is_pre_decay or periodic or step == total or (stopping and cfg.save_on_exit):
-            checkpoint.save(ckpt_root, step, ddp, opt, sched, step * gbs, pre_decay=is_pre_decay,
-                            keep_last=cfg.keep_last, protect=(total,))
-        if stopping:
-            if rank == 0:
-                log.info("exit_after_steps=%d reached at step %d; a re-run resumes", cfg.exit_after_steps, step)
+            _log_step(loop, step, total, s, fpt, on_gpu)
+        if cfg.eval_interval and (step % cfg.eval_interval == 0 or step == total):
+            last_val = _evaluate(loop, valid_ds, step)
+        if _save_if_due(loop, out, step, total, steps_this_run, phases):
             break
     wall = time.perf_counter() - t_run
-    if step >= total and cfg.export_hf and world > 1 and pp == 1:
-        ref = _reference_logits(ddp, cfg.model, cfg.model.vocab_size or blend["tokenizer"]["vocab_size"], tp)
-        if rank == 0:
-            torch.save({**ref, "step": step, "tp": tp, "dp": dp}, out / "reference_logits.pt")
-    summary = {"steps": total, "finished": step >= total, "last_step": step,
-               "steps_this_run": steps_this_run, "wall_s": wall,
-               "tokens_per_s": tok_total / wall if wall > 0 else None,
-               "val": last_val, "parameters": sum(p.numel() for p in ddp.parameters()) * tp * pp,
-               "world": world, "dp": dp, "tp": tp, "pp": pp, "bf16": bf16, "n_microbatches": n_micro,
-               "stable_end": phases.stable_end, "warmup_steps": phases.warmup, "decay_steps": phases.decay}
-    return summary
+    if step >= total and cfg.export_hf and par.world > 1 and par.pp == 1:
+        ref = _reference_logits(ddp, cfg.model, cfg.model.vocab_size or blend["tokenizer"]["vocab_size"], par.tp)
+        if par.rank == 0:
+            torch.save({**ref, "step": step, "tp": par.tp, "dp": par.dp}, out / "reference_logits.pt")
+    return _summary(ddp, par, phases, total, step, steps_this_run, wall, tok_total, last_val, bf16)
+
+
+def _summary(ddp, par: _Parallel, phases, total: int, step: int, steps_this_run: int, wall: float,
+             tok_total: int, last_val: dict, bf16: bool) -> dict:
+    """What the process reports back (summary.json): progress, throughput, layout, WSD phases."""
+    return {"steps": total, "finished": step >= total, "last_step": step,
+            "steps_this_run": steps_this_run, "wall_s": wall,
+            "tokens_per_s": tok_total / wall if wall > 0 else None,
+            "val": last_val, "parameters": sum(p.numel() for p in ddp.parameters()) * par.tp * par.pp,
+            "world": par.world, "dp": par.dp, "tp": par.tp, "pp": par.pp, "bf16": bf16,
+            "n_microbatches": par.n_micro,
+            "stable_end": phases.stable_end, "warmup_steps": phases.warmup, "decay_steps": phases.decay}
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

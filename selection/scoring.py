@@ -29,13 +29,13 @@ fuses them: 1.33x less CPU time on the same batches (34.4 s vs 45.0/46.4 s eager
 under load in one process), but compiling took ~32 s of CPU in-process plus the compile
 workers' time (~8 min wall under that load), more than it saves on the demo's 400 documents
 from a cold cache; it is not enabled here. Achieved GFLOP/s against this machine's measured bf16
-GEMM peak: `python -m selection.bench_score` (FLOPs from branch_flops below).
+GEMM peak: `python -m bench.score` (FLOPs from branch_flops below).
 
 The naive reference (`naive_losses`) is the obviously-correct version: one document at a time,
 two full forward passes through `model(...)`, `torch.nn.functional.cross_entropy` on the
 logits. Tests and the benchmark hold the fast path against it.
 
-Tolerance (what "agrees with the reference" means; selection.bench_score measures it):
+Tolerance (what "agrees with the reference" means; bench.score measures it):
 - fp32 fast path: |score difference| <= 1e-5. Measured on SmolLM2-135M-Instruct, 400 demo
   documents up to 4,096 tokens: max 1.7e-6, per-domain rankings identical.
 - bf16 fast path (fp32 loss): |score difference| <= 2e-2 absolute, the bf16 rounding of the

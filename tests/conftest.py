@@ -7,6 +7,8 @@ few sentences in milliseconds, the model is LlamaForCausalLM with random weights
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from selection.tiny_models import make_tiny_llama, make_tokenizer  # noqa: F401  (tests import them from here)
+from tests.helpers import ROOT
 
 
 @pytest.fixture(scope="module")
@@ -55,3 +58,22 @@ def toy(monkeypatch):
         "score", "tests.toy_stages:consume", ("score",), lambda cfg, arm: [("detect", None)]))
     toy_stages.CALLS.clear()
     return toy_stages.CALLS
+
+
+# --- the CLI end to end (tests/test_pipeline_smoke.py, tests/attninf/test_cluster.py) ----------
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """Environment of a CLI subprocess: this checkout first on the path, offline, its own cache."""
+    cache = tmp_path_factory.mktemp("cache")
+    return {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled", "HF_ALLOW_CODE_EVAL": "1",
+            "ATTNINF_CACHE": str(cache), "XDG_CACHE_HOME": str(cache), "HF_HUB_OFFLINE": "1"}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, env) -> str:
+    """The demo corpus builder, run for real (Debian docs used when installed, else fallbacks)."""
+    out = tmp_path_factory.mktemp("demo_corpus")
+    subprocess.run([sys.executable, "-m", "tools.demo_corpus", "--out", str(out), "--per-domain", "40"],
+                   check=True, env=env, cwd=ROOT, capture_output=True)
+    return f"corpus.paths=[{out}/*.jsonl]"

@@ -28,22 +28,6 @@ STAGES = ["detect", "mirror", "score", "select", "mix", "pretrain", "eval", "eva
 ARMS = ["baseline", "attention_influence", "random"]
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
-    return {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled", "HF_ALLOW_CODE_EVAL": "1",
-            "ATTNINF_CACHE": str(cache), "XDG_CACHE_HOME": str(cache), "HF_HUB_OFFLINE": "1"}
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory, env) -> str:
-    """The demo corpus builder, run for real (Debian docs used when installed, else fallbacks)."""
-    out = tmp_path_factory.mktemp("demo_corpus")
-    subprocess.run([sys.executable, "-m", "selection.demo_corpus", "--out", str(out), "--per-domain", "40"],
-                   check=True, env=env, cwd=ROOT, capture_output=True)
-    return f"corpus.paths=[{out}/*.jsonl]"
-
-
 def attninf(args: list[str], env: dict, cwd: Path, **kw) -> subprocess.CompletedProcess:
     p = subprocess.run([sys.executable, "-m", "attninf.cli", *args], env=env, cwd=cwd,
                        capture_output=True, text=True, timeout=kw.pop("timeout", 900), **kw)

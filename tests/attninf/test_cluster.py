@@ -1,0 +1,248 @@
+"""The cluster path on a live Slurm (marker `slurm`; `make test-cluster` starts a one-node Slurm with
+slurm/local_cluster.sh and stops it afterwards).
+
+- `+experiment=smoke cluster=slurm_onenode`: every stage is a Slurm job (scoring an array of 2
+  tasks, each arm's pretraining one job of 2 srun tasks = DP 2 over gloo), `attninf-status --wait`
+  exits 0, and the artifacts equal a local run of the same config and world size: score rows,
+  selection, per-step losses and eval results identical;
+- a re-submission of the finished run submits nothing;
+- preemption: `scontrol requeue` of a running score array task (after its first shard) and of a
+  running pretrain job (after a checkpoint): the final artifacts are again identical;
+- a ratio sweep through Hydra's submitit Slurm launcher runs as Slurm jobs and shares one scoring;
+- an unknown partition is refused with Slurm's own message, in one line, exit 2.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+
+pytestmark = pytest.mark.slurm
+
+ARMS = ["baseline", "attention_influence", "random"]
+# DP=2: two ranks per arm, locally via torchrun, on Slurm as one job with two srun tasks.
+SMOKE = ["+experiment=smoke", "pretrain.launch.nproc_per_node=2"]
+CLUSTER = ["cluster=slurm_onenode"]
+
+
+def _slurm_answers() -> bool:
+    if shutil.which("scontrol") is None:
+        return False
+    p = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=60)
+    return " is UP" in p.stdout
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    if not _slurm_answers():
+        pytest.skip("no Slurm answers: run `make test-cluster` (slurm/local_cluster.sh up)")
+
+
+def cli(args, env, cwd, check=True, timeout=900):
+    p = subprocess.run([sys.executable, "-m", "attninf.cli", *args], env=env, cwd=cwd,
+                       capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    return p
+
+
+def status(run, env, *extra, timeout=1500):
+    return subprocess.run([sys.executable, "-m", "attninf.status", str(run), *extra], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def job_fields(job_id: str) -> list[dict]:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout
+    return [dict(kv.split("=", 1) for kv in ln.split() if "=" in kv) for ln in out.splitlines()]
+
+
+def jobs(run: Path) -> dict:
+    return {(j["stage"], j["arm"]): j for j in json.loads((run / "cluster/jobs.json").read_text())["jobs"]}
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory, env, corpus):
+    run = tmp_path_factory.mktemp("local") / "run"
+    t0 = time.perf_counter()
+    cli([*SMOKE, f"run_dir={run}", corpus], env, run.parent)
+    return run, time.perf_counter() - t0
+
+
+@pytest.fixture(scope="module")
+def cluster_run(slurm, tmp_path_factory, env, corpus, local_run):
+    run = tmp_path_factory.mktemp("cluster") / "run"
+    t0 = time.perf_counter()
+    p = cli([*SMOKE, *CLUSTER, f"run_dir={run}", corpus], env, run.parent)
+    st = status(run, env, "--wait", "--poll", "2")
+    return run, p, st, time.perf_counter() - t0
+
+
+def scores(run: Path) -> list[dict]:
+    rows = pq.read_table(sorted((run / "score").glob("shard-*.parquet"))).to_pylist()
+    return sorted(rows, key=lambda r: r["doc_id"])
+
+
+def losses(run: Path, arm: str) -> list[tuple]:
+    rows = [json.loads(ln) for ln in (run / "pretrain" / arm / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+
+
+def eval_results(run: Path, arm: str) -> dict:
+    return json.loads((run / "eval" / arm / "results.json").read_text())["results"]
+
+
+def assert_same_artifacts(a: Path, b: Path, stages=("score", "select", "pretrain", "eval")):
+    assert scores(a) == scores(b)  # every column, values bit-identical
+    if "select" in stages:
+        assert pq.read_table(a / "select/selected.parquet").to_pylist() == \
+            pq.read_table(b / "select/selected.parquet").to_pylist()
+    for arm in ARMS:
+        if "pretrain" in stages:
+            la, lb = losses(a, arm), losses(b, arm)
+            assert la == lb and len(la) == 6, arm
+        if "eval" in stages:
+            assert eval_results(a, arm) == eval_results(b, arm), arm
+
+
+def test_smoke_as_slurm_jobs_equals_the_local_run(cluster_run, local_run):
+    run, submit, st, wall = cluster_run
+    assert st.returncode == 0, st.stdout + st.stderr
+    lines = st.stdout.splitlines()[1:]
+    assert len(lines) == 13 and all(ln.split()[1] == "done" for ln in lines), st.stdout
+    print(f"\ncluster run {wall:.0f}s (submit to all done), local run {local_run[1]:.0f}s\n{st.stdout}")
+    js = jobs(run)
+    assert set(js) == {(s, None) for s in ("detect", "mirror", "score", "select", "mix", "eval_masked", "report")} \
+        | {(s, a) for s in ("pretrain", "eval") for a in ARMS}
+    assert len(js[("score", None)]["tasks"]) == 2  # an array of 2 tasks
+    assert {f["ArrayTaskId"] for f in job_fields(js[("score", None)]["job_id"])} == {"0", "1"}
+    owners = {json.loads(p.read_text())["rank"] for p in (run / "score").glob("shard-*.stats.json")}
+    assert owners == {0, 1}  # both array tasks scored
+    for arm in ARMS:
+        (f,) = job_fields(js[("pretrain", arm)]["job_id"])
+        assert f["NumTasks"] == "2" and f["JobState"] == "COMPLETED", f
+        assert (run / "pretrain" / arm / "train-rank1.log").exists()
+    for (stage, arm), j in js.items():
+        assert all(f["JobState"] == "COMPLETED" for f in job_fields(j["job_id"])), (stage, arm)
+    # afterok chain: select waited for the score array, report for every eval
+    assert js[("select", None)]["dependency"] == [js[("score", None)]["job_id"]]
+    assert set(js[("report", None)]["dependency"]) >= {js[("eval", a)]["job_id"] for a in ARMS}
+    assert_same_artifacts(run, local_run[0])
+    for stage in ("detect", "score", "select", "mix"):  # same keys: the same experiment, computed twice
+        assert json.loads((run / stage / "manifest.json").read_text())["key"] == \
+            json.loads((local_run[0] / stage / "manifest.json").read_text())["key"]
+
+
+def test_resubmitting_a_finished_run_submits_nothing(cluster_run, env, corpus):
+    run = cluster_run[0]
+    before = (run / "cluster/jobs.json").read_text()
+    p = cli([*SMOKE, *CLUSTER, f"run_dir={run}", corpus], env, run.parent)
+    assert "nothing to submit" in p.stdout
+    assert (run / "cluster/jobs.json").read_text() == before
+    # a partly done run: only the missing stage is submitted, with no dependency on finished ones
+    report = (run / "report/report.md").read_text()
+    shutil.rmtree(run / "report")
+    p = cli([*SMOKE, *CLUSTER, f"run_dir={run}", corpus], env, run.parent)
+    assert [ln.split()[1] for ln in p.stdout.splitlines() if ln.startswith("submitted")] == ["report"]
+    assert jobs(run)[("report", None)]["dependency"] == []
+    st = status(run, env, "--wait", "--poll", "2")
+    assert st.returncode == 0, st.stdout
+    assert (run / "report/report.md").read_text() == report
+
+
+def _wait_for(pred, timeout=600, what=""):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _requeue(job_id: str) -> None:
+    subprocess.run(["scontrol", "requeue", job_id], check=True, capture_output=True, text=True)
+    # A requeued job is held back for a while (BeginTime); let it start again at once.
+    _wait_for(lambda: job_fields(job_id) and job_fields(job_id)[0]["JobState"] == "PENDING", 60, "PENDING")
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+
+
+def test_requeued_score_task_and_pretrain_job_change_nothing(slurm, tmp_path, env, corpus, local_run):
+    """Requeue one score array task after its first shard, and the baseline pretraining after its
+    first checkpoint (save_interval=2: checkpoints at steps 2 and 4; the math is unchanged)."""
+    run = tmp_path / "run"
+    cli([*SMOKE, *CLUSTER, f"run_dir={run}", corpus, "stages=[detect,score,select,mix,pretrain]",
+         "pretrain.save_interval=2"], env, tmp_path)
+    js = jobs(run)
+    score_dir, pre = run / "score", run / "pretrain" / "baseline"
+    # rank 1 owns shards 1 and 3: requeue it once shard 1 exists and shard 3 does not
+    task = js[("score", None)]["tasks"][1]
+    _wait_for(lambda: (score_dir / "shard-00001.parquet").exists(), what="shard 1")
+    first = (score_dir / "shard-00001.parquet").stat()
+    requeued_mid_task = not (score_dir / "shard-00003.parquet").exists()
+    _requeue(task)
+    pid = js[("pretrain", "baseline")]["job_id"]
+    def mid_training():
+        latest = pre / "ckpt" / "latest"
+        return latest.exists() and int(latest.read_text()) in (2, 4)
+
+    _wait_for(mid_training, timeout=900, what="a pretrain checkpoint before the last step")
+    _requeue(pid)
+    st = status(run, env, "--wait", "--poll", "2")
+    assert st.returncode == 0, st.stdout + st.stderr
+    assert requeued_mid_task, "shard 3 was finished before the requeue: the check proved nothing"
+    assert int(job_fields(task)[0]["Restarts"]) == 1 and int(job_fields(pid)[0]["Restarts"]) == 1
+    again = (score_dir / "shard-00001.parquet").stat()
+    assert (again.st_ino, again.st_mtime_ns) == (first.st_ino, first.st_mtime_ns)  # not rescored
+    log = (pre / "train-rank0.log").read_text()
+    assert "resumed from" in log, log[-3000:]
+    assert_same_artifacts(run, local_run[0], stages=("score", "select", "pretrain"))
+
+
+def test_ratio_sweep_through_the_slurm_launcher_shares_one_scoring(cluster_run, env, corpus):
+    run = cluster_run[0]
+    score_manifest = (run / "score/manifest.json").stat().st_mtime_ns
+    cli(["-m", "hydra/launcher=slurm", *SMOKE, f"run_dir={run}", corpus, "stages=[detect,score,select]",
+         "select.ratio=0.1,0.3", "hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1",
+         "hydra.launcher.mem_gb=null", "hydra.launcher.timeout_min=30"], env, run.parent)
+    assert (run / "score/manifest.json").stat().st_mtime_ns == score_manifest
+    for ratio in ("0.1", "0.3"):
+        m = json.loads((run / f"select-select.ratio={ratio}" / "manifest.json").read_text())
+        assert m["status"] == "done" and m["config"]["select"]["ratio"] == float(ratio)
+    (sweep,) = (run / ".hydra").glob("multirun-*")
+    # the launcher submits the points as one job array: folders <array id>_<task>
+    ids = sorted(p.name for p in (sweep / ".submitit").iterdir() if re.fullmatch(r"\d+_\d+", p.name))
+    assert len(ids) == 2
+    for jid in ids:  # real Slurm jobs, known to the controller (results land before the job ends)
+        _wait_for(lambda: job_fields(jid)[0]["JobState"] not in ("RUNNING", "COMPLETING"), 120, f"job {jid}")
+        assert job_fields(jid)[0]["JobState"] == "COMPLETED"
+
+
+def test_unknown_partition_is_reported_with_slurms_message(slurm, tmp_path, env):
+    p = cli(["cluster=slurm_onenode", "cluster.partition=no_such_part", "stages=[detect]",
+             f"run_dir={tmp_path / 'run'}"], env, tmp_path, check=False)
+    assert p.returncode == 2
+    lines = [ln for ln in (p.stdout + p.stderr).splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in p.stderr, lines
+    assert "invalid partition" in lines[0].lower(), lines
+
+
+def test_a_controller_that_does_not_answer_is_one_line(slurm, tmp_path, env):
+    """Slurm installed but its controller unreachable (a conf naming a port nobody listens on)."""
+    conf = tmp_path / "slurm.conf"
+    lines = Path("/etc/slurm/slurm.conf").read_text().splitlines()
+    conf.write_text("\n".join([ln for ln in lines if not ln.startswith(("SlurmctldPort", "MessageTimeout"))]
+                              + ["SlurmctldPort=1", "MessageTimeout=2"]) + "\n")
+    p = cli(["cluster=slurm_onenode", "stages=[detect]", f"run_dir={tmp_path / 'run'}"],
+            {**env, "SLURM_CONF": str(conf)}, tmp_path, check=False, timeout=300)
+    assert p.returncode == 2
+    lines = [ln for ln in (p.stdout + p.stderr).splitlines() if ln.strip()]
+    assert len(lines) == 1 and "does not answer" in lines[0] and "Traceback" not in p.stderr, lines
