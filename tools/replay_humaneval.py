@@ -70,10 +70,10 @@ def main(argv: list[str] | None = None) -> int:
                               "use_cache": False, "log_samples": False,
                               "humaneval": {"n": 1, "temperature": 0.0,
                                             "num_workers": args.workers}}, "eval")
-    tp, mirror = harness.plan(ecfg, args.out)
+    tp, data = harness.plan(ecfg, args.out)
     summary = {}
     for name, fn in {"canonical": lambda s: s, **BROKEN}.items():
-        table = humaneval_table(Path(mirror.path), fn)
+        table = humaneval_table(Path(data.path), fn)
         ecfg.limit = args.limit if name == "canonical" else args.broken_limit
         t0 = time.perf_counter()
         res = harness.run_suite(ReplayLM(table.__getitem__), ecfg, tp, args.out / name)
