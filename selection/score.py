@@ -62,7 +62,7 @@ class ScoreConfig:
     device: str | None = None  # override model.device
     attn_impl: str | None = None  # override model.attn_impl
     shard_size: int = 2000  # documents (rows) per shard
-    batch_tokens: int = 16384  # padded tokens per batch (length-bucketed)
+    batch_tokens: int | None = None  # padded tokens per batch; null = 2,048 on CPU, 16,384 on GPU (>= max_tokens)
     max_batch_size: int = 64
     ce_chunk: int | None = None  # positions per lm_head/log-softmax chunk; null = 64 on CPU, 4096 on GPU
     share_prefix: bool = True  # compute the layers below the first masked layer once
@@ -81,7 +81,7 @@ class ScoreConfig:
               "use float32, bfloat16, float16 or null (= model.dtype)")
         check(self.shard_size > 0, "shard_size", "must be positive")
         check(0.0 <= self.max_skip_share <= 1.0, "max_skip_share", "must be in [0, 1]")
-        check(self.batch_tokens >= self.max_tokens, "batch_tokens",
+        check(self.batch_tokens is None or self.batch_tokens >= self.max_tokens, "batch_tokens",
               f"must be >= max_tokens ({self.max_tokens}) so the longest document fits a batch")
         check(self.max_batch_size > 0 and (self.ce_chunk or 1) > 0, "max_batch_size", "must be positive")
 
@@ -154,7 +154,9 @@ def score_shard(docs: list[Document], *, tokenizer, scorer, cfg: ScoreConfig, pr
             keep.append((d, ids, n_full))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     on_batch = (lambda n, t: progress.update(n, t)) if progress is not None else None
-    base, masked = scoring.score_tokens(scorer, [k[1] for k in keep], max_batch_tokens=cfg.batch_tokens,
+    budget = cfg.batch_tokens or scoring.default_batch_tokens(next(scorer.model.parameters()).device.type,
+                                                              cfg.max_tokens)
+    base, masked = scoring.score_tokens(scorer, [k[1] for k in keep], max_batch_tokens=budget,
                                         max_batch_size=cfg.max_batch_size, pad_id=pad_id, on_batch=on_batch)
     if progress is not None:
         progress.update(len(docs) - len(keep), 0)  # skipped rows count as processed
@@ -302,8 +304,9 @@ def run(ctx) -> dict:
             state["tok"] = tok
             state["scorer"] = scoring.BranchScorer(model, list(heads), mode=mode,
                                                    ce_chunk=cfg.ce_chunk, share_prefix=cfg.share_prefix)
+            device = next(model.parameters()).device
             state["info"] = {"model": mc.path, "dtype": mc.dtype, "attn_impl": mc.attn_impl,
-                             "device": str(next(model.parameters()).device), "heads": len(heads),
+                             "device": str(device), "heads": len(heads), "batch_tokens": cfg.batch_tokens or scoring.default_batch_tokens(device.type, cfg.max_tokens),
                              "first_masked_layer": state["scorer"].split}
             log.info("score: rank %d/%d, %s", rank, world, state["info"])
         return state["scorer"], state["tok"]
