@@ -143,7 +143,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
-    p.add_argument("--batch-tokens", type=int, default=16384)
+    p.add_argument("--batch-tokens", type=int, default=None,
+                   help="padded tokens per batch (default: the score stage's, 2,048 on CPU, 16,384 on GPU)")
     p.add_argument("--max-batch-size", type=int, default=64)
     p.add_argument("--ce-chunk", type=int, default=None, help="default: 64 on CPU, 4096 on GPU")
     p.add_argument("--no-share-prefix", action="store_true")
@@ -225,7 +226,8 @@ def _run_fast(args: argparse.Namespace, model_path: str, docs: list) -> tuple[di
     scorer = scoring.BranchScorer(fast_model, heads, ce_chunk=args.ce_chunk, share_prefix=not args.no_share_prefix)
     dev = next(fast_model.parameters()).device
 
-    kw = {"max_batch_tokens": args.batch_tokens, "max_batch_size": args.max_batch_size, "pad_id": pad}
+    budget = args.batch_tokens or scoring.default_batch_tokens(dev.type, args.max_tokens)
+    kw = {"max_batch_tokens": budget, "max_batch_size": args.max_batch_size, "pad_id": pad}
     on_cpu = dev.type == "cpu"
     peaks = [gemm_peak(args.dtype, args.peak_size)] if on_cpu else []
     scoring.score_tokens(scorer, toks[:4], **kw)  # warm-up (kernels, allocator)
@@ -241,7 +243,8 @@ def _run_fast(args: argparse.Namespace, model_path: str, docs: list) -> tuple[di
     fast_score = [float(scoring.ai_score(b, m)) for b, m in zip(fb, fm)]
     res = {"model": args.model + (" (random init)" if args.random_init else ""), "device": str(dev), "dtype": args.dtype, "attn": args.attn,
            "threads": torch.get_num_threads(), "docs": len(docs), "tokens": n_tok,
-           "max_tokens": args.max_tokens, "heads": len(heads), "first_masked_layer": scorer.split,
+           "max_tokens": args.max_tokens, "batch_tokens": budget, "heads": len(heads),
+           "first_masked_layer": scorer.split,
            "n_layers": n_layers, "share_prefix": not args.no_share_prefix,
            "fast_tokens_per_s": n_tok / fast_s, "fast_s": fast_s, "fast_cpu_s": fast_cpu,
            "fast_gflop": flops["total"] / 1e9,

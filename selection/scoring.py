@@ -31,6 +31,15 @@ workers' time (~8 min wall under that load), more than it saves on the demo's 40
 from a cold cache; it is not enabled here. Achieved GFLOP/s against this machine's measured bf16
 GEMM peak: `python -m bench.score` (FLOPs from branch_flops below).
 
+What bounds the fast/naive ratio on a 2-core CPU (measured on one machine of the 2-core Zen 4
+kind, quiet): its bf16 GEMM peaks at 380-420 GFLOP/s and its fp32 GEMM at 150-180 (another
+machine of the same kind measured 846 bf16), and the naive fp32 reference already runs near half
+of its own peak, like the fast path. So the ratio is about (bf16 peak / fp32 peak ~2.3-2.7) x
+(the naive's 2 x L layers over the fast path's k + 2 (L - k)) at equal efficiency: ~2.3x with a
+random 5% of heads (first masked layer ~3), ~3.2x with SmolLM2-135M's detected heads (k = 17 of
+30). The 4x target needs the fast path at ~1.3x the naive's efficiency: fusing the elementwise
+third of the time (torch.compile above, or hand-fused RMSNorm/rotary/SwiGLU) is what is left.
+
 The naive reference (`naive_losses`) is the obviously-correct version: one document at a time,
 two full forward passes through `model(...)`, `torch.nn.functional.cross_entropy` on the
 logits. Tests and the benchmark hold the fast path against it.
