@@ -35,10 +35,12 @@ What bounds the fast/naive ratio on a 2-core CPU (measured on one machine of the
 kind, quiet): its bf16 GEMM peaks at 380-420 GFLOP/s and its fp32 GEMM at 150-180 (another
 machine of the same kind measured 846 bf16), and the naive fp32 reference already runs near half
 of its own peak, like the fast path. So the ratio is about (bf16 peak / fp32 peak ~2.3-2.7) x
-(the naive's 2 x L layers over the fast path's k + 2 (L - k)) at equal efficiency: ~2.3x with a
-random 5% of heads (first masked layer ~3), ~3.2x with SmolLM2-135M's detected heads (k = 17 of
-30). The 4x target needs the fast path at ~1.3x the naive's efficiency: fusing the elementwise
-third of the time (torch.compile above, or hand-fused RMSNorm/rotary/SwiGLU) is what is left.
+(the naive's 2 x L layers over the fast path's k + 2 (L - k)) at equal efficiency. Measured
+(`python -m bench.score --docs 40`, 20k tokens, batches of 2,048): 2.35x the naive and 53% of
+the bf16 peak with a random 5% of heads (first masked layer 2), 2.91x and 61% with SmolLM2-135M's
+14 detected heads (first masked layer 17 of 30: `--heads RUN/detect/heads.json`). A 4x ratio
+needs the fast path at ~1.4x the naive's efficiency: fusing the elementwise third of the time
+(torch.compile above, or hand-fused RMSNorm/rotary/SwiGLU) is what is left.
 
 The naive reference (`naive_losses`) is the obviously-correct version: one document at a time,
 two full forward passes through `model(...)`, `torch.nn.functional.cross_entropy` on the
