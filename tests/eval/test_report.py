@@ -188,9 +188,8 @@ def test_two_point_sweep_reports_follow_their_own_point(tmp_path):
         own = json.loads((run_dir / f"select-select.ratio={ratio}" / "summary.json").read_text())
         want = sum(d["selected"] for d in own["methods"]["attention_influence"].values())
         assert rep["tokens"]["selection"]["attention_influence"]["selected"] == want
+        assert want == {"0.1": 4, "0.4": 16}[ratio]  # ceil(ratio x 20) per domain, two domains
         folders = {m["folder"] for m in rep["manifests"]}
         assert f"select-select.ratio={ratio}" in folders and f"select-select.ratio={other}" not in folders
         md = (run_dir / f"report-select.ratio={ratio}" / "report.md").read_text()
         assert f"top {float(ratio):.0%} per domain" in md
-    assert want != json.loads((run_dir / "report-select.ratio=0.1" / "report.json").read_text()
-                              )["tokens"]["selection"]["attention_influence"]["selected"]

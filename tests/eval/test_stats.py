@@ -74,6 +74,9 @@ def test_bootstrap_is_seeded():
     a, b = rng.random(60), rng.random(60)
     r1, r2 = stats.paired(a, b, n_resamples=500, seed=7), stats.paired(a, b, n_resamples=500, seed=7)
     assert (r1.ci_low, r1.ci_high, r1.p_value) == (r2.ci_low, r2.ci_high, r2.p_value)
+    r3 = stats.paired(a, b, n_resamples=500, seed=8)  # the seed is used, not a fixed internal stream
+    assert (r3.ci_low, r3.ci_high) != (r1.ci_low, r1.ci_high)
+    assert r1.ci_low < r1.delta < r1.ci_high
 
 
 def test_mde_formula_against_its_closed_form():

@@ -39,13 +39,13 @@ def reference_wsd(n: int, total: int, warm: int, decay: int, peak: float, lo: fl
     return lo + f * (peak - lo)
 
 
-@pytest.mark.parametrize("total,warm_frac,stable,shape,ratio", [
-    (1000, 0.001, 0.75, "linear", 0.1),   # the paper: 0.1% warmup, stable to 75%, decay 25%
-    (200, 0.05, 0.75, "cosine", 0.0),
-    (97, 0.02, 0.6, "minus_sqrt", 0.2),
-    (50, 0.0, 0.9, "exponential", 0.1),
+@pytest.mark.parametrize("total,warm_frac,stable,shape,ratio,warm,decay", [
+    (1000, 0.001, 0.75, "linear", 0.1, 1, 250),   # the paper: 0.1% warmup, stable to 75%, decay 25%
+    (200, 0.05, 0.75, "cosine", 0.0, 10, 50),
+    (97, 0.02, 0.6, "minus_sqrt", 0.2, 2, 39),     # round(1.94) = 2; 97 - round(58.2) = 39
+    (50, 0.0, 0.9, "exponential", 0.1, 0, 5),
 ])
-def test_wsd_megatron_scheduler_matches_closed_form(total, warm_frac, stable, shape, ratio):
+def test_wsd_megatron_scheduler_matches_closed_form(total, warm_frac, stable, shape, ratio, warm, decay):
     import torch
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
@@ -57,8 +57,6 @@ def test_wsd_megatron_scheduler_matches_closed_form(total, warm_frac, stable, sh
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
     sched = OptimizerParamScheduler(opt, start_wd=0.1, end_wd=0.1, wd_incr_steps=total,
                                     wd_incr_style="constant", **megatron_kwargs(cfg, total, peak))
-    warm = round(warm_frac * total)
-    decay = total - round(stable * total)
     ph = phases(cfg, total)
     assert (ph.warmup, ph.decay, ph.stable_end) == (warm, decay, total - decay)
     for n in range(total + 1):

@@ -206,10 +206,10 @@ def test_rendezvous_env_from_torchrun_and_srun():
     tr = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "5"}
     assert rendezvous_env(tr) == {"LOCAL_RANK": "1"}  # torchrun's own values are kept
     srun = {"SLURM_PROCID": "1", "SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "2", "SLURM_LOCALID": "1",
-            "SLURM_JOB_ID": "12345", "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_NNODES": "2",
+            "SLURM_JOB_ID": "45678", "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_NNODES": "2",
             "SLURM_STEP_NUM_NODES": "1"}
     assert rendezvous_env(srun) == {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1",
-                                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(20000 + 12345 % 20000)}
+                                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "25678"}  # 20000 + 45678 % 20000
     exported = {**srun, "MASTER_ADDR": "node1", "MASTER_PORT": "29999"}
     assert set(rendezvous_env(exported)) == {"RANK", "WORLD_SIZE", "LOCAL_RANK"}
     with pytest.raises(SystemExit, match="SLURM_PROCID"):

@@ -19,15 +19,14 @@ def _jsonl(path, rows):
 
 
 def test_jsonl_fields_ids_and_order(tmp_path):
-    a = _jsonl(tmp_path / "b_part.jsonl", [{"id": "x1", "domain": "web", "text": "hello"},
-                                           {"domain": "math", "text": "1+1=2"}])
-    b = _jsonl(tmp_path / "a_part.jsonl", [{"id": "y", "domain": "web", "text": "first file"}])
+    _jsonl(tmp_path / "b_part.jsonl", [{"id": "x1", "domain": "web", "text": "hello"},
+                                       {"domain": "math", "text": "1+1=2"}])
+    _jsonl(tmp_path / "a_part.jsonl", [{"id": "y", "domain": "web", "text": "first file"}])
     cfg = CorpusConfig(paths=[str(tmp_path / "*.jsonl")])
     docs = list(iter_documents(cfg))
     # files sorted by name; an id field wins, else "<stem>:<row>"
     assert [(d.doc_id, d.domain, d.text) for d in docs] == [
         ("y", "web", "first file"), ("x1", "web", "hello"), ("b_part:1", "math", "1+1=2")]
-    assert a and b
 
 
 def test_custom_fields_and_domain_per_file(tmp_path):

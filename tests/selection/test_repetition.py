@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import random
-import zlib
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -32,7 +31,8 @@ def test_repeated_ngram_fraction_closed_forms():
 
 def test_compression_ratio():
     t = "abc" * 200
-    assert compression_ratio(t) == len(zlib.compress(t.encode(), 6)) / 600
+    assert compression_ratio(t) < 0.05  # 600 bytes of a 3-byte period compress to ~17
+    assert compression_ratio("é" * 300) < 0.04  # over UTF-8 bytes (600), not characters (300)
     assert compression_ratio("") == 1.0
     rng = random.Random(0)
     rnd = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(600))
@@ -42,8 +42,7 @@ def test_compression_ratio():
 def test_spearman_closed_form_and_ties():
     x = [1.0, 2.0, 3.0, 4.0, 5.0]
     y = [2.0, 1.0, 4.0, 3.0, 5.0]
-    d2 = sum((a - b) ** 2 for a, b in zip(average_ranks(x), average_ranks(y)))
-    assert spearman(x, y) == pytest.approx(1 - 6 * d2 / (5 * 24))  # no ties: the closed form
+    assert spearman(x, y) == pytest.approx(0.8)  # no ties: 1 - 6 * (1+1+1+1+0) / (5 * 24)
     assert average_ranks([3.0, 1.0, 3.0, 2.0]) == [3.5, 1.0, 3.5, 2.0]
     assert spearman(x, [-v for v in x]) == pytest.approx(-1.0)
     assert spearman(x, [1.0] * 5) is None
@@ -61,8 +60,8 @@ def test_compare_runs_reports_pairs_and_stable_heads():
     p = {(x["a"], x["b"]): x for x in cmp["pairs"]}
     assert p[("paper-seed0", "paper-seed1")]["jaccard"] == 1.0
     assert p[("paper-seed0", "alt-seed0")]["jaccard"] == pytest.approx(1 / 3)
-    flat = lambda s: [v for r in s for v in r]  # noqa: E731
-    assert p[("paper-seed0", "alt-seed0")]["spearman"] == pytest.approx(spearman(flat(a), flat(c)))
+    # ranks of the 6 flattened scores: a [6, 3, 1.5, 5, 4, 1.5], c [1.5, 6, 3, 5, 4, 1.5] -> 1.25 / 17
+    assert p[("paper-seed0", "alt-seed0")]["spearman"] == pytest.approx(5 / 68)
     assert cmp["stable_heads"] == [[1, 0]]
     assert cmp["same_template"]["pairs"] == 1 and cmp["across_templates"]["pairs"] == 2
 
