@@ -212,7 +212,8 @@ def _run_fast(args: argparse.Namespace, model_path: str, docs: list) -> tuple[di
     import torch
 
     from selection import scoring
-    from selection.models import ModelConfig, head_geometry, load_selector
+    from selection.heads import head_geometry
+    from selection.models import ModelConfig, load_selector
 
     fast_model, tok = load_selector(ModelConfig(path=model_path, dtype=args.dtype, device=args.device,
                                                 attn_impl=args.attn))

@@ -54,7 +54,8 @@ def head_sets(hcfg, heads_json: dict | None, n_layers: int, n_heads: int, wanted
 def run(ctx) -> dict:
     from selection.heads import HeadsConfig, heads_json_for_stage
     from selection.masking import mask_heads
-    from selection.models import ModelConfig, head_geometry, load_selector, resolve_model_path
+    from selection.heads import head_geometry
+    from selection.models import ModelConfig, load_selector, resolve_model_path
 
     ecfg = build(EvalConfig, ctx.section("eval"), "eval")
     ecfg = dataclasses.replace(ecfg, tasks=list(ecfg.masked.tasks or ecfg.tasks),

@@ -83,11 +83,6 @@ def save_tokenizer(tokenizer_dir: Path, out_dir: Path) -> None:
     make_tokenizer_portable(out_dir)
 
 
-def verify_tokens(vocab: int, seq: int, n: int = 2, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab, (n, min(seq, 64)), generator=g)
-
-
 def export_checkpoint(ckpt_dir: Path, shape: ModelShape, vocab_size: int, tokenizer_dir: Path,
                       out_dir: Path, real_vocab: int | None = None, reference: Path | None = None) -> dict:
     """Load `ckpt_dir` into a TP=1/PP=1 model (process group must exist), write `out_dir`.
@@ -100,7 +95,7 @@ def export_checkpoint(ckpt_dir: Path, shape: ModelShape, vocab_size: int, tokeni
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     from pretrain import checkpoint
-    from pretrain.model import build_gpt
+    from pretrain.model import build_gpt, verify_tokens
 
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(1, 1)

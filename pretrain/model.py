@@ -156,3 +156,11 @@ def build_gpt(shape: ModelShape, vocab_size: int, *, tp: int = 1, pp: int = 1, b
     if torch.cuda.is_available():  # as Megatron's get_model: build, then move to this rank's GPU
         model.cuda(torch.cuda.current_device())
     return model
+
+
+def verify_tokens(vocab: int, seq: int, n: int = 2, seed: int = 0):
+    """The seeded token rows that training and export both feed the model to check an export."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n, min(seq, 64)), generator=g)

@@ -240,7 +240,7 @@ def _reference_logits(model, shape, vocab: int, tp: int) -> "Any":
     from megatron.core import parallel_state as ps
 
     from pretrain.checkpoint import unwrap
-    from pretrain.export import verify_tokens
+    from pretrain.model import verify_tokens
 
     tokens = verify_tokens(vocab, shape.seq_length)
     pos = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)

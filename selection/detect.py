@@ -566,7 +566,8 @@ def run(ctx) -> dict:
     from attninf.manifest import write_json
     from attninf.progress import Progress
     from selection.heads import HeadsConfig
-    from selection.models import ModelConfig, check_context, head_geometry, load_selector
+    from selection.heads import head_geometry
+    from selection.models import ModelConfig, check_context, load_selector
     from selection.probes import generate_probes, load_sentences, save_probes
 
     cfg = build(DetectConfig, ctx.cfg.get("detect"), "detect")

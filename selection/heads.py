@@ -116,6 +116,12 @@ def parse_head_list(obj: Any, where: str) -> list[Head]:
     return out
 
 
+def head_geometry(model) -> tuple[int, int, int]:
+    """(layers, attention heads, key/value heads) of a transformers model, from its config."""
+    c = model.config
+    return c.num_hidden_layers, c.num_attention_heads, getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+
+
 def check_heads(heads: Sequence[Head], n_layers: int, n_heads: int, where: str) -> None:
     """Every head inside the model, or a ConfigError naming the first one that is not."""
     for l, h in heads:
@@ -274,7 +280,6 @@ def heads_json_for_stage(ctx, cfg: HeadsConfig) -> tuple[dict | None, str | None
 def heads_for_stage(ctx, model) -> list[Head]:
     """The head set of `ctx.cfg.heads` for `model` (a stage's one-liner)."""
     from attninf.config import build
-    from selection.models import head_geometry
 
     cfg = build(HeadsConfig, ctx.cfg.get("heads"), "heads")
     n_layers, n_heads, _ = head_geometry(model)

@@ -132,7 +132,8 @@ def run(ctx) -> dict:
     from attninf.config import build
     from attninf.manifest import write_atomic, write_json
     from selection.heads import HeadsConfig, describe, heads_json_for_stage, resolve_heads, retrieval_set
-    from selection.models import ModelConfig, check_context, head_geometry, load_selector
+    from selection.heads import head_geometry
+    from selection.models import ModelConfig, check_context, load_selector
     from selection.probes import load_sentences, probes_from_settings, save_probes
 
     cfg = build(MirrorConfig, ctx.cfg.get("mirror"), "mirror")

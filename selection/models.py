@@ -195,11 +195,6 @@ def load_selector(cfg: ModelConfig):
     return model, tok
 
 
-def head_geometry(model) -> tuple[int, int, int]:
-    c = model.config
-    return c.num_hidden_layers, c.num_attention_heads, getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-
-
 def model_context(model) -> int | None:
     """The selector's context length (max_position_embeddings), when it states one."""
     return getattr(model.config, "max_position_embeddings", None)

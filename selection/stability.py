@@ -223,7 +223,8 @@ def stability(cfg: StabilityConfig) -> dict:
     import torch
 
     from attninf.manifest import write_json
-    from selection.models import ModelConfig, check_context, head_geometry, load_selector
+    from selection.heads import head_geometry
+    from selection.models import ModelConfig, check_context, load_selector
 
     cfg.validate()
     if cfg.threads:
