@@ -73,6 +73,12 @@ class ScoreConfig:
     # are: a typo in corpus.text_field must not finish `done` with an empty selection.
     max_skip_share: float = 0.5
 
+    def batch_budget(self, device_type: str) -> int:
+        """Padded tokens per batch: batch_tokens, or the device's measured best when null."""
+        from selection.scoring import default_batch_tokens
+
+        return self.batch_tokens or default_batch_tokens(device_type, self.max_tokens)
+
     def validate(self) -> None:
         check(self.max_tokens >= 2, "max_tokens", "must be >= 2")
         check(self.min_tokens >= 2, "min_tokens", "must be >= 2 (a loss needs a next token)")
@@ -154,8 +160,7 @@ def score_shard(docs: list[Document], *, tokenizer, scorer, cfg: ScoreConfig, pr
             keep.append((d, ids, n_full))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     on_batch = (lambda n, t: progress.update(n, t)) if progress is not None else None
-    budget = cfg.batch_tokens or scoring.default_batch_tokens(next(scorer.model.parameters()).device.type,
-                                                              cfg.max_tokens)
+    budget = cfg.batch_budget(next(scorer.model.parameters()).device.type)
     base, masked = scoring.score_tokens(scorer, [k[1] for k in keep], max_batch_tokens=budget,
                                         max_batch_size=cfg.max_batch_size, pad_id=pad_id, on_batch=on_batch)
     if progress is not None:
@@ -306,7 +311,8 @@ def run(ctx) -> dict:
                                                    ce_chunk=cfg.ce_chunk, share_prefix=cfg.share_prefix)
             device = next(model.parameters()).device
             state["info"] = {"model": mc.path, "dtype": mc.dtype, "attn_impl": mc.attn_impl,
-                             "device": str(device), "heads": len(heads), "batch_tokens": cfg.batch_tokens or scoring.default_batch_tokens(device.type, cfg.max_tokens),
+                             "device": str(device), "heads": len(heads),
+                             "batch_tokens": cfg.batch_budget(device.type),
                              "first_masked_layer": state["scorer"].split}
             log.info("score: rank %d/%d, %s", rank, world, state["info"])
         return state["scorer"], state["tok"]

@@ -147,7 +147,7 @@ CE_CHUNK_GPU = 4096
 
 # Padded tokens per length-bucketed batch. On CPU small batches win: measured with
 # `python -m bench.score --docs 40 --heads <demo heads.json> --skip-naive` (SmolLM2-135M bf16,
-# 2 Zen 4 cores, quiet machine), 2,048 tokens gave 477-512 tokens/s against 430 at 16,384,
+# 2 Zen 4 cores, other jobs paused), 2,048 tokens gave 477-512 tokens/s against 430 at 16,384,
 # 448 at 4,096, 421 at 3,072 and 423 at 1,024 (single runs; +-8% run to run): the activations of
 # a 2,048-token batch stay in L2/L3 between the layer's GEMMs and elementwise ops. On a GPU big
 # batches amortise launches; memory is the limit.

@@ -150,14 +150,19 @@ def _copy_head_model(tokenizer, copy_head=(0, 2)):
 
 
 def _marker_probes(tokenizer, n=3):
-    rng = random.Random(0)
+    return _query_probes(tokenizer, MARK * 6, seed=0, n=n)
+
+
+def _query_probes(tokenizer, value: str, seed: int, n: int = 3):
+    """Probes whose queried pair holds `value` among five filler sentences (3-shot)."""
+    rng = random.Random(seed)
     fillers = ["The quick brown fox jumps over the lazy dog.", "Retrieval heads copy tokens.",
                "Plants convert light energy.", "Let x be a real number.", "The weather in Paris."]
     probes = []
     for i in range(n):
         pairs = [(random_key(rng), v) for v in fillers]
         q = rng.randrange(len(pairs) + 1)
-        pairs.insert(q, (random_key(rng), MARK * 6))
+        pairs.insert(q, (random_key(rng), value))
         shots = rng.sample([j for j in range(len(pairs)) if j != q], 3)
         prompt, answer, span = render(pairs, shots, q)
         n_tok = len(tokenizer(prompt)["input_ids"]) + len(tokenizer(answer, add_special_tokens=False)["input_ids"])
@@ -311,19 +316,7 @@ def _successor_model(tokenizer):
 
 
 def _succ_probes(tokenizer, n=3):
-    rng = random.Random(1)
-    fillers = ["The quick brown fox jumps over the lazy dog.", "Retrieval heads copy tokens.",
-               "Plants convert light energy.", "Let x be a real number.", "The weather in Paris."]
-    probes = []
-    for i in range(n):
-        pairs = [(random_key(rng), v) for v in fillers]
-        q = rng.randrange(len(pairs) + 1)
-        pairs.insert(q, (random_key(rng), SUCC_VALUE))
-        shots = rng.sample([j for j in range(len(pairs)) if j != q], 3)
-        prompt, answer, span = render(pairs, shots, q)
-        probes.append(Probe(i, prompt, answer, pairs[q][0], pairs[q][1], span, len(pairs), 0,
-                            tuple(pairs[s][0] for s in shots)))
-    return probes
+    return _query_probes(tokenizer, SUCC_VALUE, seed=1, n=n)
 
 
 @torch.no_grad()
