@@ -142,7 +142,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=1024)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
+    p.add_argument("--attn", default="auto", choices=["auto", "causal_blocks", "sdpa", "eager", "flash_attention_2"],
+                   help="fast path attention (default auto: causal_blocks on CPU, sdpa on GPU)")
     p.add_argument("--batch-tokens", type=int, default=None,
                    help="padded tokens per batch (default: the score stage's, 2,048 on CPU, 16,384 on GPU)")
     p.add_argument("--max-batch-size", type=int, default=64)
@@ -211,7 +212,7 @@ def _run_fast(args: argparse.Namespace, model_path: str, docs: list) -> tuple[di
     """
     import torch
 
-    from selection import scoring
+    from selection import masking, scoring
     from selection.heads import head_geometry
     from selection.models import ModelConfig, load_selector
 
@@ -242,7 +243,8 @@ def _run_fast(args: argparse.Namespace, model_path: str, docs: list) -> tuple[di
     n_tok = sum(len(t) for t in toks)
     flops = scoring.branch_flops(fast_model.config, [len(t) for t in toks], scorer.split)
     fast_score = [float(scoring.ai_score(b, m)) for b, m in zip(fb, fm)]
-    res = {"model": args.model + (" (random init)" if args.random_init else ""), "device": str(dev), "dtype": args.dtype, "attn": args.attn,
+    res = {"model": args.model + (" (random init)" if args.random_init else ""), "device": str(dev), "dtype": args.dtype,
+           "attn": masking.base_implementation(fast_model),
            "threads": torch.get_num_threads(), "docs": len(docs), "tokens": n_tok,
            "max_tokens": args.max_tokens, "batch_tokens": budget, "heads": len(heads),
            "first_masked_layer": scorer.split,

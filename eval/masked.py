@@ -53,8 +53,8 @@ def head_sets(hcfg, heads_json: dict | None, n_layers: int, n_heads: int, wanted
 
 def run(ctx) -> dict:
     from selection.heads import HeadsConfig, heads_json_for_stage
-    from selection.masking import mask_heads
     from selection.heads import head_geometry
+    from selection.masking import base_implementation, mask_heads
     from selection.models import ModelConfig, load_selector, resolve_model_path
 
     ecfg = build(EvalConfig, ctx.section("eval"), "eval")
@@ -70,7 +70,7 @@ def run(ctx) -> dict:
     base_meta = {"stage": "eval_masked", "suite": ecfg.suite, "limit": ecfg.limit,
                  "model": {"path": mcfg.path, "resolved": resolve_model_path(mcfg.path),
                            "dtype": mcfg.dtype, "device": str(model.device),
-                           "attn_impl": mcfg.attn_impl},
+                           "attn_impl": base_implementation(model)},
                  "heads": {"set": hcfg.set, "source": heads_source, "mode": hcfg.mode,
                            "seed": hcfg.seed, "n_layers": n_layers, "n_heads": n_heads},
                  "tasks": tp.tasks, "skipped_tasks": tp.skipped,

@@ -5,7 +5,8 @@ may see (PAPER.md section 2). Under a causal mask query i sees i+1 positions, so
 head's output at i is the running mean of its value vectors v_0..v_i. With GQA those are the
 values of the KV group the query head belongs to.
 
-How it hooks in: `attninf_<base>` wraps a base implementation (sdpa, eager, flash_attention_2).
+How it hooks in: `attninf_<base>` wraps a base implementation (causal_blocks, sdpa, eager,
+flash_attention_2).
 It runs the base kernel for all heads (fused, fast), then overwrites the output of the masked
 heads of that layer with the uniform (or zero) output. Which heads are masked is plain state on
 each attention module, so toggling costs nothing: the scorer flips it between its base and
@@ -34,6 +35,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from selection import attention
 from selection.heads import MASK_MODES, check_heads  # the one list of modes, the one head validator
 
 PREFIX = "attninf_"
@@ -58,11 +60,13 @@ def register(base: str) -> str:
     name = wrapper_name(base)
     if name in ALL_ATTENTION_FUNCTIONS:
         return name
+    if base == attention.NAME:
+        attention.register()
     if base != "eager" and base not in ALL_ATTENTION_FUNCTIONS:
         raise ValueError(f"attention implementation '{base}' is not available here "
                          f"(known: eager, {', '.join(ALL_ATTENTION_FUNCTIONS.keys())})")
 
-    def attention(module, query, key, value, attention_mask, **kwargs):
+    def wrapped(module, query, key, value, attention_mask, **kwargs):
         observer = getattr(module, "_attninf_observer", None)
         if observer is not None:
             observer(module, query, key, value, attention_mask, kwargs.get("scaling"))
@@ -75,7 +79,7 @@ def register(base: str) -> str:
             out = masked_output(out, value, attention_mask, heads, module._attninf_mode)
         return out, weights
 
-    AttentionInterface.register(name, attention)
+    AttentionInterface.register(name, wrapped)
     mask_base = base if base in ALL_MASK_ATTENTION_FUNCTIONS else "sdpa"
     AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[mask_base])
     return name
@@ -131,6 +135,11 @@ def attention_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
         if idx is not None and hasattr(mod, "o_proj") and mod.__class__.__name__.endswith("Attention"):
             found[int(idx)] = mod
     return dict(sorted(found.items()))
+
+
+def base_implementation(model: torch.nn.Module) -> str:
+    """The attention implementation under the masking wrapper (what `auto` resolved to)."""
+    return (model.config._attn_implementation or "sdpa").removeprefix(PREFIX)
 
 
 def install(model: torch.nn.Module) -> torch.nn.Module:

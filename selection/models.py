@@ -42,13 +42,12 @@ class ModelConfig:
     path: str = "pypi:smollm2-135m-instruct"
     dtype: str = "bfloat16"
     device: str = "auto"
-    attn_impl: str = "sdpa"
+    attn_impl: str = "auto"  # auto = causal_blocks on CPU, sdpa elsewhere (ATTN_IMPLS)
 
     def validate(self) -> None:
         check(bool(self.path), "path", "a hub id, a local directory or pypi:<alias> is required")
         check(self.dtype in DTYPES, "dtype", f"'{self.dtype}' not in {sorted(DTYPES)}")
-        check(self.attn_impl in ("sdpa", "eager", "flash_attention_2", "flash_attention_3"), "attn_impl",
-              f"'{self.attn_impl}' unknown")
+        check(self.attn_impl in ATTN_IMPLS, "attn_impl", f"'{self.attn_impl}' unknown; use one of {ATTN_IMPLS}")
         if self.path.startswith("pypi:"):
             check(self.path[5:] in PYPI_MODELS, "path", f"unknown alias; known: "
                   f"{', '.join('pypi:' + k for k in PYPI_MODELS)}")
@@ -71,6 +70,18 @@ def cache_root() -> Path:
     base = os.environ.get("ATTNINF_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "attninf")
     return Path(base)
+
+
+# Attention implementations a selector can run (head masking wraps each): causal_blocks is
+# selection.attention's CPU prefill kernel; auto picks it on CPU and SDPA elsewhere.
+ATTN_IMPLS = ("auto", "causal_blocks", "sdpa", "eager", "flash_attention_2", "flash_attention_3")
+
+
+def resolve_attn_impl(attn_impl: str, device: torch.device) -> str:
+    """`auto` = causal_blocks on CPU (2x SDPA's CPU kernel on the scorer's shapes), sdpa elsewhere."""
+    if attn_impl == "auto":
+        return "causal_blocks" if device.type == "cpu" else "sdpa"
+    return attn_impl
 
 
 def resolve_device(device: str) -> torch.device:
@@ -184,8 +195,8 @@ def load_selector(cfg: ModelConfig):
     path = resolve_model_path(cfg.path)
     config = AutoConfig.from_pretrained(path)
     validate_causal_lm(config, f"model.path={cfg.path}")
-    name = masking.register(cfg.attn_impl)
     device = resolve_device(cfg.device)
+    name = masking.register(resolve_attn_impl(cfg.attn_impl, device))
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.dtype], attn_implementation=name)
     model.to(device).eval()
     if not masking.attention_modules(model):

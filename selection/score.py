@@ -298,7 +298,7 @@ def run(ctx) -> dict:
 
     def ensure_model():
         if "scorer" not in state:
-            from selection import scoring
+            from selection import masking, scoring
             from selection.heads import HeadsConfig, heads_for_stage
             from selection.models import load_selector
 
@@ -310,7 +310,7 @@ def run(ctx) -> dict:
             state["scorer"] = scoring.BranchScorer(model, list(heads), mode=mode,
                                                    ce_chunk=cfg.ce_chunk, share_prefix=cfg.share_prefix)
             device = next(model.parameters()).device
-            state["info"] = {"model": mc.path, "dtype": mc.dtype, "attn_impl": mc.attn_impl,
+            state["info"] = {"model": mc.path, "dtype": mc.dtype, "attn_impl": masking.base_implementation(model),
                              "device": str(device), "heads": len(heads),
                              "batch_tokens": cfg.batch_budget(device.type),
                              "first_masked_layer": state["scorer"].split}

@@ -1,6 +1,6 @@
 """The scoring core: reference loss with and without retrieval heads, fast and exact enough.
 
-Pure tensors in, tensors out (no Hydra, no files). Three ideas make it fast:
+Pure tensors in, tensors out (no Hydra, no files). Four ideas make it fast:
 
 1. Shared prefix. Masking only changes layers at or above the first layer that holds a masked
    head (k). The scorer embeds once, runs decoder layers 0..k-1 once, then runs layers k..L-1
@@ -15,32 +15,28 @@ Pure tensors in, tensors out (no Hydra, no files). Three ideas make it fast:
    that sorting already captures; so buckets. Right padding is exact: a real token never
    attends to a later (padding) position, and masking reads the padding mask it is given.
 3. Chunked loss in fp32. The lm_head (49k vocabulary for SmolLM) is applied to at most
-   `ce_chunk` positions at a time, and only to positions that predict a real next token; each
-   chunk's logits are cast to fp32 before log-softmax, so bf16 matmuls keep an fp32 loss and the
-   [tokens x vocab] logits never exist in full.
+   max(ce_chunk, LM_HEAD_MIN_ROWS) positions at a time, and only to positions that predict a
+   real next token; each `ce_chunk` rows of its logits are cast to fp32 before log-softmax, so
+   bf16 matmuls keep an fp32 loss and the [tokens x vocab] logits never exist in full.
+4. On CPU, attention by blocks (`model.attn_impl: auto` = selection.attention's causal_blocks):
+   SDPA's CPU flash kernel spent about a third of a layer's time on ~6% of its FLOPs.
 
-Where a CPU forward's time goes (torch.profiler, SmolLM2-135M bf16, 8 documents of ~650-850
-tokens, 2 cores shared with other jobs, so shares only): GEMMs 39%, SDPA's CPU flash kernel 16%,
-and elementwise work ~40% (mul 12%, dtype copies 8%, add 5%, rotary's cat/neg 6.5%, RMSNorm's
-pow/sum 6%, silu 2.5%), log-softmax + NLL 4%. So the scorer is far from GEMM-bound: the
-elementwise ops of RMSNorm, rotary and SwiGLU on a 576-wide model cost nearly as much as the
-matmuls. torch.compile of the decoder layer (dynamic shapes, one graph for all 30 layers)
-fuses them: 1.33x less CPU time on the same batches (34.4 s vs 45.0/46.4 s eager, measured
-under load in one process), but compiling took ~32 s of CPU in-process plus the compile
-workers' time (~8 min wall under that load), more than it saves on the demo's 400 documents
-from a cold cache; it is not enabled here. Achieved GFLOP/s against this machine's measured bf16
-GEMM peak: `python -m bench.score` (FLOPs from branch_flops below).
+Where a CPU forward's time went before idea 4 (torch.profiler, SmolLM2-135M bf16, 2 cores):
+GEMMs 39-46%, SDPA's CPU flash kernel 16-18%, elementwise work ~31-40% (RMSNorm's fp32 round
+trip, rotary's cat/neg, SwiGLU, dtype copies), log-softmax + NLL 4%. Measured since, one
+decoder layer at 5 x 400 tokens on 2 Zen 5 cores: 41.9 ms with SDPA, 35.3 ms with
+causal_blocks, and 37.2 ms for a hand-fused layer (q/k/v and gate/up GEMMs concatenated,
+fused RMSNorm, in-place rotary and SwiGLU) on top of causal_blocks: fusing the elementwise
+ops bought nothing measurable once the attention was fixed, so it is not here. torch.compile
+of the decoder layer gave 1.33x less CPU time in an earlier session but cost more cold compile
+time than the demo's scoring; it is not enabled either.
 
-What bounds the fast/naive ratio on a 2-core CPU (measured on one machine of the 2-core Zen 4
-kind, quiet): its bf16 GEMM peaks at 380-420 GFLOP/s and its fp32 GEMM at 150-180 (another
-machine of the same kind measured 846 bf16), and the naive fp32 reference already runs near half
-of its own peak, like the fast path. So the ratio is about (bf16 peak / fp32 peak ~2.3-2.7) x
-(the naive's 2 x L layers over the fast path's k + 2 (L - k)) at equal efficiency. Measured
-(`python -m bench.score --docs 40`, 20k tokens, batches of 2,048): 2.35x the naive and 53% of
-the bf16 peak with a random 5% of heads (first masked layer 2), 2.91x and 61% with SmolLM2-135M's
-14 detected heads (first masked layer 17 of 30: `--heads RUN/detect/heads.json`). A 4x ratio
-needs the fast path at ~1.4x the naive's efficiency: fusing the elementwise third of the time
-(torch.compile above, or hand-fused RMSNorm/rotary/SwiGLU) is what is left.
+What bounds the fast/naive ratio on a 2-core CPU is the ratio of the bf16 and fp32 GEMM peaks,
+which differs between machines of this kind: 380-429 vs 150-180 GFLOP/s on a Zen 4 one, 790-880
+vs 190-200 on a Zen 5 one. Measured with `python -m bench.score --docs 40 --heads
+RUN/detect/heads.json` (19k tokens, SmolLM2-135M's 14 detected heads, first masked layer 17 of
+30): on the Zen 5 machine 5.65x the naive and 52% of its bf16 GEMM peak (SDPA and 64-row lm_head
+GEMMs: 4.44x, 46%); on the Zen 4 one, before idea 4, 2.91x and 61%.
 
 The naive reference (`naive_losses`) is the obviously-correct version: one document at a time,
 two full forward passes through `model(...)`, `torch.nn.functional.cross_entropy` on the
@@ -50,7 +46,10 @@ Tolerance (what "agrees with the reference" means; bench.score measures it):
 - fp32 fast path: |score difference| <= 1e-5. Measured on SmolLM2-135M-Instruct, 400 demo
   documents up to 4,096 tokens: max 1.7e-6, per-domain rankings identical.
 - bf16 fast path (fp32 loss): |score difference| <= 2e-2 absolute, the bf16 rounding of the
-  hidden states through 30 layers. Measured (same documents, GPU): max 1.05e-2, mean 1.6e-3 on
+  hidden states through 30 layers. On CPU with causal_blocks (its scores are rounded to bf16
+  before the fp32 softmax, where SDPA's kernel keeps them fp32): max 9.4e-3, mean 1.9e-3 on
+  the 40 benchmark documents (the same attention inside a hand-fused layer, 120 documents: max
+  1.4e-2, mean 1.8e-3, Spearman >= 0.998, the top 20% of every domain identical). Measured (same documents, GPU): max 1.05e-2, mean 1.6e-3 on
   scores spanning -0.02..0.69; per-domain Spearman >= 0.997, the top 20% of every domain
   identical, and every swapped pair a near-tie (reference scores closer than 2x the tolerance).
 """
@@ -160,17 +159,32 @@ def default_batch_tokens(device_type: str, max_tokens: int) -> int:
     return max(BATCH_TOKENS_CPU if device_type == "cpu" else BATCH_TOKENS_GPU, max_tokens)
 
 
+# Rows per lm_head GEMM, at least: the cross entropy still runs on `ce_chunk`-row slices of it.
+# A 64-row GEMM against a 49k vocabulary runs well below the GEMM peak; 256 rows keep the bf16
+# logits (25 MB for SmolLM2) in L3 while the fp32 slices stay cache-sized. Measured in the
+# scorer (SmolLM2-135M bf16, demo corpus, 40 documents, the variants interleaved batch by
+# batch in one process, 2 Zen 5 cores): 1,002 tokens/s against 941 with 64-row GEMMs and 912
+# with 512; the losses are the same to the last bit (each row's logits do not depend on the
+# GEMM's other rows).
+LM_HEAD_MIN_ROWS = 256
+
+
 def chunked_token_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                     chunk: int = 4096, bias: torch.Tensor | None = None) -> torch.Tensor:
+                     chunk: int = 4096, bias: torch.Tensor | None = None,
+                     gemm_rows: int = LM_HEAD_MIN_ROWS) -> torch.Tensor:
     """Per-token cross entropy [N] in fp32 for hidden [N, H] under lm_head `weight` [V, H].
 
-    The matmul runs in the weight's dtype (bf16 fast path); log-softmax runs in fp32 on at
-    most `chunk` rows, so peak memory is chunk x V x 4 bytes instead of N x V.
+    The matmul runs in the weight's dtype (bf16 fast path) on max(chunk, gemm_rows) rows at a
+    time; log-softmax runs in fp32 on at most `chunk` rows, so peak memory is about
+    max(chunk, gemm_rows) x V x 2 + chunk x V x 4 bytes instead of N x V x 4.
     """
     out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-    for s in range(0, hidden.shape[0], chunk):
-        logits = F.linear(hidden[s:s + chunk].to(weight.dtype), weight, bias).float()
-        out[s:s + chunk] = F.cross_entropy(logits, targets[s:s + chunk], reduction="none")
+    rows = max(chunk, gemm_rows)
+    for g in range(0, hidden.shape[0], rows):
+        logits = F.linear(hidden[g:g + rows].to(weight.dtype), weight, bias)
+        for s in range(0, logits.shape[0], chunk):
+            e = min(s + chunk, logits.shape[0])
+            out[g + s:g + e] = F.cross_entropy(logits[s:e].float(), targets[g + s:g + e], reduction="none")
     return out
 
 

@@ -33,7 +33,8 @@ def test_chunked_ce_matches_full_logits():
     y = torch.randint(0, 50, (37,))
     ref = F.cross_entropy(h @ w.T, y, reduction="none")
     for chunk in (1, 5, 37, 100):
-        assert torch.allclose(scoring.chunked_token_ce(h, w, y, chunk), ref, atol=1e-5)
+        for gemm_rows in (1, 8, 256):  # GEMM blocks larger than, equal to, not a multiple of chunk
+            assert torch.allclose(scoring.chunked_token_ce(h, w, y, chunk, gemm_rows=gemm_rows), ref, atol=1e-5)
 
 
 def test_plan_batches_covers_once_under_budget():
