@@ -60,8 +60,7 @@ def register(base: str) -> str:
     name = wrapper_name(base)
     if name in ALL_ATTENTION_FUNCTIONS:
         return name
-    if base == attention.NAME:
-        attention.register()
+    attention.register()  # causal_blocks is a base like sdpa (idempotent)
     if base != "eager" and base not in ALL_ATTENTION_FUNCTIONS:
         raise ValueError(f"attention implementation '{base}' is not available here "
                          f"(known: eager, {', '.join(ALL_ATTENTION_FUNCTIONS.keys())})")

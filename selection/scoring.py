@@ -35,8 +35,9 @@ What bounds the fast/naive ratio on a 2-core CPU is the ratio of the bf16 and fp
 which differs between machines of this kind: 380-429 vs 150-180 GFLOP/s on a Zen 4 one, 790-880
 vs 190-200 on a Zen 5 one. Measured with `python -m bench.score --docs 40 --heads
 RUN/detect/heads.json` (19k tokens, SmolLM2-135M's 14 detected heads, first masked layer 17 of
-30): on the Zen 5 machine 5.65x the naive and 52% of its bf16 GEMM peak (SDPA and 64-row lm_head
-GEMMs: 4.44x, 46%); on the Zen 4 one, before idea 4, 2.91x and 61%.
+30), three runs on the Zen 5 machine: 5.10x the naive (4.37-5.65x) and 52% of its bf16 GEMM peak
+(52-61%); with SDPA and 64-row lm_head GEMMs there: 4.44x, 46%. On the Zen 4 one, before idea
+4: 2.91x and 61%.
 
 The naive reference (`naive_losses`) is the obviously-correct version: one document at a time,
 two full forward passes through `model(...)`, `torch.nn.functional.cross_entropy` on the
