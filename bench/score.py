@@ -1,12 +1,13 @@
 """Benchmark: the fast scorer against the naive reference on the same documents, one process.
 
-    python -m bench.score --docs 200                          # CPU, bf16 fast path
+    python -m bench.score --docs 200                          # CPU, fast path in dtype auto
     python -m bench.score --device cuda --dtype bfloat16 --attn flash_attention_2 --docs 2000
 
 Naive reference: a separately loaded fp32 model with eager attention, one document at a time,
 two full forward passes (heads off / on), F.cross_entropy on the logits. Fast path: the scorer
 the `score` stage uses (selection.scoring.BranchScorer: shared prefix, length-bucketed batches,
-chunked fp32 loss) in --dtype with --attn. Prints one JSON object: tokens/s of each, the ratio,
+chunked fp32 loss) in --dtype (default auto: what the score stage would pick on this machine,
+selection.precision) with --attn. Prints one JSON object: tokens/s of each, the ratio,
 the largest score and loss differences, how far the per-domain rankings agree, and the setup.
 
 Tokens/s counts document tokens scored (each token goes through both passes), so the two
@@ -14,9 +15,10 @@ figures are directly comparable with the `score` stage's progress bar.
 
 Achieved GFLOP/s: selection.scoring.branch_flops (the useful work from the model's shape: the
 shared prefix once, both branches above it, causal attention, the lm_head per branch) over the
-fast path's wall time. On CPU the same run measures the machine's GEMM peak in --dtype (a
-2,048^3 matmul on all threads, best of 5, before and after the fast path) and prints the
-fraction. Both also come as per-CPU-second figures, which stay meaningful when other jobs
+fast path's wall time. On CPU the same run measures the machine's GEMM peak in the dtype the
+fast path ran in (a 2,048^3 matmul on all threads, best of 5, before and after the fast path)
+and prints the fraction, beside the other dtype's peak (one smaller matmul: where bf16 is
+emulated a 2,048^3 one takes tens of seconds), so one run shows both peaks and what `auto` chose. Both also come as per-CPU-second figures, which stay meaningful when other jobs
 share the cores (wall figures then understate both sides by different amounts).
 
 Heads: --heads FILE (a detect/heads.json or a JSON list of [layer, head]); default a seeded
@@ -141,7 +143,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--docs", type=int, default=200)
     p.add_argument("--max-tokens", type=int, default=1024)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                   help="fast path dtype (default auto: as the score stage resolves it here)")
     p.add_argument("--attn", default="auto", choices=["auto", "causal_blocks", "sdpa", "eager", "flash_attention_2"],
                    help="fast path attention (default auto: causal_blocks on CPU, sdpa on GPU)")
     p.add_argument("--batch-tokens", type=int, default=None,
@@ -214,10 +217,12 @@ def _run_fast(args: argparse.Namespace, model_path: str, docs: list) -> tuple[di
 
     from selection import masking, scoring
     from selection.heads import head_geometry
-    from selection.models import ModelConfig, load_selector
+    from selection.models import ModelConfig, load_selector, precision_of
 
     fast_model, tok = load_selector(ModelConfig(path=model_path, dtype=args.dtype, device=args.device,
                                                 attn_impl=args.attn))
+    prec = precision_of(fast_model)
+    args.resolved_dtype = prec["dtype"]
     n_layers, n_heads, _ = head_geometry(fast_model)
     heads = _heads(args.heads, n_layers, n_heads, args.heads_fraction, args.seed)
     enc = scoring.encode(tok, [d.text for d in docs], args.max_tokens, "auto")
@@ -231,7 +236,7 @@ def _run_fast(args: argparse.Namespace, model_path: str, docs: list) -> tuple[di
     budget = args.batch_tokens or scoring.default_batch_tokens(dev.type, args.max_tokens)
     kw = {"max_batch_tokens": budget, "max_batch_size": args.max_batch_size, "pad_id": pad}
     on_cpu = dev.type == "cpu"
-    peaks = [gemm_peak(args.dtype, args.peak_size)] if on_cpu else []
+    peaks = [gemm_peak(args.resolved_dtype, args.peak_size)] if on_cpu else []
     scoring.score_tokens(scorer, toks[:4], **kw)  # warm-up (kernels, allocator)
     _sync(dev)
     t0, c0 = time.perf_counter(), time.process_time()
@@ -239,11 +244,14 @@ def _run_fast(args: argparse.Namespace, model_path: str, docs: list) -> tuple[di
     _sync(dev)
     fast_s, fast_cpu = time.perf_counter() - t0, time.process_time() - c0
     if on_cpu:
-        peaks.append(gemm_peak(args.dtype, args.peak_size))  # before and after: the best is the machine's
+        peaks.append(gemm_peak(args.resolved_dtype, args.peak_size))  # before and after: the best is the machine's
+        other = "float32" if args.resolved_dtype != "float32" else "bfloat16"
+        other_peak = gemm_peak(other, min(args.peak_size, 1024), reps=2)
     n_tok = sum(len(t) for t in toks)
     flops = scoring.branch_flops(fast_model.config, [len(t) for t in toks], scorer.split)
     fast_score = [float(scoring.ai_score(b, m)) for b, m in zip(fb, fm)]
-    res = {"model": args.model + (" (random init)" if args.random_init else ""), "device": str(dev), "dtype": args.dtype,
+    res = {"model": args.model + (" (random init)" if args.random_init else ""), "device": str(dev), "dtype": args.resolved_dtype,
+           "dtype_requested": args.dtype, "precision": prec,
            "attn": masking.base_implementation(fast_model),
            "threads": torch.get_num_threads(), "docs": len(docs), "tokens": n_tok,
            "max_tokens": args.max_tokens, "batch_tokens": budget, "heads": len(heads),
@@ -255,6 +263,7 @@ def _run_fast(args: argparse.Namespace, model_path: str, docs: list) -> tuple[di
            "fast_gflops": flops["total"] / fast_s / 1e9}
     if peaks:
         res.update(_peak_fields(peaks, res["fast_gflops"], flops["total"], fast_cpu))
+        res["peak_gemm_gflops_other"] = {other: other_peak["gflops_wall"], "n": other_peak["n"]}
     return res, _Fast(docs, toks, heads, dev, fb, fm, fast_score, n_tok, fast_s, fast_cpu)
 
 
@@ -312,7 +321,7 @@ def _run_naive(args: argparse.Namespace, model_path: str, fast: _Fast) -> dict:
         "score_range": [min(ref_score), max(ref_score)],
         "ranking": ranking_agreement([d.domain for d in fast.docs[:nn]], ref_score, fast.score[:nn]),
     }
-    tol = args.tolerance if args.tolerance is not None else (1e-5 if args.dtype == "float32" else 2e-2)
+    tol = args.tolerance if args.tolerance is not None else (1e-5 if args.resolved_dtype == "float32" else 2e-2)
     # a discordant pair is a near-tie when its reference gap is within what both errors allow
     res.update({"tolerance": tol, "within_tolerance": res["max_score_diff"] <= tol,
                 "ranking_identical_except_near_ties": all(
@@ -324,13 +333,18 @@ def _report(res: dict, args: argparse.Namespace) -> None:
     """Print the JSON, then one human line; write the JSON to --out when given."""
     text = json.dumps(res, indent=2)
     print(text)
-    line = [f"fast {res['fast_tokens_per_s']:,.0f} tokens/s, {res['fast_gflops']:,.0f} GFLOP/s"]
+    prec = res.get("precision", {})
+    chose = (f"dtype {res['dtype']} ({'auto: ' if res.get('dtype_requested') == 'auto' else ''}"
+             + (f"bf16 {prec['bf16_gflops']:,.1f} vs fp32 {prec['fp32_gflops']:,.1f} GFLOP/s at the model's shape)"
+                if prec.get("source") == "measured" else f"{prec.get('source', 'explicit')})"))
+    line = [chose, f"fast {res['fast_tokens_per_s']:,.0f} tokens/s, {res['fast_gflops']:,.0f} GFLOP/s"]
     if "speedup" in res:
         line.append(f"{res['speedup']:.2f}x naive ({res['speedup_cpu_time']:.2f}x by CPU time)")
     if "peak_gemm_gflops" in res:
-        line.append(f"{100 * res['fraction_of_peak']:.0f}% of the measured {args.dtype} GEMM peak "
+        other = {k: v for k, v in res.get("peak_gemm_gflops_other", {}).items() if k != "n"}
+        line.append(f"{100 * res['fraction_of_peak']:.0f}% of the measured {res['dtype']} GEMM peak "
                     f"{res['peak_gemm_gflops']:,.0f} GFLOP/s ({100 * (res['fraction_of_peak_cpu_time'] or 0):.0f}% "
-                    f"by CPU time)")
+                    f"by CPU time)" + "".join(f"; {k} peak {v:,.0f} GFLOP/s" for k, v in other.items()))
     print("; ".join(line))
     if args.out:
         Path(args.out).write_text(text + "\n")

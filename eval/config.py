@@ -65,7 +65,7 @@ class EvalConfig:
     batch_size: int = 8
     max_batch_size: int = 64
     device: str = "auto"                # auto = cuda when available, else cpu
-    dtype: str = "bfloat16"             # float32 | bfloat16 | float16 (bf16 is ~3x fp32 on AMX CPUs)
+    dtype: str = "auto"                 # auto (bf16 on GPU, on CPU the faster here: selection.precision) | float32 | bfloat16 | float16
     max_length: int = 8192              # the paper's evaluation window; capped at the model's
     # Offline benchmark data (eval/benchmarks.py): auto = use it when the Hub is unreachable or
     # HF_HUB_OFFLINE=1; off = always the Hub; always = always the offline data; any other value =
@@ -89,8 +89,8 @@ class EvalConfig:
         check(bool(self.tasks), "tasks", "must name at least one lm-eval task or group")
         check(self.limit is None or self.limit > 0, "limit", "must be > 0 (or null for all)")
         check(self.batch_size >= 1, "batch_size", "must be >= 1")
-        check(self.dtype in ("float32", "bfloat16", "float16"), "dtype",
-              "must be float32, bfloat16 or float16")
+        check(self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype",
+              "must be auto, float32, bfloat16 or float16")
         check(self.max_length >= 128, "max_length", "must be >= 128")
         check(all(v >= 0 for v in self.num_fewshot.values()), "num_fewshot", "shots must be >= 0")
         check(self.default_fewshot is None or self.default_fewshot >= 0, "default_fewshot",

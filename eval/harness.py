@@ -116,16 +116,23 @@ def check_code_eval_allowed(ecfg: EvalConfig) -> None:
 
 
 def load_model(path: str, dtype: str, device: str):
-    """(model, tokenizer) for a plain HF causal LM, in eval mode on `device`."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """(model, tokenizer) for a plain HF causal LM, in eval mode on `device`.
 
-    from selection.models import resolve_device, resolve_model_path
+    `dtype: auto` is resolved as for the selector (selection.precision, at this model's shape);
+    the choice rides on the model (`selection.models.precision_of`) for the results' metadata.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from selection.models import resolve_device, resolve_model_path, resolve_precision
 
     local = resolve_model_path(path)
     tok = AutoTokenizer.from_pretrained(local)
-    model = AutoModelForCausalLM.from_pretrained(local, dtype=getattr(torch, dtype))
-    return model.to(resolve_device(device)).eval(), tok
+    dev = resolve_device(device)
+    choice = resolve_precision(dtype, dev, AutoConfig.from_pretrained(local))
+    model = AutoModelForCausalLM.from_pretrained(local, dtype=choice.torch_dtype)
+    model = model.to(dev).eval()
+    model.attninf_precision = choice
+    return model, tok
 
 
 def make_lm(model, tokenizer, ecfg: EvalConfig):

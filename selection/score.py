@@ -23,8 +23,10 @@ every shard present writes the summary. Reading local jsonl/parquet is cheap nex
 (~1,000x fewer operations per byte); streaming a hub corpus of the paper's size once per worker
 is not, so at that scale export the hub configs to local parquet first (corpus=parquet).
 
-Precision: the selector runs in `score.dtype` (default: the model config's dtype, bf16 in the
-shipped configs) with the loss in fp32; `score.dtype=float32` forces the full fp32 path.
+Precision: the selector runs in `score.dtype` (default: the model config's dtype, `auto` in the
+shipped configs: bf16 on GPU, on CPU whichever of bf16 / fp32 this machine runs faster, see
+selection.precision) with the loss in fp32; `score.dtype=float32` forces the full fp32 path.
+Each shard's stats and the summary record the dtype it ran in and the measurement behind it.
 """
 
 from __future__ import annotations
@@ -83,8 +85,8 @@ class ScoreConfig:
         check(self.max_tokens >= 2, "max_tokens", "must be >= 2")
         check(self.min_tokens >= 2, "min_tokens", "must be >= 2 (a loss needs a next token)")
         check(self.bos in ("auto", "always", "never"), "bos", "use auto, always or never")
-        check(self.dtype in (None, "float32", "bfloat16", "float16"), "dtype",
-              "use float32, bfloat16, float16 or null (= model.dtype)")
+        check(self.dtype in (None, "auto", "float32", "bfloat16", "float16"), "dtype",
+              "use auto, float32, bfloat16, float16 or null (= model.dtype)")
         check(self.shard_size > 0, "shard_size", "must be positive")
         check(0.0 <= self.max_skip_share <= 1.0, "max_skip_share", "must be in [0, 1]")
         check(self.batch_tokens is None or self.batch_tokens >= self.max_tokens, "batch_tokens",
@@ -274,7 +276,8 @@ def summarize(out: Path, n_shards: int) -> dict:
     summary = {"shards": n_shards, **tot, "skipped": skipped, "skip_examples": examples}
     if n_shards:
         first = json.loads((out / f"{shard_name(0)}.stats.json").read_text())
-        summary.update({k: first.get(k) for k in ("max_tokens", "bos", "model", "dtype", "attn_impl")})
+        summary.update({k: first.get(k) for k in ("max_tokens", "bos", "model", "dtype", "precision",
+                                                     "attn_impl")})
     manifest.write_json(out / "stats.json", summary)
     return summary
 
@@ -300,7 +303,7 @@ def run(ctx) -> dict:
         if "scorer" not in state:
             from selection import masking, scoring
             from selection.heads import HeadsConfig, heads_for_stage
-            from selection.models import load_selector
+            from selection.models import load_selector, precision_of
 
             mc = model_config(ctx, cfg)
             model, tok = load_selector(mc)
@@ -310,7 +313,8 @@ def run(ctx) -> dict:
             state["scorer"] = scoring.BranchScorer(model, list(heads), mode=mode,
                                                    ce_chunk=cfg.ce_chunk, share_prefix=cfg.share_prefix)
             device = next(model.parameters()).device
-            state["info"] = {"model": mc.path, "dtype": mc.dtype, "attn_impl": masking.base_implementation(model),
+            prec = precision_of(model)
+            state["info"] = {"model": mc.path, "dtype": prec["dtype"], "precision": prec, "attn_impl": masking.base_implementation(model),
                              "device": str(device), "heads": len(heads),
                              "batch_tokens": cfg.batch_budget(device.type),
                              "first_masked_layer": state["scorer"].split}

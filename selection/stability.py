@@ -49,7 +49,7 @@ TEMPLATES = {
 class StabilityConfig:
     out: str = "runs/stability"
     model: str = "pypi:smollm2-135m-instruct"
-    dtype: str = "bfloat16"
+    dtype: str = "auto"
     device: str = "auto"
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     templates: list[str] = field(default_factory=lambda: ["paper", "alt"])
