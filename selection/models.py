@@ -76,7 +76,7 @@ ATTN_IMPLS = ("auto", "causal_blocks", "sdpa", "eager", "flash_attention_2", "fl
 
 
 def resolve_attn_impl(attn_impl: str, device: torch.device) -> str:
-    """`auto` = causal_blocks on CPU (2x SDPA's CPU kernel on the scorer's shapes), sdpa elsewhere."""
+    """`auto` = causal_blocks on CPU (about twice SDPA's CPU kernel at the scorer's shapes), sdpa elsewhere."""
     if attn_impl == "auto":
         return "causal_blocks" if device.type == "cpu" else "sdpa"
     return attn_impl

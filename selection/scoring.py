@@ -21,38 +21,33 @@ Pure tensors in, tensors out (no Hydra, no files). Four ideas make it fast:
 4. On CPU, attention by blocks (`model.attn_impl: auto` = selection.attention's causal_blocks):
    SDPA's CPU flash kernel spent about a third of a layer's time on ~6% of its FLOPs.
 
-Where a CPU forward's time went before idea 4 (torch.profiler, SmolLM2-135M bf16, 2 cores):
-GEMMs 39-46%, SDPA's CPU flash kernel 16-18%, elementwise work ~31-40% (RMSNorm's fp32 round
-trip, rotary's cat/neg, SwiGLU, dtype copies), log-softmax + NLL 4%. Measured since, one
-decoder layer at 5 x 400 tokens on 2 Zen 5 cores: 41.9 ms with SDPA, 35.3 ms with
-causal_blocks, and 37.2 ms for a hand-fused layer (q/k/v and gate/up GEMMs concatenated,
-fused RMSNorm, in-place rotary and SwiGLU) on top of causal_blocks: fusing the elementwise
-ops bought nothing measurable once the attention was fixed, so it is not here. torch.compile
-of the decoder layer gave 1.33x less CPU time in an earlier session but cost more cold compile
-time than the demo's scoring; it is not enabled either.
+Where a CPU forward's time goes (torch.profiler, SmolLM2-135M, 2 cores): GEMMs a little under
+half, SDPA's CPU flash kernel a sixth before idea 4, elementwise work most of the rest
+(RMSNorm's fp32 round trip, rotary's cat/neg, SwiGLU, dtype copies), the loss a few percent.
+A hand-fused decoder layer (concatenated q/k/v and gate/up GEMMs, fused RMSNorm, in-place
+rotary and SwiGLU) was measured on top of idea 4 and bought nothing, and torch.compile of the
+layer saved CPU time but cost more cold compile time than the demo's scoring, so neither is
+here. The figures are in the README's Measured table, with the machine of each.
 
-What bounds the fast/naive ratio on a 2-core CPU is the ratio of the bf16 and fp32 GEMM peaks,
-which differs between machines of this kind: 380-429 vs 150-180 GFLOP/s on a Zen 4 one, 790-880
-vs 190-200 on a Zen 5 one. Measured with `python -m bench.score --docs 40 --heads
-RUN/detect/heads.json` (19k tokens, SmolLM2-135M's 14 detected heads, first masked layer 17 of
-30), three runs on the Zen 5 machine: 5.10x the naive (4.37-5.65x) and 52% of its bf16 GEMM peak
-(52-61%); with SDPA and 64-row lm_head GEMMs there: 4.44x, 46%. On the Zen 4 one, before idea
-4: 2.91x and 61%.
+What bounds the fast/naive ratio on CPU is the ratio of the machine's GEMM peaks in the dtype
+the fast path runs in and in fp32 (the naive reference's), and that ratio differs between
+machines of one kind: where bf16 is native it is 2-10x, where bf16 is emulated `dtype: auto`
+runs the fast path in fp32 (selection.precision) and the ratio comes from the shared prefix,
+batching and the chunked loss alone. `python -m bench.score` measures the ratio and the
+fraction of the chosen dtype's peak in one run; the README's Measured table has them per machine.
 
 The naive reference (`naive_losses`) is the obviously-correct version: one document at a time,
 two full forward passes through `model(...)`, `torch.nn.functional.cross_entropy` on the
 logits. Tests and the benchmark hold the fast path against it.
 
-Tolerance (what "agrees with the reference" means; bench.score measures it):
-- fp32 fast path: |score difference| <= 1e-5. Measured on SmolLM2-135M-Instruct, 400 demo
-  documents up to 4,096 tokens: max 1.7e-6, per-domain rankings identical.
+Tolerance (what "agrees with the reference" means; bench.score measures it, the README's
+Measured table has the figures):
+- fp32 fast path: |score difference| <= 1e-5 (summation order only).
 - bf16 fast path (fp32 loss): |score difference| <= 2e-2 absolute, the bf16 rounding of the
-  hidden states through 30 layers. On CPU with causal_blocks (its scores are rounded to bf16
-  before the fp32 softmax, where SDPA's kernel keeps them fp32): max 9.4e-3, mean 1.9e-3 on
-  the 40 benchmark documents (the same attention inside a hand-fused layer, 120 documents: max
-  1.4e-2, mean 1.8e-3, Spearman >= 0.998, the top 20% of every domain identical). Measured (same documents, GPU): max 1.05e-2, mean 1.6e-3 on
-  scores spanning -0.02..0.69; per-domain Spearman >= 0.997, the top 20% of every domain
-  identical, and every swapped pair a near-tie (reference scores closer than 2x the tolerance).
+  hidden states through 30 layers. causal_blocks rounds attention scores to bf16 before the fp32
+  softmax (SDPA's kernel keeps them fp32), which stays inside it. Rankings then agree except on
+  near-ties (reference scores closer than twice the tolerance), so the top 20% of a domain can
+  only differ by such pairs.
 """
 
 from __future__ import annotations
@@ -139,18 +134,16 @@ def pad_batch(token_lists: Sequence[Sequence[int]], pad_id: int, device) -> tupl
 # --- loss -------------------------------------------------------------------------------------
 
 # Rows of logits per lm_head + cross-entropy chunk. On CPU a small chunk keeps the fp32 logits
-# in cache (64 x 49,152 x 4 B = 12.6 MB): measured on 2 Zen 4 cores, 2,048 positions of
-# SmolLM2's vocabulary took 0.235 s at 64 rows against 0.547 s at 4,096, the same numbers to
-# the last bit. On a GPU large chunks amortise kernel launches; memory is the only limit.
+# in cache (64 x 49,152 x 4 B = 12.6 MB) and was over twice as fast as 4,096 rows, with the
+# same numbers to the last bit (README, Measured). On a GPU large chunks amortise kernel
+# launches; memory is the only limit.
 CE_CHUNK_CPU = 64
 CE_CHUNK_GPU = 4096
 
-# Padded tokens per length-bucketed batch. On CPU small batches win: measured with
-# `python -m bench.score --docs 40 --heads <demo heads.json> --skip-naive` (SmolLM2-135M bf16,
-# 2 Zen 4 cores, other jobs paused), 2,048 tokens gave 477-512 tokens/s against 430 at 16,384,
-# 448 at 4,096, 421 at 3,072 and 423 at 1,024 (single runs; +-8% run to run): the activations of
-# a 2,048-token batch stay in L2/L3 between the layer's GEMMs and elementwise ops. On a GPU big
-# batches amortise launches; memory is the limit.
+# Padded tokens per length-bucketed batch. On CPU small batches win (`python -m bench.score
+# --batch-tokens N --skip-naive`; README, Measured): the activations of a 2,048-token batch
+# stay in L2/L3 between the layer's GEMMs and elementwise ops, and 1,024 is already too thin
+# for the GEMMs. On a GPU big batches amortise launches; memory is the limit.
 BATCH_TOKENS_CPU = 2048
 BATCH_TOKENS_GPU = 16384
 
@@ -162,11 +155,9 @@ def default_batch_tokens(device_type: str, max_tokens: int) -> int:
 
 # Rows per lm_head GEMM, at least: the cross entropy still runs on `ce_chunk`-row slices of it.
 # A 64-row GEMM against a 49k vocabulary runs well below the GEMM peak; 256 rows keep the bf16
-# logits (25 MB for SmolLM2) in L3 while the fp32 slices stay cache-sized. Measured in the
-# scorer (SmolLM2-135M bf16, demo corpus, 40 documents, the variants interleaved batch by
-# batch in one process, 2 Zen 5 cores): 1,002 tokens/s against 941 with 64-row GEMMs and 912
-# with 512; the losses are the same to the last bit (each row's logits do not depend on the
-# GEMM's other rows).
+# logits (25 MB for SmolLM2) in L3 while the fp32 slices stay cache-sized (faster than 64 and
+# 512 rows in the scorer, README, Measured); the losses are the same to the last bit (each
+# row's logits do not depend on the GEMM's other rows).
 LM_HEAD_MIN_ROWS = 256
 
 
