@@ -497,11 +497,12 @@ def detect_retrieval_heads(model, tokenizer, probes: Sequence[Probe], n_layers: 
 
 
 def heads_document(det: Detection, cfg: DetectConfig, model_name: str, geometry: tuple[int, int, int],
-                   fraction: float, count: int | None = None) -> dict:
+                   fraction: float, count: int | None = None, seed: int = 0) -> dict:
     """The detect/heads.json payload (schema in the module docs of selection/heads.py).
 
-    fraction / count: the `heads` group's size knob (one knob for what is marked and masked)."""
-    from selection.heads import n_selected, rank_heads
+    fraction / count: the `heads` group's size knob (one knob for what is marked and masked);
+    seed: `heads.seed`, which orders tied scores (selection/heads.py)."""
+    from selection.heads import n_selected, rank_heads, tie_at_cut, warn_tie
 
     n_layers, n_heads, n_kv = geometry
     if cfg.correctness_filter:
@@ -512,8 +513,10 @@ def heads_document(det: Detection, cfg: DetectConfig, model_name: str, geometry:
         scores = det.scores_correct
     else:
         scores = det.scores_all
-    ranking = rank_heads(scores)
+    ranking = rank_heads(scores, seed=seed)
     k = n_selected(fraction, n_layers * n_heads, count)
+    tie = tie_at_cut(scores, ranking, k)
+    warn_tie("retrieval", tie, k, seed)
     probe_settings = {k2: v for k2, v in asdict(cfg).items() if k2 != "heatmap"}
     return {
         "model": model_name,
@@ -540,6 +543,8 @@ def heads_document(det: Detection, cfg: DetectConfig, model_name: str, geometry:
         "num_probes": cfg.num_probes,
         "max_tokens": cfg.max_tokens,
         "ranking": [list(h) for h in ranking],
+        "tie_seed": seed,
+        "tie_at_cut": tie,
         "copy_region": cfg.copy_region,
         "correctness_filter": cfg.correctness_filter,
         "rouge_threshold": cfg.rouge_threshold,
@@ -591,7 +596,7 @@ def run(ctx) -> dict:
         det = detect_retrieval_heads(model, tokenizer, probes, n_layers, n_heads, cfg.mode,
                                      cfg.copy_region, cfg.max_new_tokens, cfg.rouge_threshold, prog,
                                      cfg.match)
-    doc = heads_document(det, cfg, str(mcfg.path), geometry, hcfg.size_fraction, hcfg.count)
+    doc = heads_document(det, cfg, str(mcfg.path), geometry, hcfg.size_fraction, hcfg.count, hcfg.seed)
     write_json(ctx.out / "heads.json", doc)
     figure = None
     if cfg.heatmap:
