@@ -81,8 +81,9 @@ class DetectConfig:
     key_length: int = 32  # paper: 32-character alphanumeric keys
     max_value_tokens: int = 30  # paper: values of at most 30 tokens
     min_value_tokens: int = 5  # unstated; keeps values sentence-like
-    text_source: str | None = None  # .jsonl (text_field) or .txt; null = built-in sentences
+    text_source: str | None = None  # .jsonl (text_field), .txt, or corpus:<domain>; null = built-in sentences
     text_field: str = "text"
+    text_docs: int = 2000  # corpus:<domain>: documents read for sentences
     instruction: str = DEFAULT_INSTRUCTION
     copy_region: str = "value"  # value (Wu et al.: argmax inside the needle) | context
     match: str = "offsets"  # offsets (same characters, robust to BPE spelling) | token_id
@@ -105,6 +106,10 @@ class DetectConfig:
         check(self.json_layout in LAYOUTS, "json_layout", f"'{self.json_layout}' is not one of {list(LAYOUTS)}")
         check(0.0 <= self.rouge_threshold <= 1.0, "rouge_threshold", "must be in [0, 1]")
         check(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
+        check(self.text_docs >= 1, "text_docs", "must be >= 1")
+        if self.text_source and self.text_source.startswith("corpus:"):
+            check(bool(self.text_source[len("corpus:"):].strip()), "text_source",
+                  "corpus:<domain> needs a domain, e.g. corpus:fineweb_edu")
 
 
 # --------------------------------------------------------------------------------------------
@@ -578,7 +583,9 @@ def run(ctx) -> dict:
     cfg = build(DetectConfig, ctx.cfg.get("detect"), "detect")
     mcfg = build(ModelConfig, ctx.cfg.get("model"), "model")
     hcfg = build(HeadsConfig, ctx.cfg.get("heads"), "heads")
-    sentences = load_sentences(cfg.text_source, cfg.text_field)  # a bad source fails before the model loads
+    text_stats: dict = {}
+    sentences = load_sentences(cfg.text_source, cfg.text_field, ctx.cfg.get("corpus"), cfg.text_docs,
+                               text_stats)  # a bad source fails before the model loads
     model, tokenizer = load_selector(mcfg)
     check_context(cfg.max_tokens, model)
     geometry = head_geometry(model)
@@ -597,6 +604,9 @@ def run(ctx) -> dict:
                                      cfg.copy_region, cfg.max_new_tokens, cfg.rouge_threshold, prog,
                                      cfg.match)
     doc = heads_document(det, cfg, str(mcfg.path), geometry, hcfg.size_fraction, hcfg.count, hcfg.seed)
+    doc["probe_text"] = {"source": cfg.text_source or "built-in generator", **text_stats,
+                         "distinct_values": len({p.value for p in probes}),
+                         "value_slots": sum(p.n_pairs for p in probes)}
     write_json(ctx.out / "heads.json", doc)
     figure = None
     if cfg.heatmap:
