@@ -8,7 +8,8 @@ parquet files directly, so hundreds of millions of rows never sit in Python):
   perplexity           lowest reference loss L_base first (the classic baseline)
   random               seeded random order (md5(seed:doc_id))
   length_matched       random documents with the AI selection's length distribution: each
-                       domain's documents fall into `length_bins` equal-count bins by tokens;
+                       domain's documents fall into `length_bins` equal-count bins by tokens
+                       (fewer in small domains: at least 10 documents a bin);
                        a bin holding c of the AI selection's documents is drawn from at rate c,
                        in a seeded random order within the bin (separates "longer" from
                        "selected": the paper's selections are about twice the average length)
@@ -61,7 +62,10 @@ from selection.decontaminate import ContaminationConfig
 log = logging.getLogger(__name__)
 
 METHODS = ("attention_influence", "random", "perplexity", "inverse", "length_matched")
-MATCHED = ("random", "length_matched")  # controls defined only against the AI selection
+MATCHED = ("random", "length_matched")
+# length_matched: at least this many documents per length bin, so a small domain's bins are not
+# single documents (which would make the control the AI selection itself)
+LENGTH_BIN_DOCS = 10  # controls defined only against the AI selection
 
 # ORDER BY clause of each ranking (row 1 = selected first).
 _ORDER = {
@@ -89,7 +93,7 @@ class SelectConfig:
     threads: int | None = None  # DuckDB threads (None = DuckDB's default)
     memory_limit: str | None = None  # e.g. "8GB": DuckDB spills to disk beyond it
     token_tolerance: float = 0.01  # controls' tokens per domain within this share of the AI selection's
-    length_bins: int = 10  # length_matched: equal-count token-length bins per domain
+    length_bins: int = 50  # length_matched: equal-count token-length bins per domain (>= 10 documents each)
     decontaminate: bool = False  # drop documents that overlap an evaluation set before selecting
     contamination: ContaminationConfig = field(default_factory=ContaminationConfig)
 
@@ -146,7 +150,8 @@ def select_sql(method: str, cfg: SelectConfig, tok: str) -> str:
 
 
 def _length_view(con, cfg: SelectConfig, tok: str) -> str:
-    """View `lm_scores`: scores plus, per domain, each document's length bin (ntile by tokens),
+    """View `lm_scores`: scores plus, per domain, each document's length bin (equal-count bins by
+    tokens: min(length_bins, documents // LENGTH_BIN_DOCS) of them, at least one),
     its seeded random rank inside the bin (lm_rank), the AI selection's count in that bin
     (lm_quota) and the random key. Ordering by (lm_rank - 0.5) / lm_quota interleaves the bins
     in proportion to the AI selection: its first sum(quota) rows hold exactly lm_quota documents
@@ -154,7 +159,9 @@ def _length_view(con, cfg: SelectConfig, tok: str) -> str:
     key = f"md5('lm:' || CAST({int(cfg.seed)} AS VARCHAR) || ':' || doc_id)"
     con.execute(f"""
         CREATE OR REPLACE TEMP VIEW lm_binned AS
-        SELECT *, ntile({int(cfg.length_bins)}) OVER (PARTITION BY domain ORDER BY {tok}, doc_id) AS lm_bin,
+        SELECT *, (row_number() OVER (PARTITION BY domain ORDER BY {tok}, doc_id) - 1)
+                  * greatest(1, least({int(cfg.length_bins)}, count(*) OVER (PARTITION BY domain) // {LENGTH_BIN_DOCS}))
+                  // count(*) OVER (PARTITION BY domain) + 1 AS lm_bin,
                {key} AS lm_key FROM scores""")
     con.execute("""
         CREATE OR REPLACE TEMP VIEW lm_scores AS

@@ -34,12 +34,9 @@ def _md5(x: str) -> str:
 
 
 def _ntile(n: int, bins: int) -> list[int]:
-    """SQL ntile: n rows into `bins` groups as even as possible, the first n % bins one larger."""
-    size, rem = divmod(n, bins)
-    out = []
-    for b in range(min(bins, n)):
-        out += [b + 1] * (size + (1 if b < rem else 0))
-    return out
+    """Length bins of n rows sorted by length: min(bins, n // 10) equal-count bins (at least 1)."""
+    b = max(1, min(bins, n // 10))
+    return [i * b // n + 1 for i in range(n)]
 
 
 def _reference(rows, cfg: SelectConfig) -> dict[str, dict[str, list[str]]]:
@@ -160,3 +157,90 @@ def test_summary_is_json_and_out_of_core_settings(tmp_path):
     select_scores(str(tmp_path / "shard-*.parquet"), tmp_path / "s", cfg)
     s = json.loads((tmp_path / "s/summary.json").read_text())
     assert set(s["methods"]) == {"attention_influence"} and s["token_column"] == "n_tokens_full"
+
+
+def _long_tailed(tmp_path, n=300, seed=3):
+    """Domains with document lengths spread like web text (log-normal, 20 to ~20k tokens) and
+    an AI score that grows with length, as the paper's (its selections are ~2x the average)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        dom = ["web", "code", "math"][i % 3]
+        tokens = int(np.clip(rng.lognormal(6.0, 1.0), 20, 20000))
+        rows.append({"doc_id": f"d{i:04d}", "domain": dom, "n_tokens": min(tokens, 512), "n_tokens_full": tokens,
+                     "loss_base": float(1 + rng.random()), "loss_masked": 2.0,
+                     "score": float(np.log(tokens) / 10 + rng.normal(0, 0.2)),
+                     "repetition": float(rng.random() * 0.3), "compression_ratio": 0.4})
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "shard-00000.parquet")
+    return rows
+
+
+def test_every_control_token_matched_within_1_percent_and_length_matched_follows_ai_lengths(tmp_path):
+    rows = _long_tailed(tmp_path)
+    s = select_scores(str(tmp_path / "shard-*.parquet"), tmp_path / "sel", SelectConfig(figures=False))
+    tm = s["token_match"]
+    assert tm["all_within"] and set(tm["methods"]) == {"random", "perplexity", "inverse", "length_matched"}
+    for m, per in tm["methods"].items():
+        for d, v in per.items():
+            assert v["ai_tokens"] == s["methods"]["attention_influence"][d]["selected_tokens"]
+            assert v["tokens"] == s["methods"][m][d]["selected_tokens"]
+            assert abs(v["tokens"] - v["ai_tokens"]) <= 0.01 * v["ai_tokens"]
+    # the selected rows add up to what the summary says
+    sel = pq.read_table(tmp_path / "sel/selected.parquet").to_pylist()
+    for m in s["methods"]:
+        for d in ("web", "code", "math"):
+            assert sum(r["n_tokens"] for r in sel if r["method"] == m and r["domain"] == d) == \
+                s["methods"][m][d]["selected_tokens"]
+    # length_matched has the AI selection's lengths; random has the domain's (shorter)
+    prof = s["comparison"]["profile"]
+    for d in ("web", "code", "math"):
+        ai, lm, rnd = (prof[d][m]["median_tokens"] for m in ("attention_influence", "length_matched", "random"))
+        dom = prof[d]["domain"]["median_tokens"]
+        assert ai > 1.5 * dom and abs(lm - ai) < 0.35 * ai
+        assert s["jaccard"]["attention_influence|length_matched"][d] < 1.0
+    # Spearman of the ranking keys against scipy on the same rows
+    from scipy.stats import spearmanr
+
+    for d in ("web", "math"):
+        rs = [r for r in rows if r["domain"] == d]
+        rho = s["comparison"]["spearman"][d]
+        assert rho["ai_score|tokens"] == pytest.approx(spearmanr([r["score"] for r in rs],
+                                                                 [r["n_tokens_full"] for r in rs])[0], abs=1e-9)
+        assert rho["ai_score|neg_loss_base"] == pytest.approx(spearmanr([r["score"] for r in rs],
+                                                                        [-r["loss_base"] for r in rs])[0], abs=1e-9)
+    assert s["comparison"]["spearman"]["web"]["ai_score|tokens"] > 0.3  # score grows with length here
+
+
+def test_length_matched_draws_the_ai_count_from_each_length_bin(tmp_path):
+    """length_matched interleaves the length bins in proportion to the AI selection's counts:
+    per bin (computed here from the lengths), its count is the AI count times one common factor
+    (the factor is ~1.5 with 5 coarse bins: inside a bin the AI picks the longest documents)."""
+    rows = _long_tailed(tmp_path, n=600)
+    cfg = SelectConfig(figures=False, length_bins=5, methods=["attention_influence", "length_matched"])
+    select_scores(str(tmp_path / "shard-*.parquet"), tmp_path / "sel", cfg)
+    sel = pq.read_table(tmp_path / "sel/selected.parquet").to_pylist()
+    for d in ("web", "code", "math"):
+        rs = sorted((r for r in rows if r["domain"] == d), key=lambda r: (r["n_tokens_full"], r["doc_id"]))
+        b = {r["doc_id"]: k for r, k in zip(rs, _ntile(len(rs), 5))}
+        count = lambda m: [sum(1 for r in sel if r["method"] == m and r["domain"] == d and b[r["doc_id"]] == k)  # noqa: E731
+                           for k in range(1, 6)]
+        ai, lm = count("attention_influence"), count("length_matched")
+        f = sum(lm) / sum(ai)
+        assert all(abs(y - f * x) <= 1.5 for x, y in zip(ai, lm)), (d, ai, lm)
+
+
+def test_outside_the_tolerance_is_reported_not_hidden(tmp_path, caplog):
+    """A domain where no set of control documents can match the AI tokens: summary says so."""
+    rows = [{"doc_id": f"d{i}", "domain": "x", "n_tokens": 5, "n_tokens_full": 100 if i < 2 else 150,
+             "loss_base": 1.0 + i / 10, "loss_masked": 2.0, "score": 1.0 - i / 100} for i in range(10)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "shard-00000.parquet")
+    with caplog.at_level("WARNING", logger="selection.select"):
+        s = select_scores(str(tmp_path / "shard-*.parquet"), tmp_path / "s",
+                          SelectConfig(figures=False, methods=["attention_influence", "random", "inverse"]))
+    assert s["methods"]["attention_influence"]["x"]["selected_tokens"] == 200  # the two 100-token docs
+    assert not s["token_match"]["all_within"]
+    v = s["token_match"]["methods"]["inverse"]["x"]
+    assert v["tokens"] == 150 and not v["within"] and v["rel_diff"] == pytest.approx(-0.25)
+    assert "inverse in x: 150 tokens against the AI selection's 200" in caplog.text
