@@ -501,6 +501,26 @@ def detect_retrieval_heads(model, tokenizer, probes: Sequence[Probe], n_layers: 
         scores_other=(total_other / n).tolist(), recall_ceiling=ceil / n, recall_ceiling_other=ceil_o / n)
 
 
+def value_repetition(probes: Sequence[Probe]) -> dict:
+    """How often a value's words recur inside one probe's JSON: the generator's 20 phrases per
+    slot recur several times in a ~1,000-token JSON, sentences of real text mostly do not. Mean over
+    probes of (value slots / distinct values) and of the share of word 3-grams that repeat."""
+    import json as _json
+
+    from selection.repetition import repeated_ngram_fraction
+
+    slots, distinct, rep = 0, 0, 0.0
+    for p in probes:
+        obj = _json.loads(p.prompt[p.prompt.index("{"):p.prompt.index("}\n\n") + 1])
+        vals = list(obj.values())
+        slots += len(vals)
+        distinct += len(set(vals))
+        rep += repeated_ngram_fraction(" ".join(vals))
+    n = max(len(probes), 1)
+    return {"value_slots": slots, "distinct_values_per_probe": distinct / n,
+            "mean_value_3gram_repetition": rep / n}
+
+
 def heads_document(det: Detection, cfg: DetectConfig, model_name: str, geometry: tuple[int, int, int],
                    fraction: float, count: int | None = None, seed: int = 0) -> dict:
     """The detect/heads.json payload (schema in the module docs of selection/heads.py).
@@ -605,8 +625,7 @@ def run(ctx) -> dict:
                                      cfg.match)
     doc = heads_document(det, cfg, str(mcfg.path), geometry, hcfg.size_fraction, hcfg.count, hcfg.seed)
     doc["probe_text"] = {"source": cfg.text_source or "built-in generator", **text_stats,
-                         "distinct_values": len({p.value for p in probes}),
-                         "value_slots": sum(p.n_pairs for p in probes)}
+                         **value_repetition(probes)}
     write_json(ctx.out / "heads.json", doc)
     figure = None
     if cfg.heatmap:

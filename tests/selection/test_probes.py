@@ -129,3 +129,18 @@ def test_text_source_from_one_corpus_domain(tmp_path, tiny_tokenizer):
         load_sentences("corpus:math", corpus=corpus)
     with pytest.raises(ConfigError, match="detect.text_source"):
         build(DetectConfig, {"text_source": "corpus:"}, "detect")
+
+
+def test_value_repetition_counts_the_generators_recurring_phrases(tiny_tokenizer):
+    """heads.json probe_text: generator values share phrases inside a probe; distinct prose does not."""
+    import random
+
+    from selection.detect import value_repetition
+
+    gen = value_repetition(generate_probes(tiny_tokenizer, 2, 1024, seed=0, max_value_tokens=VT))
+    rng = random.Random(0)
+    vocab = ["".join(rng.choice("abcdefghijklmnop") for _ in range(5)) for _ in range(400)]
+    prose = [" ".join(rng.sample(vocab, 6)).capitalize() + "." for _ in range(300)]
+    real = value_repetition(generate_probes(tiny_tokenizer, 2, 1024, seed=0, sentences=prose, max_value_tokens=VT))
+    assert gen["value_slots"] >= 8 and gen["distinct_values_per_probe"] > 4
+    assert gen["mean_value_3gram_repetition"] > 0.05 > real["mean_value_3gram_repetition"]

@@ -244,3 +244,32 @@ def test_outside_the_tolerance_is_reported_not_hidden(tmp_path, caplog):
     v = s["token_match"]["methods"]["inverse"]["x"]
     assert v["tokens"] == 150 and not v["within"] and v["rel_diff"] == pytest.approx(-0.25)
     assert "inverse in x: 150 tokens against the AI selection's 200" in caplog.text
+
+
+@pytest.mark.slow  # Megatron's indexed datasets: ~10 s alone, 45 s on a busy 2-core machine
+def test_length_matched_is_an_arm_mix_trains_on(tmp_path, tiny_tokenizer):
+    """arms.<name>={selection: length_matched}: mix copies select's length_matched rows into a
+    subset and blends it like any control (pretrain/mix.py reads whatever methods select wrote)."""
+    from pretrain.mix import MixConfig, build_mix
+    from selection.corpora import Document
+
+    rng = random.Random(1)
+    docs = [Document(f"c:{i}", ("web", "code")[i % 2],
+                     " ".join(rng.choice(["alpha", "beta", "gamma", "delta"]) for _ in range(rng.randint(5, 120))))
+            for i in range(80)]
+    rows = [{"doc_id": d.doc_id, "domain": d.domain, "n_tokens": 8,
+             "n_tokens_full": len(tiny_tokenizer(d.text)["input_ids"]), "loss_base": 1.0 + rng.random(),
+             "loss_masked": 2.0, "score": len(d.text) / 1000 + rng.random() / 10} for d in docs]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "shard-00000.parquet")
+    s = select_scores(str(tmp_path / "shard-*.parquet"), tmp_path / "sel", SelectConfig(
+        figures=False, methods=["attention_influence", "length_matched"]))
+    tiny_tokenizer.save_pretrained(tmp_path / "tok")
+    arms = {"baseline": {"selection": None}, "length_matched": {"selection": "length_matched"}}
+    summary = build_mix(iter(docs), tmp_path / "mix", tmp_path / "tok", tiny_tokenizer.eos_token_id,
+                        len(tiny_tokenizer), "tiny", MixConfig(shard_docs=40, workers=1, valid_fraction=0.0),
+                        arms, tmp_path / "sel/selected.parquet")
+    blend = json.loads((tmp_path / "mix/blend.json").read_text())
+    sub = blend["subsets"]["length_matched"]
+    assert sub["documents"] == sum(v["selected"] for v in s["methods"]["length_matched"].values())
+    assert sub["prefix"] in blend["arms"]["length_matched"]["prefixes"]
+    assert summary["arms"]["length_matched"]["tokens"] > summary["arms"]["baseline"]["tokens"]
