@@ -7,12 +7,12 @@ parquet files directly, so hundreds of millions of rows never sit in Python):
   inverse              lowest score first (does the direction matter?)
   perplexity           lowest reference loss L_base first (the classic baseline)
   random               seeded random order (md5(seed:doc_id))
-  length_matched       random documents with the AI selection's length distribution: each
-                       domain's documents fall into `length_bins` equal-count bins by tokens
-                       (fewer in small domains: at least 10 documents a bin);
-                       a bin holding c of the AI selection's documents is drawn from at rate c,
-                       in a seeded random order within the bin (separates "longer" from
-                       "selected": the paper's selections are about twice the average length)
+  length_matched       random documents with the AI selection's length distribution: length
+                       bins cut at the AI selection's own length quantiles (up to
+                       `length_bins` of them, each holding an equal share of its documents),
+                       each bin drawn from at the AI selection's count, in a seeded random
+                       order within the bin (separates "longer" from "selected": the paper's
+                       selections are about twice the average document's length)
 
 Budget per domain (PAPER.md: top 20% of each domain's documents) for attention_influence:
   budget=documents  the first ceil(ratio * documents) rows of the ranking (at least one row of
@@ -62,10 +62,7 @@ from selection.decontaminate import ContaminationConfig
 log = logging.getLogger(__name__)
 
 METHODS = ("attention_influence", "random", "perplexity", "inverse", "length_matched")
-MATCHED = ("random", "length_matched")
-# length_matched: at least this many documents per length bin, so a small domain's bins are not
-# single documents (which would make the control the AI selection itself)
-LENGTH_BIN_DOCS = 10  # controls defined only against the AI selection
+MATCHED = ("random", "length_matched")  # controls defined only against the AI selection
 
 # ORDER BY clause of each ranking (row 1 = selected first).
 _ORDER = {
@@ -93,7 +90,7 @@ class SelectConfig:
     threads: int | None = None  # DuckDB threads (None = DuckDB's default)
     memory_limit: str | None = None  # e.g. "8GB": DuckDB spills to disk beyond it
     token_tolerance: float = 0.01  # controls' tokens per domain within this share of the AI selection's
-    length_bins: int = 50  # length_matched: equal-count token-length bins per domain (>= 10 documents each)
+    length_bins: int = 50  # length_matched: at most this many length bins per domain, cut at the AI selection's quantiles
     decontaminate: bool = False  # drop documents that overlap an evaluation set before selecting
     contamination: ContaminationConfig = field(default_factory=ContaminationConfig)
 
@@ -150,27 +147,34 @@ def select_sql(method: str, cfg: SelectConfig, tok: str) -> str:
 
 
 def _length_view(con, cfg: SelectConfig, tok: str) -> str:
-    """View `lm_scores`: scores plus, per domain, each document's length bin (equal-count bins by
-    tokens: min(length_bins, documents // LENGTH_BIN_DOCS) of them, at least one),
-    its seeded random rank inside the bin (lm_rank), the AI selection's count in that bin
-    (lm_quota) and the random key. Ordering by (lm_rank - 0.5) / lm_quota interleaves the bins
-    in proportion to the AI selection: its first sum(quota) rows hold exactly lm_quota documents
-    of every bin, so a cut there has the AI selection's length histogram."""
+    """View `lm_scores`: scores plus, per domain, each document's length bin, its seeded random
+    rank inside the bin (lm_rank), the AI selection's count in that bin (lm_quota) and the
+    random key. Bins follow the AI selection: its documents, sorted by tokens, form
+    min(length_bins, n) equal-count groups; a bin runs from the midpoint between the previous
+    group's longest and this group's shortest document to the next such midpoint (the first from
+    0, the last to the longest). Ordering by (lm_rank - 0.5) / lm_quota interleaves the bins in
+    proportion to the AI counts: the first sum(quota) rows hold exactly lm_quota documents of
+    every bin, so a cut there has the AI selection's length histogram at its own resolution.
+    When the AI selection holds a bin's only documents (it took the longest ones), the control
+    takes them too: nothing else has that length."""
     key = f"md5('lm:' || CAST({int(cfg.seed)} AS VARCHAR) || ':' || doc_id)"
     con.execute(f"""
+        CREATE OR REPLACE TEMP TABLE lm_edges AS
+        WITH a AS (SELECT domain, tokens, row_number() OVER (PARTITION BY domain ORDER BY tokens, doc_id) AS r,
+                          count(*) OVER (PARTITION BY domain) AS n
+                   FROM sel WHERE method = 'attention_influence'),
+             g AS (SELECT domain, (r - 1) * least({int(cfg.length_bins)}, n) // n + 1 AS bin, tokens FROM a),
+             b AS (SELECT domain, bin, min(tokens) AS lo, max(tokens) AS hi, count(*) AS quota FROM g GROUP BY ALL)
+        SELECT domain, bin, quota,
+               coalesce((lag(hi) OVER (PARTITION BY domain ORDER BY bin) + lo) / 2.0, -1e300) AS edge FROM b""")
+    con.execute(f"""
         CREATE OR REPLACE TEMP VIEW lm_binned AS
-        SELECT *, (row_number() OVER (PARTITION BY domain ORDER BY {tok}, doc_id) - 1)
-                  * greatest(1, least({int(cfg.length_bins)}, count(*) OVER (PARTITION BY domain) // {LENGTH_BIN_DOCS}))
-                  // count(*) OVER (PARTITION BY domain) + 1 AS lm_bin,
-               {key} AS lm_key FROM scores""")
+        SELECT sc.*, e.bin AS lm_bin, e.quota AS lm_quota, {key} AS lm_key
+        FROM scores sc ASOF JOIN lm_edges e ON sc.domain = e.domain AND sc.{tok} >= e.edge""")
     con.execute("""
         CREATE OR REPLACE TEMP VIEW lm_scores AS
-        SELECT b.*, row_number() OVER (PARTITION BY b.domain, b.lm_bin ORDER BY b.lm_key, b.doc_id) AS lm_rank,
-               coalesce(q.quota, 0) AS lm_quota
-        FROM lm_binned b LEFT JOIN (
-            SELECT x.domain, x.lm_bin, count(*) AS quota FROM lm_binned x
-            JOIN sel s ON s.doc_id = x.doc_id AND s.method = 'attention_influence'
-            GROUP BY ALL) q ON q.domain = b.domain AND q.lm_bin = b.lm_bin""")
+        SELECT *, row_number() OVER (PARTITION BY domain, lm_bin ORDER BY lm_key, doc_id) AS lm_rank
+        FROM lm_binned""")
     return "lm_scores"
 
 
