@@ -62,7 +62,7 @@ def comparison_markdown(sm: dict) -> list[str]:
             out.append(f"| {p.replace('|', ' vs ')} | " + " | ".join(_f(rho[d].get(p)) for d in sorted(rho)) + " |")
     out += ["", "Length and repetition of each selection against its domain (mean tokens, median tokens, "
             "mean share of repeated word 3-grams):", "",
-            "| domain | " + " | ".join(["domain"] + methods) + " |", "|---|" + "---:|" * (len(methods) + 1)]
+            "| domain | all documents | " + " | ".join(methods) + " |", "|---|" + "---:|" * (len(methods) + 1)]
     for d in sorted(prof):
         cells = []
         for m in ["domain"] + methods:
