@@ -18,7 +18,9 @@ Scale: the benchmarks' n-grams are hashed once into one sorted uint64 array (abo
 in numpy (a polynomial rolling hash over 64-bit word hashes) and looked up with searchsorted.
 Only the contaminated documents are kept. With scope `selected` the corpus is streamed once and
 only the selected documents (a sorted uint64 array of doc-id hashes) are hashed; scope `corpus`
-hashes every document. Collisions: ~1M benchmark n-grams against 2^64 hashes, so about 5e-14 per
+hashes every document. One process hashes ~180k words/s on a 2-core CPU, so at paper scale
+(tens of billions of selected words) check a sample (`max_docs` per method and domain: a
+contamination rate with its denominator) and still expect one streaming pass over the corpus. Collisions: ~1M benchmark n-grams against 2^64 hashes, so about 5e-14 per
 document n-gram; each reported match carries the matched words for a person to confirm.
 """
 
@@ -56,6 +58,8 @@ class ContaminationConfig:
     template_items: int = 10  # an n-gram in more items than this is template text, not checked
     benchmarks: list[str] = field(default_factory=lambda: list(BENCHMARKS))
     data_dir: str | None = None  # a folder in eval/benchmarks.py's layout; null = the eval stage's offline data
+    max_docs: int | None = None  # scope=selected: check a seeded sample of at most this many documents per
+    # method and domain (a contamination rate, not a clean selection; null = every selected document)
     examples: int = 5  # contaminated documents shown per benchmark in the report
     example_chars: int = 240
 
@@ -64,6 +68,7 @@ class ContaminationConfig:
         check(self.ngram >= 3, "ngram", f"{self.ngram} words is too short to mean overlap (>= 3)")
         check(self.min_matches >= 1, "min_matches", "must be >= 1")
         check(self.template_items >= 1, "template_items", "must be >= 1")
+        check(self.max_docs is None or self.max_docs >= 1, "max_docs", "must be >= 1 or null (all)")
         bad = [b for b in self.benchmarks if b not in BENCHMARKS]
         check(not bad and bool(self.benchmarks), "benchmarks", f"unknown {bad}; known {list(BENCHMARKS)}")
 
@@ -270,8 +275,14 @@ class Scan:
         self.found[doc.doc_id] = rec
 
     def unchecked(self, con) -> np.ndarray:
-        """Sorted hashes of the selected doc ids not yet checked (`sel` table of the select stage)."""
-        ids = [r[0] for r in con.execute("SELECT DISTINCT doc_id FROM sel").fetchall()]
+        """Sorted hashes of the selected doc ids not yet checked (`sel` table of the select stage);
+        with max_docs, of a seeded sample (md5 order) of each method and domain."""
+        if self.cfg.max_docs is None:
+            q = "SELECT DISTINCT doc_id FROM sel"
+        else:
+            q = (f"SELECT DISTINCT doc_id FROM (SELECT doc_id, row_number() OVER (PARTITION BY method, domain "
+                 f"ORDER BY md5('contam:' || doc_id), doc_id) AS k FROM sel) WHERE k <= {int(self.cfg.max_docs)}")
+        ids = [r[0] for r in con.execute(q).fetchall()]
         keys = np.unique(doc_key(ids))
         return keys[~np.isin(keys, self.checked)]
 
@@ -316,7 +327,7 @@ class Scan:
                     ex.append({"doc_id": d, "domain": rec["domain"], "methods": sorted(self.selected_by.get(d, ())),
                                "ngrams": v["ngrams"], "items": v["items"][:3], "matched": v["matched"],
                                "item_text": v["item_text"]})
-        return {"checked": True, "scope": self.cfg.scope, "ngram": self.cfg.ngram,
+        return {"checked": True, "scope": self.cfg.scope, "ngram": self.cfg.ngram, "max_docs": self.cfg.max_docs,
                 "min_matches": self.cfg.min_matches, "benchmarks": self.index.stats,
                 "benchmark_ngrams": int(self.index.hash.size),
                 "documents_checked": self.documents, "contaminated": len(self.found),

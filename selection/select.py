@@ -107,6 +107,8 @@ class SelectConfig:
         check(self.length_bins >= 1, "length_bins", "must be >= 1")
         check(not self.decontaminate or self.contamination.scope != "none", "decontaminate",
               "needs a contamination check: set select.contamination.scope=selected or corpus")
+        check(not self.decontaminate or self.contamination.max_docs is None, "decontaminate",
+              "removal needs every selected document checked: set select.contamination.max_docs=null")
         check(self.max_repetition is None or 0.0 <= self.max_repetition <= 1.0, "max_repetition",
               f"{self.max_repetition} is outside [0, 1] (or null = off)")
 

@@ -183,3 +183,16 @@ def test_bad_config_names_the_key():
         build(SelectConfig, {"decontaminate": True, "contamination": {"scope": "none"}}, "select")
     assert Scan  # the scan class is the stage's unit (used through select_scores above)
     assert ContaminationConfig().ngram == 13
+
+
+def test_sampled_check_counts_its_denominator(planted, bench_dir):
+    folder, corpus, where, _ = planted
+    s = select_scores(str(folder / "shard-*.parquet"), folder / "sample",
+                      _cfg(bench_dir, methods=["attention_influence"], contamination={
+                          "data_dir": str(bench_dir), "max_docs": 2}), _docs(corpus))
+    c = s["contamination"]
+    assert c["max_docs"] == 2 and c["documents_checked"] == 4  # 2 per domain of the one method
+    from attninf.config import ConfigError, build
+
+    with pytest.raises(ConfigError, match="select.decontaminate"):
+        build(SelectConfig, {"decontaminate": True, "contamination": {"max_docs": 5}}, "select")
