@@ -384,12 +384,46 @@ def token_match_lines(tm: dict) -> list[str]:
     return out
 
 
+def check_contamination(con, cfg: SelectConfig, tok: str, documents):
+    """Select with the contamination check (selection/decontaminate.py); returns the Scan.
+
+    scope=corpus: every document checked once, before selecting (and, with decontaminate,
+    excluded). scope=selected: select, check the selected documents not yet checked (one corpus
+    pass), and with decontaminate exclude the contaminated ones and select again, until a
+    selection holds only checked, clean documents (each round checks only the new picks)."""
+    from attninf.context import InputError
+    from selection import decontaminate
+
+    try:
+        scan = decontaminate.Scan(cfg.contamination)
+    except (OSError, RuntimeError) as e:  # missing data folder or benchmark package
+        raise InputError(f"select.contamination: {e}") from None
+    if cfg.contamination.scope == "corpus":
+        scan.run(documents(), wanted=None)
+        if cfg.decontaminate:
+            decontaminate.exclude(con, scan.contaminated_ids())
+    select_methods(con, cfg, tok)
+    scan.note_selection(con)
+    while cfg.contamination.scope == "selected":
+        todo = scan.unchecked(con)
+        if todo.size:
+            scan.run(documents(), wanted=todo)
+            scan.note_selection(con)
+        hit = scan.contaminated_in_selection(con)
+        if not cfg.decontaminate or not hit:
+            break
+        decontaminate.exclude(con, hit)  # re-select from the clean pool; new picks are checked next
+        select_methods(con, cfg, tok)
+        scan.note_selection(con)
+    return scan
+
+
 def select_scores(shards: str | list[str], out: Path, cfg: SelectConfig, documents=None) -> dict:
     """Select from score shards (a glob or a list of files); writes selected.parquet + summary.json.
 
     documents: a callable returning an iterator of selection.corpora.Document (the corpus, for
     the contamination check; None skips it)."""
-    from selection import compare, decontaminate
+    from selection import compare
 
     out.mkdir(parents=True, exist_ok=True)
     con = _connect(cfg, out)
@@ -412,26 +446,11 @@ def select_scores(shards: str | list[str], out: Path, cfg: SelectConfig, documen
     con.execute("CREATE TABLE sel (doc_id VARCHAR, domain VARCHAR, score DOUBLE, loss_base DOUBLE, "
                 "tokens BIGINT, rank BIGINT, method VARCHAR)")
     ccfg = cfg.contamination
-    check_docs = documents is not None and ccfg.scope != "none"
-    scan = decontaminate.Scan(ccfg) if check_docs else None
-    if scan is not None and ccfg.scope == "corpus":
-        scan.run(documents(), wanted=None)
-        if cfg.decontaminate:
-            decontaminate.exclude(con, scan.contaminated_ids())
-    select_methods(con, cfg, tok)
-    if scan is not None:
-        scan.note_selection(con)
-    while scan is not None and ccfg.scope == "selected":
-        todo = scan.unchecked(con)
-        if todo.size:
-            scan.run(documents(), wanted=todo)
-            scan.note_selection(con)
-        hit = scan.contaminated_in_selection(con)
-        if not cfg.decontaminate or not hit:
-            break
-        decontaminate.exclude(con, hit)  # re-select from the clean pool; new picks are checked next
+    scan = None
+    if documents is not None and ccfg.scope != "none":
+        scan = check_contamination(con, cfg, tok, documents)
+    else:
         select_methods(con, cfg, tok)
-        scan.note_selection(con)
     path = out / "selected.parquet"
     tmp = out / f".selected.parquet.tmp{os.getpid()}"
     con.execute(f"COPY (SELECT doc_id, domain, score, method, tokens AS n_tokens, rank, loss_base FROM sel "

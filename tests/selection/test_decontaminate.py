@@ -185,6 +185,15 @@ def test_bad_config_names_the_key():
     assert ContaminationConfig().ngram == 13
 
 
+def test_missing_benchmark_folder_is_one_line_naming_the_key(planted, tmp_path):
+    from attninf.context import InputError
+
+    folder, corpus, _, _ = planted
+    with pytest.raises(InputError, match=r"select.contamination: select.contamination.data_dir: .* has no"):
+        select_scores(str(folder / "shard-*.parquet"), folder / "bad",
+                      _cfg(tmp_path / "nowhere"), _docs(corpus))
+
+
 def test_sampled_check_counts_its_denominator(planted, bench_dir):
     folder, corpus, where, _ = planted
     s = select_scores(str(folder / "shard-*.parquet"), folder / "sample",
