@@ -614,6 +614,9 @@ def render(cfg, rcfg: ReportConfig, out: Path, inp: Inputs, run_dir: Path | None
     sel_md = selection_markdown(inp.stages, out)
     if sel_md:
         md += ["## The selector: retrieval heads, probe mirror check, selection", "", sel_md, ""]
+    from eval.report_selection import selection_report  # controls, method comparison, contamination
+
+    md += selection_report(inp.stages.get("select"), out)[0]
     md += ["## Figures", ""]
     md += [f"![{k}]({v})" for k, v in figs.items()] or ["(none)"]
     md += [f"- {n}" for n in fig_notes]

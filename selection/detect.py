@@ -81,8 +81,9 @@ class DetectConfig:
     key_length: int = 32  # paper: 32-character alphanumeric keys
     max_value_tokens: int = 30  # paper: values of at most 30 tokens
     min_value_tokens: int = 5  # unstated; keeps values sentence-like
-    text_source: str | None = None  # .jsonl (text_field) or .txt; null = built-in sentences
+    text_source: str | None = None  # .jsonl (text_field), .txt, or corpus:<domain>; null = built-in sentences
     text_field: str = "text"
+    text_docs: int = 2000  # corpus:<domain>: documents read for sentences
     instruction: str = DEFAULT_INSTRUCTION
     copy_region: str = "value"  # value (Wu et al.: argmax inside the needle) | context
     match: str = "offsets"  # offsets (same characters, robust to BPE spelling) | token_id
@@ -105,6 +106,10 @@ class DetectConfig:
         check(self.json_layout in LAYOUTS, "json_layout", f"'{self.json_layout}' is not one of {list(LAYOUTS)}")
         check(0.0 <= self.rouge_threshold <= 1.0, "rouge_threshold", "must be in [0, 1]")
         check(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
+        check(self.text_docs >= 1, "text_docs", "must be >= 1")
+        if self.text_source and self.text_source.startswith("corpus:"):
+            check(bool(self.text_source[len("corpus:"):].strip()), "text_source",
+                  "corpus:<domain> needs a domain, e.g. corpus:fineweb_edu")
 
 
 # --------------------------------------------------------------------------------------------
@@ -496,12 +501,33 @@ def detect_retrieval_heads(model, tokenizer, probes: Sequence[Probe], n_layers: 
         scores_other=(total_other / n).tolist(), recall_ceiling=ceil / n, recall_ceiling_other=ceil_o / n)
 
 
+def value_repetition(probes: Sequence[Probe]) -> dict:
+    """How often a value's words recur inside one probe's JSON: the generator's 20 phrases per
+    slot recur several times in a ~1,000-token JSON, sentences of real text mostly do not. Mean over
+    probes of (value slots / distinct values) and of the share of word 3-grams that repeat."""
+    import json as _json
+
+    from selection.repetition import repeated_ngram_fraction
+
+    slots, distinct, rep = 0, 0, 0.0
+    for p in probes:
+        obj = _json.loads(p.prompt[p.prompt.index("{"):p.prompt.index("}\n\n") + 1])
+        vals = list(obj.values())
+        slots += len(vals)
+        distinct += len(set(vals))
+        rep += repeated_ngram_fraction(" ".join(vals))
+    n = max(len(probes), 1)
+    return {"value_slots": slots, "distinct_values_per_probe": distinct / n,
+            "mean_value_3gram_repetition": rep / n}
+
+
 def heads_document(det: Detection, cfg: DetectConfig, model_name: str, geometry: tuple[int, int, int],
-                   fraction: float, count: int | None = None) -> dict:
+                   fraction: float, count: int | None = None, seed: int = 0) -> dict:
     """The detect/heads.json payload (schema in the module docs of selection/heads.py).
 
-    fraction / count: the `heads` group's size knob (one knob for what is marked and masked)."""
-    from selection.heads import n_selected, rank_heads
+    fraction / count: the `heads` group's size knob (one knob for what is marked and masked);
+    seed: `heads.seed`, which orders tied scores (selection/heads.py)."""
+    from selection.heads import n_selected, rank_heads, tie_at_cut, warn_tie
 
     n_layers, n_heads, n_kv = geometry
     if cfg.correctness_filter:
@@ -512,8 +538,10 @@ def heads_document(det: Detection, cfg: DetectConfig, model_name: str, geometry:
         scores = det.scores_correct
     else:
         scores = det.scores_all
-    ranking = rank_heads(scores)
+    ranking = rank_heads(scores, seed=seed)
     k = n_selected(fraction, n_layers * n_heads, count)
+    tie = tie_at_cut(scores, ranking, k)
+    warn_tie("retrieval", tie, k, seed)
     probe_settings = {k2: v for k2, v in asdict(cfg).items() if k2 != "heatmap"}
     return {
         "model": model_name,
@@ -540,6 +568,8 @@ def heads_document(det: Detection, cfg: DetectConfig, model_name: str, geometry:
         "num_probes": cfg.num_probes,
         "max_tokens": cfg.max_tokens,
         "ranking": [list(h) for h in ranking],
+        "tie_seed": seed,
+        "tie_at_cut": tie,
         "copy_region": cfg.copy_region,
         "correctness_filter": cfg.correctness_filter,
         "rouge_threshold": cfg.rouge_threshold,
@@ -573,7 +603,9 @@ def run(ctx) -> dict:
     cfg = build(DetectConfig, ctx.cfg.get("detect"), "detect")
     mcfg = build(ModelConfig, ctx.cfg.get("model"), "model")
     hcfg = build(HeadsConfig, ctx.cfg.get("heads"), "heads")
-    sentences = load_sentences(cfg.text_source, cfg.text_field)  # a bad source fails before the model loads
+    text_stats: dict = {}
+    sentences = load_sentences(cfg.text_source, cfg.text_field, ctx.cfg.get("corpus"), cfg.text_docs,
+                               text_stats)  # a bad source fails before the model loads
     model, tokenizer = load_selector(mcfg)
     check_context(cfg.max_tokens, model)
     geometry = head_geometry(model)
@@ -591,7 +623,9 @@ def run(ctx) -> dict:
         det = detect_retrieval_heads(model, tokenizer, probes, n_layers, n_heads, cfg.mode,
                                      cfg.copy_region, cfg.max_new_tokens, cfg.rouge_threshold, prog,
                                      cfg.match)
-    doc = heads_document(det, cfg, str(mcfg.path), geometry, hcfg.size_fraction, hcfg.count)
+    doc = heads_document(det, cfg, str(mcfg.path), geometry, hcfg.size_fraction, hcfg.count, hcfg.seed)
+    doc["probe_text"] = {"source": cfg.text_source or "built-in generator", **text_stats,
+                         **value_repetition(probes)}
     write_json(ctx.out / "heads.json", doc)
     figure = None
     if cfg.heatmap:

@@ -3,6 +3,8 @@
 - scores_by_domain.png: histogram of AI scores per domain with the selection threshold;
 - loss_vs_score.png: reference loss L_base against the AI score (selected rows highlighted), to
   see whether the score is more than a perplexity filter in disguise;
+- methods.png: Jaccard of the selections and their length / repetition against the domain
+  (plot_methods; the report draws it too);
 - examples.md: the top and bottom documents of each domain (text re-read from the corpus), for a
   person to judge what "reasoning-intensive" meant in this run.
 
@@ -70,6 +72,9 @@ def make_figures(score_dir: Path, out: Path, summary: dict, cfg, corpus_cfg=None
         axes[0][0].legend(fontsize=7)
         written.append(plots.save(fig, out / "loss_vs_score.png", dpi=110))
 
+    p = plot_methods(summary, out / "methods.png")
+    if p is not None:
+        written.append(p)
     if cfg.examples > 0 and corpus_cfg is not None:
         p = _examples(con, score_dir, out, cfg, corpus_cfg)
         if p is not None:
@@ -118,3 +123,55 @@ def _examples(con, score_dir: Path, out: Path, cfg, corpus_cfg) -> Path | None:
     p = out / "examples.md"
     p.write_text("\n".join(lines))
     return p
+
+
+SHORT = {"attention_influence": "AI", "perplexity": "ppl", "inverse": "inv", "random": "rand",
+         "length_matched": "len"}
+
+
+def plot_methods(summary: dict, path: Path) -> Path | None:
+    """methods.png: per domain, the Jaccard of every pair of selections (top row) and each
+    selection's mean length and repetition as a multiple of its domain's (bottom row): how far
+    the controls are from the AI selection, and whether it is mostly "longer" or "more repetitive"."""
+    import numpy as np
+
+    methods = sorted(summary.get("methods") or {}, key=lambda m: (m != "attention_influence", m))
+    prof = (summary.get("comparison") or {}).get("profile") or {}
+    domains = sorted(prof)
+    if not methods or not domains:
+        return None
+    plt = plots.pyplot()
+    n = len(domains)
+    fig, axes = plt.subplots(2, n, figsize=(3.3 * n, 6.0), squeeze=False)
+    jac = summary.get("jaccard") or {}
+    for j, d in enumerate(domains):
+        k = len(methods)
+        mat = np.eye(k)
+        for a in range(k):
+            for b in range(k):
+                if a != b:
+                    key = "|".join(sorted((methods[a], methods[b])))
+                    mat[a, b] = (jac.get(key) or {}).get(d, np.nan)
+        ax = axes[0][j]
+        ax.imshow(mat, vmin=0, vmax=1, cmap="viridis")
+        for a in range(k):
+            for b in range(k):
+                ax.text(b, a, f"{mat[a, b]:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if mat[a, b] < 0.6 else "black")
+        labels = [SHORT.get(m, m[:4]) for m in methods]
+        ax.set_xticks(range(k), labels, fontsize=8)
+        ax.set_yticks(range(k), labels, fontsize=8)
+        ax.set_title(f"{d}: Jaccard", fontsize=9)
+        ax = axes[1][j]
+        base = prof[d].get("domain") or {}
+        x = np.arange(k)
+        lens = [((prof[d].get(m) or {}).get("mean_tokens") or np.nan) / (base.get("mean_tokens") or np.nan) for m in methods]
+        reps = [((prof[d].get(m) or {}).get("mean_repetition") or np.nan) / (base.get("mean_repetition") or np.nan)
+                for m in methods]
+        ax.bar(x - 0.2, lens, 0.4, label="mean tokens", color="#4c72b0")
+        ax.bar(x + 0.2, reps, 0.4, label="mean repetition", color="#dd8452")
+        ax.axhline(1.0, color="#555555", lw=0.8, ls="--")
+        ax.set_xticks(x, labels, fontsize=8)
+        ax.set_title(f"{d}: selection / domain", fontsize=9)
+    axes[1][0].legend(fontsize=7)
+    return plots.save(fig, path, dpi=110)

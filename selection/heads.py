@@ -12,7 +12,16 @@ Head identifiers are zero-based [layer, query_head] everywhere.
 
 Size: `count` when given, else round-half-up(fraction x n_layers x n_heads), at least 1
 (5% of 30 x 9 = 13.5 -> 14 heads on SmolLM2-135M; the paper's 16 x 20 selector -> 16).
-Ranking ties are broken by (layer, head) so the same scores always give the same set.
+Ranking ties are broken in a seeded random order (`heads.seed`): breaking them by (layer, head)
+made `bottom` on a selector whose lower heads all score exactly 0 "every head of the first
+layers", about the most destructive set there is, not a "least retrieval-like" one. When a
+cut falls inside a block of tied scores, a warning names the block (its score, size and layers)
+and how many of its heads the set drew; heads.json records it as `tie_at_cut`.
+
+The random control's exclusion (`exclude_retrieval`) is the union of the paper's top 5%, the
+retrieval set at the requested size and a heads.json's own `selected` list, whatever the size
+asked for: excluding only the top set at the requested size let "non-retrieval" heads drawn at
+fraction 0.02 include the paper's top 5%.
 
 One knob: `heads.fraction` (or `heads.count`) is also what the detect stage writes as heads.json
 `selected` and boxes in its heatmap, so the figure marks exactly what gets masked. Left at null
@@ -136,11 +145,56 @@ def n_selected(fraction: float, total: int, count: int | None = None) -> int:
     return max(1, min(total, int(fraction * total + 0.5)))
 
 
-def rank_heads(scores: Sequence[Sequence[float]], descending: bool = True) -> list[Head]:
-    """All heads ordered by score (best first unless descending=False); ties by (layer, head)."""
-    flat = [(float(s), l, h) for l, row in enumerate(scores) for h, s in enumerate(row)]
-    flat.sort(key=lambda x: ((-x[0]) if descending else x[0], x[1], x[2]))
-    return [(l, h) for _, l, h in flat]
+TIE_DECIMALS = 12  # scores equal to 12 decimals are ties (means over probes differ in the last bits)
+
+
+def _tie_key(s: float) -> float:
+    return round(float(s), TIE_DECIMALS)
+
+
+def rank_heads(scores: Sequence[Sequence[float]], descending: bool = True, seed: int = 0) -> list[Head]:
+    """All heads ordered by score (best first unless descending=False); ties in a seeded random
+    order (one uniform draw per head from random.Random, so the order is a pure function of the
+    scores and the seed)."""
+    rng = random.Random(f"head-ties:{int(seed)}")
+    flat = [(_tie_key(s), rng.random(), l, h) for l, row in enumerate(scores) for h, s in enumerate(row)]
+    flat.sort(key=lambda x: ((-x[0]) if descending else x[0], x[1]))
+    return [(l, h) for _, _, l, h in flat]
+
+
+def tie_at_cut(scores: Sequence[Sequence[float]], ranking: Sequence[Head], n: int) -> dict | None:
+    """The block of tied scores a cut of `ranking` after n heads falls inside, or None.
+
+    {"score", "size" (heads in the block), "drawn" (of them inside the cut), "layers" [min, max],
+    "heads" (the first 8 of the block)}."""
+    if not (0 < n < len(ranking)):
+        return None
+    key = lambda hd: _tie_key(scores[hd[0]][hd[1]])  # noqa: E731
+    if key(ranking[n - 1]) != key(ranking[n]):
+        return None
+    v = key(ranking[n - 1])
+    block = [hd for hd in ranking if key(hd) == v]
+    drawn = sum(1 for hd in ranking[:n] if key(hd) == v)
+    layers = [l for l, _ in block]
+    return {"score": v, "size": len(block), "drawn": drawn, "layers": [min(layers), max(layers)],
+            "heads": [list(h) for h in sorted(block)[:8]]}
+
+
+def warn_tie(what: str, tie: dict | None, n: int, seed: int) -> None:
+    """One warning naming the tied block a cut fell inside (no-op without a tie)."""
+    if tie is None:
+        return
+    log.warning("heads: the %s cut at %d heads falls inside a block of %d heads tied at score %.6g "
+                "(layers %d-%d, e.g. %s); %d of them were drawn at random (heads.seed=%d)",
+                what, n, tie["size"], tie["score"], tie["layers"][0], tie["layers"][1],
+                " ".join(f"({l},{h})" for l, h in tie["heads"][:4]), tie["drawn"], seed)
+
+
+def ranked_cut(scores: Sequence[Sequence[float]], n: int, descending: bool, seed: int, what: str) -> list[Head]:
+    """The first n heads of the seeded ranking, warning when the cut splits a tie."""
+    ranking = rank_heads(scores, descending, seed)
+    warn_tie(what, tie_at_cut(scores, ranking, n), n, seed)
+    return ranking[:n]
 
 
 def load_heads_json(path: str | Path) -> dict:
@@ -205,17 +259,17 @@ def resolve_heads(cfg: HeadsConfig, heads_json: dict | None, n_layers: int, n_he
                               "or give heads.file=PATH/heads.json"
                               + (" (or set heads.exclude_retrieval=false)" if cfg.set == "random" else ""))
     if cfg.set == "retrieval":
-        retrieval = _retrieval(heads_json, n, cfg.explicit_size)
+        retrieval = _retrieval(heads_json, n, cfg.explicit_size, cfg.seed)
         check_heads(retrieval, n_layers, n_heads, where)
         return retrieval
     if cfg.set == "bottom":
         if heads_json.get("scores") is None:
             raise ConfigError("heads.set=bottom needs a heads.json with 'scores' (a plain list has none)")
-        return rank_heads(heads_json["scores"], descending=False)[:n]
+        return ranked_cut(heads_json["scores"], n, False, cfg.seed, "bottom")
     # random
     excluded: set[Head] = set()
     if cfg.exclude_retrieval:
-        excluded = set(_retrieval(heads_json, n, cfg.explicit_size))
+        excluded = set(exclusion_set(heads_json, n, cfg.explicit_size, cfg.seed, n_layers * n_heads))
     return random_heads(n, excluded, n_layers, n_heads, cfg.seed)
 
 
@@ -229,13 +283,29 @@ def random_heads(n: int, avoid: set[Head], n_layers: int, n_heads: int, seed: in
 
 
 def retrieval_set(cfg: HeadsConfig, heads_json: dict | None, n_layers: int, n_heads: int) -> list[Head]:
-    """The retrieval heads a control must avoid (empty without a detection)."""
+    """The retrieval heads a random control must avoid (empty without a detection): the paper's
+    top 5%, the retrieval set at the requested size and the file's own `selected` (exclusion_set)."""
     if heads_json is None:
         return []
     n = n_selected(cfg.size_fraction, n_layers * n_heads, cfg.count)
     if not cfg.explicit_size and heads_json.get("selected"):
         n = len(heads_json["selected"])
-    return _retrieval(heads_json, n, cfg.explicit_size)
+    return exclusion_set(heads_json, n, cfg.explicit_size, cfg.seed, n_layers * n_heads)
+
+
+def exclusion_set(heads_json: dict, n: int, rerank: bool, seed: int, total: int) -> list[Head]:
+    """Union of the top max(5%, n) heads by score, the retrieval set of size n and the file's
+    `selected` list, in that order without repeats. The paper's 5% whatever n: at fraction 0.02
+    the top 5% must stay out of the "non-retrieval" heads too."""
+    out: list[Head] = []
+    if heads_json.get("scores") is not None:
+        k = max(n_selected(DEFAULT_FRACTION, total), n)
+        out += ranked_cut(heads_json["scores"], k, True, seed, "retrieval-exclusion")
+    out += _retrieval(heads_json, n, rerank, seed)
+    if heads_json.get("selected"):
+        out += [tuple(h) for h in parse_head_list(heads_json["selected"], "heads.file: selected")]  # type: ignore[misc]
+    seen: set[Head] = set()
+    return [h for h in out if not (h in seen or seen.add(h))]  # type: ignore[func-returns-value]
 
 
 def describe(cfg: HeadsConfig, heads: Sequence[Head]) -> str:
@@ -249,11 +319,11 @@ def describe(cfg: HeadsConfig, heads: Sequence[Head]) -> str:
     return f"{len(heads)} {names[cfg.set]}"
 
 
-def _retrieval(heads_json: dict, n: int, rerank: bool = True) -> list[Head]:
+def _retrieval(heads_json: dict, n: int, rerank: bool = True, seed: int = 0) -> list[Head]:
     """The file's own `selected` list unless a size was asked for explicitly (rerank), then the
     top-n by score; a plain list file (no scores) is always used as given."""
     if rerank and heads_json.get("scores") is not None:
-        return rank_heads(heads_json["scores"])[:n]
+        return ranked_cut(heads_json["scores"], n, True, seed, "retrieval")
     return [tuple(h) for h in parse_head_list(heads_json["selected"], "heads.file: selected")]  # type: ignore[misc]
 
 

@@ -144,7 +144,8 @@ def run(ctx) -> dict:
     if cfg.seed == settings["seed"]:
         log.warning("mirror.seed == detect.seed (%d): the mirror probes are the detection probes", cfg.seed)
     max_tokens = cfg.max_tokens or settings["max_tokens"]
-    sentences = load_sentences(settings.get("text_source"), settings.get("text_field", "text"))
+    sentences = load_sentences(settings.get("text_source"), settings.get("text_field", "text"),
+                               ctx.cfg.get("corpus"), settings.get("text_docs", 2000))
     model, tokenizer = load_selector(mcfg)
     check_context(max_tokens, model, "mirror.max_tokens" if cfg.max_tokens else "detect.max_tokens")
     n_layers, n_heads, _ = head_geometry(model)

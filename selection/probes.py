@@ -11,9 +11,12 @@ Choices the paper leaves open, and what this module does:
   "just under 4,096"). Lengths are estimated from per-pair token counts, then the real prompt is
   tokenised and pairs are dropped until it fits, so the bound is exact for the tokenizer used.
 - The shots query keys of the sample's own JSON (assumed, as PAPER.md says), never the query key.
-- Values come from a text source (a .jsonl corpus's text field or a .txt file, split into
-  sentences) or, without one, from a built-in procedural sentence generator (original generic
-  sentences, no third-party text). Values within one probe are distinct, and a value never holds
+- Values come from a text source, split into sentences: a .jsonl file's text field, a .txt
+  file, or `corpus:<domain>` = the first `detect.text_docs` documents of one domain of the run's
+  own corpus (the paper draws values from web text: its presets use `corpus:fineweb_edu`, the
+  demo its own corpus). Without one, a built-in procedural sentence generator (original generic
+  sentences, no third-party text: 20 choices per slot, so each phrase recurs several times in a
+  ~4,096-token JSON, which real text does not). Values within one probe are distinct, and a value never holds
   a double quote or backslash, so the JSON string and the answer are the same characters.
 - Everything is drawn from one `random.Random(seed)`: the same seed, tokenizer and source give
   the same probes; the probes are also saved with the run (probes.jsonl) so nothing needs
@@ -327,11 +330,73 @@ def generate_probes(tokenizer, num_probes: int, max_tokens: int, seed: int = 0,
             for i in range(num_probes)]
 
 
-def load_sentences(text_source: str | None, text_field: str = "text") -> list[str] | None:
-    """The probe values' source text (detect.text_source), or None for the built-in sentences."""
+CORPUS_PREFIX = "corpus:"
+
+
+def corpus_domain(text_source: str | None) -> str | None:
+    """The domain a `corpus:<domain>` text source names, else None."""
+    if text_source and text_source.startswith(CORPUS_PREFIX):
+        return text_source[len(CORPUS_PREFIX):].strip()
+    return None
+
+
+def corpus_sentences(corpus_cfg, domain: str, max_docs: int = 2000, max_sentences: int = 200_000,
+                     stats: dict | None = None) -> list[str]:
+    """Distinct clean sentences of the first `max_docs` documents of `domain` in the corpus
+    (selection/corpora.py order). Only that domain is read: a hub corpus keeps only the sources
+    feeding it, a local one skips the other domains' rows."""
+    from attninf.config import build
+    from selection.corpora import CorpusConfig, iter_documents
+
+    ccfg = build(CorpusConfig, corpus_cfg, "corpus")
+    if ccfg.domains and domain not in ccfg.domains:
+        raise ConfigError(f"detect.text_source: corpus domain '{domain}' is not in corpus.domains "
+                          f"{list(ccfg.domains)}")
+    if ccfg.kind == "hf":
+        ccfg.sources = [s for s in ccfg.sources if (s.domain or s.name or s.path) == domain]
+        if not ccfg.sources:
+            raise ConfigError(f"detect.text_source: no corpus.sources entry feeds domain '{domain}'")
+    else:
+        ccfg.domains, ccfg.unknown_domain = [domain], "skip"
+    ccfg.max_docs_per_domain = min(max_docs, ccfg.max_docs_per_domain or max_docs)
+    ccfg.max_docs = None
+    out: list[str] = []
+    seen: set[str] = set()
+    n_docs = 0
+    for doc in iter_documents(ccfg):
+        if doc.domain != domain:
+            continue
+        n_docs += 1
+        for sent in split_sentences(doc.text):
+            if clean_sentence(sent) and sent not in seen:
+                seen.add(sent)
+                out.append(sent)
+        if len(out) >= max_sentences:
+            break
+    if stats is not None:
+        stats.update(documents=n_docs, sentences=len(out))
+    if not out:
+        raise ConfigError(f"detect.text_source: corpus domain '{domain}' gave no usable sentences "
+                          f"({n_docs} documents read); check corpus.paths or pick another domain")
+    return out[:max_sentences]
+
+
+def load_sentences(text_source: str | None, text_field: str = "text", corpus=None,
+                   max_docs: int = 2000, stats: dict | None = None) -> list[str] | None:
+    """The probe values' source text (detect.text_source), or None for the built-in sentences.
+
+    `corpus:<domain>` reads the run's `corpus` section (passed as `corpus`)."""
     if not text_source:
         return None
-    return read_text_source(text_source, text_field)
+    domain = corpus_domain(text_source)
+    if domain is not None:
+        if corpus is None:
+            raise ConfigError(f"detect.text_source={text_source} needs the run's corpus section")
+        return corpus_sentences(corpus, domain, max_docs, stats=stats)
+    out = read_text_source(text_source, text_field)
+    if stats is not None:
+        stats.update(sentences=len(out))
+    return out
 
 
 def probes_from_settings(tokenizer, settings: Mapping, num_probes: int, max_tokens: int, seed: int,

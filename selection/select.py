@@ -6,24 +6,45 @@ parquet files directly, so hundreds of millions of rows never sit in Python):
   attention_influence  highest score first (the paper)
   inverse              lowest score first (does the direction matter?)
   perplexity           lowest reference loss L_base first (the classic baseline)
-  random               seeded random order, cut at the same token count per domain as the
-                       attention_influence selection (equal-token control)
+  random               seeded random order (md5(seed:doc_id))
+  length_matched       random documents with the AI selection's length distribution: length
+                       bins cut at the AI selection's own length quantiles (up to
+                       `length_bins` of them, each holding an equal share of its documents),
+                       each bin drawn from at the AI selection's count, in a seeded random
+                       order within the bin (separates "longer" from "selected": the paper's
+                       selections are about twice the average document's length)
 
-Budget per domain (PAPER.md: top 20% of each domain's documents):
+Budget per domain (PAPER.md: top 20% of each domain's documents) for attention_influence:
   budget=documents  the first ceil(ratio * documents) rows of the ranking (at least one row of
                     a non-empty domain; ceil so tiny demo domains still select something)
   budget=tokens     rows of the ranking until their tokens reach ratio * the domain's tokens
                     (the row that crosses the budget is included)
+Every control is token-matched per domain to the attention_influence selection (mix weighs a
+subset by its tokens, so an arm with more tokens would simply train on more data): the ranking's
+longest prefix whose tokens stay within the AI selection's, then the following rows of the
+ranking that still fit under (1 + token_tolerance) x the AI tokens, until the total is within
+token_tolerance of them; if the walk ends short, one swap that lands inside the tolerance: the
+latest of the last 64 picks that can go, for the first walked-over row that fits. Near the cut this skips documents too long to
+fit, a bias confined to the last few picks (at scale the first row past the prefix lands inside
+the tolerance); when nothing fits, the total stays outside it and summary.json `token_match`
+says so (a domain whose documents are long against its budget). Without
+attention_influence in `methods`, perplexity and inverse take the budget themselves.
 Before ranking, rows whose score or reference loss is not finite are dropped and counted
 (`nonfinite` in summary.json; the score stage already skips them, this guards older shards), and
 with `select.max_repetition` set, documents whose repetition (selection/repetition.py: share of
 repeated word 3-grams) exceeds it. Per domain, summary.json `repetition` and repetition.md give the
 Spearman correlation of the AI score with repetition and with the zlib compression ratio, over
 every scored document: the confound the review raises (repeated passages are easy to copy).
+`comparison` (selection/compare.py) sets the methods side by side: Jaccard of the selected sets,
+Spearman of the ranking keys, and the length and repetition of each selection against its domain.
+Contamination (selection/decontaminate.py): the selected documents (or the whole corpus) are
+checked against the evaluation sets by word n-gram overlap; `select.decontaminate=true` removes
+the contaminated documents from the pool and selects again, so every method is drawn from the
+same clean pool and the controls stay token-matched.
 Tokens are `n_tokens_full` (the whole document, what the mixture will train on) when the shards
 have it, else `n_tokens`. Ties break by doc_id, so the selection is a pure function of the
-shards and the config. The random order is md5(seed:doc_id): stable across DuckDB versions and
-machines.
+shards and the config. The random orders are md5 of the seed and doc_id: stable across DuckDB
+versions and machines.
 """
 
 from __future__ import annotations
@@ -36,10 +57,12 @@ from pathlib import Path
 
 from attninf import manifest
 from attninf.config import build, check
+from selection.decontaminate import ContaminationConfig
 
 log = logging.getLogger(__name__)
 
-METHODS = ("attention_influence", "random", "perplexity", "inverse")
+METHODS = ("attention_influence", "random", "perplexity", "inverse", "length_matched")
+MATCHED = ("random", "length_matched")  # controls defined only against the AI selection
 
 # ORDER BY clause of each ranking (row 1 = selected first).
 _ORDER = {
@@ -47,6 +70,8 @@ _ORDER = {
     "inverse": "score ASC, doc_id ASC",
     "perplexity": "loss_base ASC, doc_id ASC",
     "random": "md5(CAST({seed} AS VARCHAR) || ':' || doc_id) ASC, doc_id ASC",
+    # lm_* columns: see _length_view
+    "length_matched": "(lm_quota = 0) ASC, (lm_rank - 0.5) / greatest(lm_quota, 1) ASC, lm_key ASC, doc_id ASC",
 }
 
 
@@ -64,6 +89,10 @@ class SelectConfig:
     max_repetition: float | None = None  # drop documents with repetition above this before ranking (null = off)
     threads: int | None = None  # DuckDB threads (None = DuckDB's default)
     memory_limit: str | None = None  # e.g. "8GB": DuckDB spills to disk beyond it
+    token_tolerance: float = 0.01  # controls' tokens per domain within this share of the AI selection's
+    length_bins: int = 50  # length_matched: at most this many length bins per domain, cut at the AI selection's quantiles
+    decontaminate: bool = False  # drop documents that overlap an evaluation set before selecting
+    contamination: ContaminationConfig = field(default_factory=ContaminationConfig)
 
     def validate(self) -> None:
         check(0.0 < self.ratio <= 1.0, "ratio", "must be in (0, 1]")
@@ -71,8 +100,15 @@ class SelectConfig:
         bad = [m for m in self.methods if m not in METHODS]
         check(not bad, "methods", f"unknown {bad}; known {list(METHODS)}")
         check(len(self.methods) > 0, "methods", "at least one method")
-        check("random" not in self.methods or "attention_influence" in self.methods, "methods",
-              "random matches the attention_influence token count, so it needs that method too")
+        for m in MATCHED:
+            check(m not in self.methods or "attention_influence" in self.methods, "methods",
+                  f"{m} is matched to the attention_influence selection, so it needs that method too")
+        check(0.0 < self.token_tolerance < 1.0, "token_tolerance", f"{self.token_tolerance} is outside (0, 1)")
+        check(self.length_bins >= 1, "length_bins", "must be >= 1")
+        check(not self.decontaminate or self.contamination.scope != "none", "decontaminate",
+              "needs a contamination check: set select.contamination.scope=selected or corpus")
+        check(not self.decontaminate or self.contamination.max_docs is None, "decontaminate",
+              "removal needs every selected document checked: set select.contamination.max_docs=null")
         check(self.max_repetition is None or 0.0 <= self.max_repetition <= 1.0, "max_repetition",
               f"{self.max_repetition} is outside [0, 1] (or null = off)")
 
@@ -89,7 +125,7 @@ def _connect(cfg: SelectConfig, tmp: Path):
     return con
 
 
-def _ranked(method: str, cfg: SelectConfig, tok: str) -> str:
+def _ranked(method: str, cfg: SelectConfig, tok: str, source: str = "scores") -> str:
     order = _ORDER[method].format(seed=int(cfg.seed))
     return f"""
       SELECT doc_id, domain, score, loss_base, {tok} AS tokens,
@@ -98,26 +134,101 @@ def _ranked(method: str, cfg: SelectConfig, tok: str) -> str:
              sum({tok}) OVER (PARTITION BY domain) AS tok_dom,
              sum({tok}) OVER (PARTITION BY domain ORDER BY {order}
                               ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS tok_before
-      FROM scores"""
+      FROM {source}"""
 
 
 def select_sql(method: str, cfg: SelectConfig, tok: str) -> str:
-    """SQL selecting one method's rows (doc_id, domain, score, loss_base, tokens, rank)."""
+    """SQL selecting one method's rows by its own budget (doc_id, domain, score, loss_base,
+    tokens, rank): attention_influence, and perplexity / inverse without it."""
     ranked = _ranked(method, cfg, tok)
-    if method == "random":
-        # Same token count per domain as the attention_influence selection.
-        cond = "coalesce(r.tok_before, 0) < t.target"
-        return f"""
-          WITH r AS ({ranked}),
-               t AS (SELECT domain, sum(tokens) AS target FROM sel WHERE method = 'attention_influence'
-                     GROUP BY domain)
-          SELECT r.doc_id, r.domain, r.score, r.loss_base, r.tokens, r.rank
-          FROM r JOIN t USING (domain) WHERE {cond}"""
     if cfg.budget == "documents":
         cond = f"rank <= greatest(1, CAST(ceil({cfg.ratio!r} * n_dom - 1e-9) AS BIGINT))"
     else:
         cond = f"coalesce(tok_before, 0) < {cfg.ratio!r} * tok_dom"
     return f"WITH r AS ({ranked}) SELECT doc_id, domain, score, loss_base, tokens, rank FROM r WHERE {cond}"
+
+
+def _length_view(con, cfg: SelectConfig, tok: str) -> str:
+    """View `lm_scores`: scores plus, per domain, each document's length bin, its seeded random
+    rank inside the bin (lm_rank), the AI selection's count in that bin (lm_quota) and the
+    random key. Bins follow the AI selection: its documents, sorted by tokens, form
+    min(length_bins, n) equal-count groups; a bin runs from the midpoint between the previous
+    group's longest and this group's shortest document to the next such midpoint (the first from
+    0, the last to the longest). Ordering by (lm_rank - 0.5) / lm_quota interleaves the bins in
+    proportion to the AI counts: the first sum(quota) rows hold exactly lm_quota documents of
+    every bin, so a cut there has the AI selection's length histogram at its own resolution.
+    When the AI selection holds a bin's only documents (it took the longest ones), the control
+    takes them too: nothing else has that length."""
+    key = f"md5('lm:' || CAST({int(cfg.seed)} AS VARCHAR) || ':' || doc_id)"
+    con.execute(f"""
+        CREATE OR REPLACE TEMP TABLE lm_edges AS
+        WITH a AS (SELECT domain, tokens, row_number() OVER (PARTITION BY domain ORDER BY tokens, doc_id) AS r,
+                          count(*) OVER (PARTITION BY domain) AS n
+                   FROM sel WHERE method = 'attention_influence'),
+             g AS (SELECT domain, (r - 1) * least({int(cfg.length_bins)}, n) // n + 1 AS bin, tokens FROM a),
+             b AS (SELECT domain, bin, min(tokens) AS lo, max(tokens) AS hi, count(*) AS quota FROM g GROUP BY ALL)
+        SELECT domain, bin, quota,
+               coalesce((lag(hi) OVER (PARTITION BY domain ORDER BY bin) + lo) / 2.0, -1e300) AS edge FROM b""")
+    con.execute(f"""
+        CREATE OR REPLACE TEMP VIEW lm_binned AS
+        SELECT sc.*, e.bin AS lm_bin, e.quota AS lm_quota, {key} AS lm_key
+        FROM scores sc ASOF JOIN lm_edges e ON sc.domain = e.domain AND sc.{tok} >= e.edge""")
+    con.execute("""
+        CREATE OR REPLACE TEMP VIEW lm_scores AS
+        SELECT *, row_number() OVER (PARTITION BY domain, lm_bin ORDER BY lm_key, doc_id) AS lm_rank
+        FROM lm_binned""")
+    return "lm_scores"
+
+
+def insert_matched(con, method: str, cfg: SelectConfig, tok: str, batch: int = 4096) -> None:
+    """Insert `method`'s rows token-matched per domain to the attention_influence rows of `sel`
+    (module docs): the ranking's prefix within the target, then first-fit under the upper bound."""
+    source = _length_view(con, cfg, tok) if method == "length_matched" else "scores"
+    con.execute(f"""
+        CREATE OR REPLACE TEMP TABLE rk AS
+        SELECT r.*, t.target FROM ({_ranked(method, cfg, tok, source)}) r
+        JOIN (SELECT domain, sum(tokens) AS target FROM sel WHERE method = 'attention_influence'
+              GROUP BY domain) t USING (domain)""")
+    con.execute(f"""INSERT INTO sel SELECT doc_id, domain, score, loss_base, tokens, rank, '{method}' FROM rk
+                    WHERE coalesce(tok_before, 0) + tokens <= target""")
+    core = {d: (int(t or 0), int(r or 0)) for d, t, r in con.execute(
+        "SELECT domain, sum(tokens), max(rank) FROM sel WHERE method = ? GROUP BY domain", [method]).fetchall()}
+    tol = float(cfg.token_tolerance)
+    for dom, target in con.execute("SELECT DISTINCT domain, target FROM rk ORDER BY domain").fetchall():
+        cum, last = core.get(dom, (0, 0))
+        lo, hi = target * (1 - tol), target * (1 + tol)
+        picked: list[tuple] = []
+        passed: list[tuple] = []  # rows walked over (too long to fit), swap candidates
+        while cum < lo:
+            rows = con.execute("SELECT doc_id, domain, score, loss_base, tokens, rank FROM rk "
+                               "WHERE domain = ? AND rank > ? ORDER BY rank LIMIT ?", [dom, last, batch]).fetchall()
+            if not rows:
+                break
+            for r in rows:
+                last = r[5]
+                if cum + r[4] <= hi:
+                    picked.append(r)
+                    cum += r[4]
+                    if cum >= lo:
+                        break
+                elif len(passed) < batch:
+                    passed.append(r)
+        drop = None
+        if cum < lo and passed:  # one swap: a walked-over row for one of the last picks
+            tail = con.execute("SELECT doc_id, domain, score, loss_base, tokens, rank FROM sel WHERE method = ? "
+                               "AND domain = ? ORDER BY rank DESC LIMIT 64", [method, dom]).fetchall()
+            xs = sorted(picked + tail, key=lambda r: -r[5])[:64]
+            swap = next(((x, y) for x in xs for y in passed if lo <= cum - x[4] + y[4] <= hi), None)
+            if swap is not None:
+                x, y = swap
+                cum += y[4] - x[4]
+                picked = [r for r in picked if r[0] != x[0]] + [y]
+                drop = x[0]
+        if drop is not None:
+            con.execute("DELETE FROM sel WHERE method = ? AND doc_id = ?", [method, drop])
+        if picked:
+            con.executemany(f"INSERT INTO sel VALUES (?, ?, ?, ?, ?, ?, '{method}')", picked)
+    con.execute("DROP TABLE rk")
 
 
 def planned_shards(score_dir: Path) -> list[str]:
@@ -164,6 +275,8 @@ def filter_scores(con, cols: set[str], cfg: SelectConfig, where: str) -> dict:
     """Redefine the `scores` view without non-finite rows (and, with select.max_repetition,
     without documents above it); returns the summary's nonfinite / repetition blocks."""
     con.execute("ALTER VIEW scores RENAME TO raw_scores")
+    con.execute("CREATE TABLE IF NOT EXISTS excluded (doc_id VARCHAR)")  # contaminated (decontaminate)
+    clean = "doc_id NOT IN (SELECT doc_id FROM excluded)"
     finite = "isfinite(score) AND isfinite(loss_base)"
     nonfinite = {d: n for d, n in con.execute(
         f"SELECT domain, count(*) FROM raw_scores WHERE NOT coalesce({finite}, false) GROUP BY domain "
@@ -179,7 +292,7 @@ def filter_scores(con, cols: set[str], cfg: SelectConfig, where: str) -> dict:
 
             raise InputError(f"{where}: select.max_repetition is set but the score shards have no "
                              "'repetition' column (scored before it existed); re-run the score stage")
-        con.execute("CREATE VIEW scores AS SELECT * FROM base")
+        con.execute(f"CREATE VIEW scores AS SELECT * FROM base WHERE {clean}")
         return {"nonfinite": nonfinite, "repetition": rep}
     rho = {d: {"spearman_repetition": r, "n": n} for d, r, n in con.execute(spearman_sql("score", "repetition")).fetchall()}
     if "compression_ratio" in cols:
@@ -191,7 +304,7 @@ def filter_scores(con, cols: set[str], cfg: SelectConfig, where: str) -> dict:
     cond = "TRUE" if cfg.max_repetition is None else f"repetition <= {float(cfg.max_repetition)!r}"
     excluded = {d: n for d, n in con.execute(
         f"SELECT domain, count(*) FROM base WHERE NOT ({cond}) GROUP BY domain ORDER BY domain").fetchall()}
-    con.execute(f"CREATE VIEW scores AS SELECT * FROM base WHERE {cond}")
+    con.execute(f"CREATE VIEW scores AS SELECT * FROM base WHERE ({cond}) AND {clean}")
     rep.update(per_domain=rho, excluded=excluded)
     return {"nonfinite": nonfinite, "repetition": rep}
 
@@ -222,8 +335,96 @@ def repetition_markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def select_scores(shards: str | list[str], out: Path, cfg: SelectConfig) -> dict:
-    """Select from score shards (a glob or a list of files); writes selected.parquet + summary.json."""
+def select_methods(con, cfg: SelectConfig, tok: str) -> None:
+    """(Re)fill `sel` with every configured method: attention_influence first, its controls
+    token-matched to it."""
+    con.execute("DELETE FROM sel")
+    has_ai = "attention_influence" in cfg.methods
+    if has_ai:
+        con.execute(f"INSERT INTO sel SELECT *, 'attention_influence' FROM ({select_sql('attention_influence', cfg, tok)})")
+    for m in cfg.methods:
+        if m == "attention_influence":
+            continue
+        if has_ai:
+            insert_matched(con, m, cfg, tok)
+        else:
+            con.execute(f"INSERT INTO sel SELECT *, '{m}' FROM ({select_sql(m, cfg, tok)})")
+
+
+def token_match(per_method: dict, tolerance: float) -> dict:
+    """Each control's tokens per domain against the AI selection's (summary.json `token_match`)."""
+    ai = per_method.get("attention_influence") or {}
+    out: dict = {"tolerance": tolerance, "methods": {}, "all_within": True}
+    for m, per in per_method.items():
+        if m == "attention_influence" or not ai:
+            continue
+        for d, v in per.items():
+            target = (ai.get(d) or {}).get("selected_tokens", 0)
+            rel = (v["selected_tokens"] - target) / target if target else float("nan")
+            ok = bool(target) and abs(rel) <= tolerance + 1e-12
+            out["methods"].setdefault(m, {})[d] = {"tokens": v["selected_tokens"], "ai_tokens": target,
+                                                   "rel_diff": rel, "within": ok}
+            if not ok:
+                out["all_within"] = False
+                log.warning("select: %s in %s: %d tokens against the AI selection's %d (%+.2f%%), outside "
+                            "the %.1f%% tolerance (documents too long to match at this budget)",
+                            m, d, v["selected_tokens"], target, 100 * rel, 100 * tolerance)
+    return out
+
+
+def token_match_lines(tm: dict) -> list[str]:
+    """The token-match table as terminal lines (the select stage logs it)."""
+    rows = [(m, d, v) for m, per in sorted(tm.get("methods", {}).items()) for d, v in sorted(per.items())]
+    if not rows:
+        return []
+    out = [f"select: tokens per domain of each control vs the AI selection (tolerance {100 * tm['tolerance']:.1f}%)",
+           f"  {'method':<16} {'domain':<14} {'tokens':>12} {'AI tokens':>12} {'diff':>8}"]
+    out += [f"  {m:<16} {d:<14} {v['tokens']:>12,} {v['ai_tokens']:>12,} {100 * v['rel_diff']:>+7.2f}%"
+            + ("" if v["within"] else "  OUTSIDE") for m, d, v in rows]
+    return out
+
+
+def check_contamination(con, cfg: SelectConfig, tok: str, documents):
+    """Select with the contamination check (selection/decontaminate.py); returns the Scan.
+
+    scope=corpus: every document checked once, before selecting (and, with decontaminate,
+    excluded). scope=selected: select, check the selected documents not yet checked (one corpus
+    pass), and with decontaminate exclude the contaminated ones and select again, until a
+    selection holds only checked, clean documents (each round checks only the new picks)."""
+    from attninf.context import InputError
+    from selection import decontaminate
+
+    try:
+        scan = decontaminate.Scan(cfg.contamination)
+    except (OSError, RuntimeError) as e:  # missing data folder or benchmark package
+        raise InputError(f"select.contamination: {e}") from None
+    if cfg.contamination.scope == "corpus":
+        scan.run(documents(), wanted=None)
+        if cfg.decontaminate:
+            decontaminate.exclude(con, scan.contaminated_ids())
+    select_methods(con, cfg, tok)
+    scan.note_selection(con)
+    while cfg.contamination.scope == "selected":
+        todo = scan.unchecked(con)
+        if todo.size:
+            scan.run(documents(), wanted=todo)
+            scan.note_selection(con)
+        hit = scan.contaminated_in_selection(con)
+        if not cfg.decontaminate or not hit:
+            break
+        decontaminate.exclude(con, hit)  # re-select from the clean pool; new picks are checked next
+        select_methods(con, cfg, tok)
+        scan.note_selection(con)
+    return scan
+
+
+def select_scores(shards: str | list[str], out: Path, cfg: SelectConfig, documents=None) -> dict:
+    """Select from score shards (a glob or a list of files); writes selected.parquet + summary.json.
+
+    documents: a callable returning an iterator of selection.corpora.Document (the corpus, for
+    the contamination check; None skips it)."""
+    from selection import compare
+
     out.mkdir(parents=True, exist_ok=True)
     con = _connect(cfg, out)
     files = [shards] if isinstance(shards, str) else list(shards)
@@ -244,10 +445,12 @@ def select_scores(shards: str | list[str], out: Path, cfg: SelectConfig) -> dict
                          "set corpus.id_field to a unique field or leave it empty for file:row ids")
     con.execute("CREATE TABLE sel (doc_id VARCHAR, domain VARCHAR, score DOUBLE, loss_base DOUBLE, "
                 "tokens BIGINT, rank BIGINT, method VARCHAR)")
-    methods = sorted(cfg.methods, key=lambda m: m == "random")  # random needs the AI selection first
-    for m in methods:
-        con.execute(f"INSERT INTO sel SELECT *, '{m}' FROM ({select_sql(m, cfg, tok)})")
-
+    ccfg = cfg.contamination
+    scan = None
+    if documents is not None and ccfg.scope != "none":
+        scan = check_contamination(con, cfg, tok, documents)
+    else:
+        select_methods(con, cfg, tok)
     path = out / "selected.parquet"
     tmp = out / f".selected.parquet.tmp{os.getpid()}"
     con.execute(f"COPY (SELECT doc_id, domain, score, method, tokens AS n_tokens, rank, loss_base FROM sel "
@@ -260,8 +463,10 @@ def select_scores(shards: str | list[str], out: Path, cfg: SelectConfig) -> dict
     for m, d, n, t, smin, smax, lmax in con.execute(
             "SELECT method, domain, count(*), sum(tokens), min(score), max(score), max(loss_base) FROM sel "
             "GROUP BY method, domain ORDER BY method, domain").fetchall():
-        # threshold = the ranking key of the last selected row (None for random)
+        # threshold = the ranking key of the last selected row (None for the random controls)
         thr = {"attention_influence": smin, "inverse": smax, "perplexity": lmax}.get(m)
+        if m in ("inverse", "perplexity") and "attention_influence" in cfg.methods:
+            thr = None  # token-matched with a first-fit tail: no single cut-off
         per_method.setdefault(m, {})[d] = {**dom[d], "selected": n, "selected_tokens": int(t or 0),
                                            "threshold": thr}
     jac: dict[str, dict] = {}
@@ -276,8 +481,17 @@ def select_scores(shards: str | list[str], out: Path, cfg: SelectConfig) -> dict
     for m1, m2, d, inter, n1, n2 in pairs:
         union = n1 + n2 - inter
         jac.setdefault(f"{m1}|{m2}", {})[d] = inter / union if union else 0.0
+    tm = token_match(per_method, cfg.token_tolerance)
+    for line in token_match_lines(tm):
+        log.info("%s", line)
     summary = {"ratio": cfg.ratio, "budget": cfg.budget, "token_column": tok, "seed": cfg.seed,
-               "domains": dom, "methods": per_method, "jaccard": jac, **repetition}
+               "domains": dom, "methods": per_method, "jaccard": jac, "token_match": tm,
+               "comparison": compare.compare(con, cols, tok, cfg), **repetition,
+               "contamination": (scan.summary(cfg.decontaminate) if scan is not None else
+                                 {"checked": False, "reason": "scope none" if ccfg.scope == "none"
+                                  else "no corpus given to the select stage"})}
+    if scan is not None:
+        scan.write(out / "contamination.jsonl")
     manifest.write_json(out / "summary.json", summary)
     manifest.write_atomic(out / "repetition.md", repetition_markdown(summary))
     con.close()
@@ -288,7 +502,18 @@ def run(ctx) -> dict:
     cfg = build(SelectConfig, ctx.cfg.get("select"), "select")
     score_dir = ctx.upstream("score")
     shards = planned_shards(Path(score_dir))
-    summary = select_scores(shards, ctx.out, cfg)
+    corpus_cfg = ctx.cfg.get("corpus")
+    documents = None
+    if cfg.contamination.scope != "none" and corpus_cfg is not None:
+        from selection.corpora import CorpusConfig, iter_documents
+
+        ccfg = build(CorpusConfig, corpus_cfg, "corpus")
+        documents = lambda: iter_documents(ccfg)  # noqa: E731 - one corpus pass per call
+    elif cfg.decontaminate:
+        from attninf.context import InputError
+
+        raise InputError("select.decontaminate=true needs the run's corpus section (the documents' text)")
+    summary = select_scores(shards, ctx.out, cfg, documents)
     if cfg.figures:
         try:
             from selection.figures_scores import make_figures

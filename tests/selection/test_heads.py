@@ -31,13 +31,64 @@ def test_sizes_round_half_up():
     assert n_selected(0.05, 20, count=3) == 3
 
 
-def test_rank_heads_matches_sorting_and_breaks_ties_by_position():
+def test_rank_heads_matches_sorting_and_breaks_ties_at_random_by_seed():
     s = _scores()
     flat = sorted(((s[l][h], l, h) for l in range(4) for h in range(5)), key=lambda x: -x[0])
     assert rank_heads(s) == [(l, h) for _, l, h in flat]
     tied = [[0.5, 0.9], [0.9, 0.1]]
-    assert rank_heads(tied) == [(0, 1), (1, 0), (0, 0), (1, 1)]
-    assert rank_heads(tied, descending=False) == [(1, 1), (0, 0), (0, 1), (1, 0)]
+    for seed in range(5):
+        r = rank_heads(tied, seed=seed)
+        assert set(r[:2]) == {(0, 1), (1, 0)} and r[2:] == [(0, 0), (1, 1)]
+        assert rank_heads(tied, descending=False, seed=seed)[:2] == [(1, 1), (0, 0)]
+    # a big block of zeros (the demo: 220 of 270 heads score exactly 0): the seeded order is not
+    # the (layer, head) order, differs between seeds and is the same for the same seed
+    zeros = [[0.0] * 9 for _ in range(30)]
+    zeros[20][3] = 0.5
+    orders = {tuple(rank_heads(zeros, descending=False, seed=k)[:14]) for k in range(4)}
+    assert len(orders) == 4
+    assert rank_heads(zeros, False, 1) == rank_heads(zeros, False, 1)
+    first = rank_heads(zeros, descending=False, seed=0)[:14]
+    assert {l for l, _ in first} != {0, 1} and len({l for l, _ in first}) > 4
+
+
+def test_bottom_cut_inside_a_tie_is_random_and_warns_naming_the_block(caplog):
+    from selection.heads import tie_at_cut
+
+    zeros = [[0.0] * 9 for _ in range(30)]
+    for l in range(17, 25):
+        zeros[l][l % 9] = 0.1 * (l - 16)  # 8 non-zero heads in layers 17-24
+    hj = {"scores": zeros, "selected": [[24, 6]]}
+    with caplog.at_level("WARNING", logger="selection.heads"):
+        bottom = resolve_heads(_cfg(set="bottom", count=14, seed=0), hj, 30, 9)
+    assert len(bottom) == 14 and all(zeros[l][h] == 0.0 for l, h in bottom)
+    assert {l for l, _ in bottom} != {0, 1}
+    msg = " ".join(r.getMessage() for r in caplog.records)
+    assert "bottom cut at 14 heads falls inside a block of 262 heads tied at score 0" in msg
+    assert "layers 0-29" in msg and "14 of them were drawn at random (heads.seed=0)" in msg
+    tie = tie_at_cut(zeros, rank_heads(zeros, descending=False), 14)
+    assert tie["size"] == 262 and tie["drawn"] == 14 and tie["layers"] == [0, 29]
+    assert tie_at_cut(zeros, rank_heads(zeros), 8) is None  # the top 8 are distinct: no warning
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="selection.heads"):
+        resolve_heads(_cfg(set="retrieval", count=8), hj, 30, 9)
+    assert not caplog.records
+
+
+def test_random_control_excludes_the_papers_top_5_percent_at_any_size():
+    """heads.fraction=0.02 (5 of 270 heads) used to exclude only the top 5 heads, so the
+    "non-retrieval" random heads could include the paper's top 14."""
+    rng = random.Random(0)
+    s = [[rng.random() for _ in range(9)] for _ in range(30)]
+    top14 = set(rank_heads(s)[:14])
+    hj = {"scores": s, "selected": [list(h) for h in rank_heads(s)[:14]]}
+    for seed in range(30):
+        rnd = resolve_heads(_cfg(set="random", fraction=0.02, seed=seed), hj, 30, 9)
+        assert len(rnd) == 5 and not set(rnd) & top14
+    # a larger requested size excludes the retrieval set at that size (which holds the top 5%)
+    top40 = set(rank_heads(s)[:40])
+    for seed in range(10):
+        rnd = resolve_heads(_cfg(set="random", count=40, seed=seed), hj, 30, 9)
+        assert not set(rnd) & top40
 
 
 def test_retrieval_bottom_random_none():
@@ -161,8 +212,10 @@ def test_heads_file_masks_its_own_selected_list(tmp_path):
     assert len(resolve_heads(_cfg(set="bottom", file=str(f)), hj, 4, 5)) == 2
     rnd = resolve_heads(_cfg(set="random", file=str(f), seed=3), hj, 4, 5)
     assert len(rnd) == 2 and not set(rnd) & {tuple(h) for h in own}
-    assert retrieval_set(cfg, hj, 4, 5) == [tuple(h) for h in own]
-    assert retrieval_set(_cfg(set="retrieval", count=3), hj, 4, 5) == rank_heads(s)[:3]
+    # the avoided set: the top max(5% = 1, size 2) by score + the file's own list
+    assert set(retrieval_set(cfg, hj, 4, 5)) == set(rank_heads(s)[:2]) | {tuple(h) for h in own}
+    assert set(retrieval_set(_cfg(set="retrieval", count=3), hj, 4, 5)) == (
+        set(rank_heads(s)[:3]) | {tuple(h) for h in own})
 
 
 def test_table6_rows_name_the_set_masked_and_random_avoids_it(tmp_path):

@@ -99,3 +99,48 @@ def test_split_sentences_drops_nothing_in_prose():
 def test_probe_json_roundtrip(probes):
     p = probes[0]
     assert Probe.from_json(json.loads(json.dumps(p.to_json()))) == p
+
+
+def test_text_source_from_one_corpus_domain(tmp_path, tiny_tokenizer):
+    """detect.text_source=corpus:<domain>: sentences of that domain's first text_docs documents
+    only (sentence-split, clean), and probe values drawn from them."""
+    from attninf.config import ConfigError, build
+    from selection.detect import DetectConfig
+    from selection.probes import load_sentences
+
+    rows = []
+    for i in range(80):
+        dom = ("web", "code")[i % 2]
+        word = "harbour" if dom == "web" else "compiler"
+        rows.append({"id": f"{dom}{i}", "domain": dom,
+                     "text": f"Document {i} tells about the {word} in plain words. It has a second {word} "
+                             f"sentence number {i} here.\n\ndef f(x): return x"})
+    src = tmp_path / "corpus.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    corpus = {"paths": [str(src)], "domains": ["web", "code"]}
+    stats: dict = {}
+    sents = load_sentences("corpus:web", corpus=corpus, max_docs=30, stats=stats)
+    assert stats == {"documents": 30, "sentences": 60} and len(sents) == 60
+    assert all("harbour" in s for s in sents) and not any("def f" in s for s in sents)
+    assert sents[0] == "Document 0 tells about the harbour in plain words."
+    ps = generate_probes(tiny_tokenizer, 2, 1024, seed=0, sentences=sents, max_value_tokens=VT)
+    assert all(v in sents for p in ps for v in _json_part(p.prompt).values())
+    with pytest.raises(ConfigError, match="'math' is not in corpus.domains"):
+        load_sentences("corpus:math", corpus=corpus)
+    with pytest.raises(ConfigError, match="detect.text_source"):
+        build(DetectConfig, {"text_source": "corpus:"}, "detect")
+
+
+def test_value_repetition_counts_the_generators_recurring_phrases(tiny_tokenizer):
+    """heads.json probe_text: generator values share phrases inside a probe; distinct prose does not."""
+    import random
+
+    from selection.detect import value_repetition
+
+    gen = value_repetition(generate_probes(tiny_tokenizer, 2, 1024, seed=0, max_value_tokens=VT))
+    rng = random.Random(0)
+    vocab = ["".join(rng.choice("abcdefghijklmnop") for _ in range(5)) for _ in range(400)]
+    prose = [" ".join(rng.sample(vocab, 6)).capitalize() + "." for _ in range(300)]
+    real = value_repetition(generate_probes(tiny_tokenizer, 2, 1024, seed=0, sentences=prose, max_value_tokens=VT))
+    assert gen["value_slots"] >= 8 and gen["distinct_values_per_probe"] > 4
+    assert gen["mean_value_3gram_repetition"] > 0.05 > real["mean_value_3gram_repetition"]
