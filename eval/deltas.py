@@ -33,7 +33,8 @@ def _record(r: stats.Paired | None, **fields) -> dict:
         return rec
     rec.update(n_items=r.n_items, delta=_pts(r.delta), ci_low=_pts(r.ci_low), ci_high=_pts(r.ci_high),
                p_value=r.p_value, test=r.test, ci_method=r.ci_method, mde=_pts(r.mde),
-               mde_basis="observed discordance" if r.n_seeds == 1 else "hierarchical bootstrap sd",
+               mde_basis=("observed discordance" if r.n_seeds == 1
+                          else "crossed items x seeds variance (t, Satterthwaite df)"),
                arm_mean=_pts(r.mean_a), arm_std=_pts(r.std_a), baseline_mean=_pts(r.mean_b),
                baseline_std=_pts(r.std_b), discordant=list(r.discordant) if r.discordant else None,
                arm_per_seed=[_pts(x) for x in r.score_a], baseline_per_seed=[_pts(x) for x in r.score_b])
@@ -210,8 +211,10 @@ def power_words(paper: dict, recs: list[dict], treated: str, alpha: float = 0.05
                          f"(MDE from this run's {r['mde_basis']}).")
         elif r["n_items"] and r.get("paper_levels"):
             pb, pa = (x / SCALE for x in r["paper_levels"])
+            # One seed's MDE, whatever the seed count: every seed answers the same items, so averaging
+            # seeds shrinks only the seed x item part of the discordance, never the item part; without
+            # this run's decomposition the single-seed figure is the honest (conservative) one.
             mde = stats.mde_binary(r["n_items"], stats.independent_discordance(pa, pb), alpha, power) * SCALE
-            mde /= math.sqrt(seeds)  # averaging independent seeds: the item noise shrinks as 1/sqrt(S)
             lines.append(f"- {head}: the arms agreed on every item, so the run gives no discordance; "
                          f"assuming the paper's accuracy levels with independent errors, the paper's "
                          f"{_verdict(r['paper_delta'], mde)}.")

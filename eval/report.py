@@ -16,8 +16,9 @@ delta with its 95% interval beside the paper's; `deltas.png`; `mirror_effect.png
 Deltas are paired (eval/deltas.py, eval/stats.py): both arms are scored on the same items, so the
 interval is a paired bootstrap over items (within subtasks for groups such as MMLU), the p-value
 an exact McNemar (0/1 metrics) or sign-flip test, and the MDE the smallest delta this run could
-detect at 80% power. With several seeds per arm the interval is a hierarchical bootstrap (seeds,
-then items). Our "average" is over the benchmarks we ran, not the paper's 19.
+detect at 80% power. With several seeds per arm (every seed answers the same items) the interval
+is a crossed bootstrap and the p-value and MDE come from the crossed items x seeds variance
+(eval/stats.py). Our "average" is over the benchmarks we ran, not the paper's 19.
 """
 
 from __future__ import annotations
@@ -273,7 +274,8 @@ def power_markdown(paper: dict, recs: list[dict], treated: str, rcfg: ReportConf
     lines = [f"MDE: the smallest true delta a two-sided test at alpha {rcfg.alpha} detects with "
              f"{rcfg.power:.0%} power, (z_(1-alpha/2) + z_power) x the delta's null standard deviation "
              "(one seed: from the observed discordant items, sqrt(sum_i c_i^2 d_i^2), = sqrt(p_disc / n) "
-             "for a 0/1 metric; several seeds: the hierarchical bootstrap's standard deviation).", ""]
+             "for a 0/1 metric; several seeds: (t_(1-alpha/2, df) + t_(power, df)) x sqrt(Var) from the crossed "
+             "items x seeds decomposition, Var = s_item^2/n + s_seed^2/S + s_noise^2/(nS), Satterthwaite df).", ""]
     words = deltas_mod.power_words(paper, recs, treated, rcfg.alpha, rcfg.power)
     lines += ["This run:", ""] + (words or ["- no Table 1 delta with a paper counterpart was evaluated."])
     ps = deltas_mod.paper_scale_power(paper, rcfg.alpha, rcfg.power)
@@ -581,9 +583,10 @@ def render(cfg, rcfg: ReportConfig, out: Path, inp: Inputs, run_dir: Path | None
         else:
             fig_notes.append("loss curves: no pretrain metrics in this run")
     seeds_txt = (f"{len(inp.seeds)} pretraining seeds per arm ({', '.join(map(str, inp.seeds))}): ours = mean ± sd "
-                 "over seeds; the interval is a hierarchical bootstrap (seeds resampled, then items within "
-                 "subtasks), so it covers seed and item variance; the p-value tests the seed-averaged item "
-                 "differences (sign-flip) and does not count seed variance"
+                 "over seeds; every seed answers the same items, so the interval is a crossed bootstrap (one "
+                 "item draw per subtask shared by all seeds, seeds resampled) and the p-value and MDE come "
+                 "from the crossed items x seeds variance (t with Satterthwaite df): all three count seed "
+                 "and item variance"
                  if inp.seeds and len(inp.seeds) > 1 else
                  "one pretraining seed per arm: the interval covers item variance only (seed-to-seed "
                  "variance is unmeasured; set pretrain.seeds=[0,1,...] to measure it); ours ± lm-eval's stderr")
@@ -599,7 +602,7 @@ def render(cfg, rcfg: ReportConfig, out: Path, inp: Inputs, run_dir: Path | None
           table1_markdown(t1, paper), "",
           "### Paired deltas (report/deltas.json)", "",
           f"Interval: {ci_method or 'none computed'}. Test: exact McNemar for 0/1 metrics with one seed, "
-          "else the paired sign-flip test. HumanEval is paired per problem on its pass@1 over the n samples.", "",
+          "else the paired sign-flip test (one seed) or the crossed t test (several seeds). HumanEval is paired per problem on its pass@1 over the n samples.", "",
           deltas_markdown(all_recs), "", "![deltas_ci](deltas_ci.png)" if rcfg.figures and all_recs else "",
           "", "## Before decay (each arm's pre-decay export)", "",
           "The paper gives these before-decay rows in its text (746B tokens, before the LR decay).", "",

@@ -224,7 +224,7 @@ def test_seeds_and_pre_decay_give_seed_aware_paired_deltas(seeds_run):
                                                          for p in ("final", "pre_decay")}
     for r in deltas:
         assert r["arm"] == "attention_influence" and r["seeds"] == [0, 1]
-        assert "hierarchical" in r["ci_method"] and r["ci_low"] <= r["delta"] <= r["ci_high"]
+        assert "crossed" in r["ci_method"] and r["ci_low"] <= r["delta"] <= r["ci_high"]
         sub = "" if r["phase"] == "final" else "pre_decay"
         per = {a: [_item_means(run / "eval" / f"{a}@seed{s}" / sub, r["task"], r["metric"]) for s in (0, 1)]
                for a in SEED_ARMS}
@@ -236,7 +236,7 @@ def test_seeds_and_pre_decay_give_seed_aware_paired_deltas(seeds_run):
     pre = {r["task"]: r for r in deltas if r["phase"] == "pre_decay"}
     assert pre["mmlu"]["paper_delta"] == pytest.approx(45.10 - 41.76) and pre["humaneval"]["paper_delta"] is None
     md = (run / "report/report.md").read_text()
-    assert "2 pretraining seeds per arm" in md and "hierarchical bootstrap" in md
+    assert "2 pretraining seeds per arm" in md and "crossed bootstrap" in md
     before = md[md.index("## Before decay"):md.index("## Power")]
     assert "| MMLU | 41.76 | 45.10 | +3.34 |" in before and "(2 seeds)" in before
     assert (run / "report/deltas_ci.png").stat().st_size > 1000
