@@ -56,7 +56,9 @@ class EvalConfig:
     # "before decay" table) into eval/<arm>/pre_decay/; needs pretrain.export_pre_decay=true.
     pre_decay: bool = False
     suite: str = "core"                 # label only (paper | core | smoke)
-    tasks: list[str] = field(default_factory=lambda: ["mmlu", "gsm8k", "humaneval"])
+    # *_bpb: the gold answer's bits per byte (eval/tasks/bpb.py), the metrics that move at small scale
+    tasks: list[str] = field(default_factory=lambda: ["mmlu", "gsm8k", "humaneval",
+                                                      "mmlu_bpb", "gsm8k_bpb", "humaneval_bpb"])
     # Shots by task or group name (applies to every subtask); the rest get default_fewshot
     # (null = the lm-eval task's own default). Paper: 5-shot, MATH 4, DROP and BBH 3, HumanEval 0.
     num_fewshot: dict[str, int] = field(default_factory=lambda: {"humaneval": 0})

@@ -85,3 +85,31 @@ def test_bpb_tasks_match_an_independent_computation(tiny_model_dir, offline_dir,
     assert checked == 6
     # a random model spreads its mass: the gold option's probability is about 1/4
     assert 0.1 < r["mmlu_bpb"]["p_correct,none"] < 0.5
+
+
+def test_a_continuation_longer_than_the_window_is_scored_in_windows(tiny_model_dir, offline_dir, tmp_path):
+    """The tiny BPE splits a HumanEval solution into more tokens than a 128-token window: scored in
+    chunks of 64, each conditioned on the 128 tokens before its end, against a direct computation."""
+    e = build(EvalConfig, {"offline_data": str(offline_dir), "dtype": "float32", "device": "cpu", "limit": 2,
+                           "max_length": 128, "batch_size": 4, "tasks": ["humaneval_bpb"]}, "eval")
+    tp, _ = harness.plan(e, tmp_path)
+    model, tok = harness.load_model(str(tiny_model_dir), "float32", "cpu")
+    lm = harness.make_lm(model, tok, e)
+    res = harness.run_suite(lm, e, tp, tmp_path / "out")
+    assert res["attninf_truncated"]["humaneval_bpb"] == {"cut": 2, "requests": 2}
+    for row in res["samples"]["humaneval_bpb"]:
+        context, target = row["arguments"][0]
+        ws = context[len(context.rstrip()):]
+        ctx_ids = tok(context[:len(context) - len(ws)], add_special_tokens=False)["input_ids"]
+        whole = tok(context + target, add_special_tokens=False)["input_ids"]
+        assert len(whole) - len(ctx_ids) > 128
+        nll = 0.0
+        for start in range(len(ctx_ids), len(whole), 64):
+            end = min(start + 64, len(whole))
+            win = whole[max(0, end - 129):end]
+            with torch.no_grad():
+                logp = torch.log_softmax(model(torch.tensor([win[:-1]])).logits[0].double(), -1)
+            off = end - len(win)  # whole index of win[0]; win[j] is predicted by logits row j - 1
+            nll -= sum(float(logp[t - off - 1, whole[t]]) for t in range(start, end))
+        ref = nll / math.log(2) / len((ws + target).encode("utf-8"))
+        assert row["bpb"] == pytest.approx(ref, rel=1e-4)
