@@ -5,7 +5,8 @@ for the selector's Table 6 rows (eval_masked, per item) and the probe mirror tab
 A delta record (one entry of report/deltas.json) is in the paper's units, points 0-100:
 {arm, baseline, task, name, metric, phase (final | pre_decay), n_items, seeds, delta, ci_low,
 ci_high, p_value, test, ci_method, mde, mde_basis, paper_delta, arm_mean, arm_std,
-baseline_mean, baseline_std, note}.
+baseline_mean, baseline_std, note}; the small-scale metrics' records (small_scale_deltas) add
+`unit` (bits/byte for bpb, unscaled; points for p_correct) and `higher_is_better`.
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ def _record(r: stats.Paired | None, scale: float = SCALE, **fields) -> dict:
 
     rec.update(n_items=r.n_items, delta=_pts(r.delta), ci_low=_pts(r.ci_low), ci_high=_pts(r.ci_high),
                p_value=r.p_value, test=r.test, ci_method=r.ci_method, mde=_pts(r.mde),
-               mde_basis=("observed discordance" if r.n_seeds == 1
-                          else "crossed items x seeds variance (t, Satterthwaite df)"),
+               mde_basis=("crossed items x seeds variance (t, Satterthwaite df)" if r.n_seeds > 1
+                          else "observed discordance" if r.test == "exact McNemar"
+                          else "observed paired differences"),
                arm_mean=_pts(r.mean_a), arm_std=_pts(r.std_a), baseline_mean=_pts(r.mean_b),
                baseline_std=_pts(r.std_b), discordant=list(r.discordant) if r.discordant else None,
                arm_per_seed=[_pts(x) for x in r.score_a], baseline_per_seed=[_pts(x) for x in r.score_b])

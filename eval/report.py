@@ -8,10 +8,12 @@ select/summary.json, detect/heads.json, mirror/mirror.json, and the manifests of
 Anything missing is shown as "not run" instead of failing.
 
 Writes `report/report.md`, `report/report.json` (the same numbers), `report/deltas.json` (paired
-Table 1 deltas, points 0-100, phase final | pre_decay), `report/selector_deltas.json` (Table 6
-and probe-mirror rows, per item / per probe) and figures (`deltas_ci.png`: forest plot of every
-delta with its 95% interval beside the paper's; `deltas.png`; `mirror_effect.png`;
-`loss_curves.png`).
+Table 1 deltas, points 0-100, phase final | pre_decay; then the small-scale metrics' deltas,
+records with a `unit`: bits/byte for `bpb`, points for `p_correct`), `report/selector_deltas.json`
+(Table 6 and probe-mirror rows, per item / per probe) and figures (`deltas_ci.png`: forest plot of
+every Table 1 delta with its 95% interval beside the paper's; `small_scale_ci.png`, the same for
+bits per byte; `deltas.png`; `mirror_effect.png`; `loss_curves.png`). The prediction that
+`eval_masked` wrote before training (eval/prediction.py) is set beside the arms' deltas.
 
 Deltas are paired (eval/deltas.py, eval/stats.py): both arms are scored on the same items, so the
 interval is a paired bootstrap over items (within subtasks for groups such as MMLU), the p-value

@@ -11,6 +11,10 @@ built-in YAML and changes only what the paper or the offline setting needs:
   sandboxed `code_eval` (eval/code_exec.py). Its YAML is written in full rather than included,
   because loading the built-in one imports a module that fetches `code_eval` from the Hub.
 
+Our own tasks `mmlu_bpb`, `gsm8k_bpb`, `humaneval_bpb` (eval/tasks/bpb.py: the gold answer's bits
+per byte) are written in full the same way, on the data (offline or Hub) and subjects of the
+accuracy task they mirror.
+
 The generated files sit next to the results, so what ran is inspectable. They are registered on
 top of the built-in task index (same names), so groups (`mmlu` -> 57 subjects) and their
 aggregation work unchanged.
