@@ -139,6 +139,8 @@ def masked_section(dirs: dict) -> list[str]:
     if not sets:
         return []
     tasks = sorted({t for s in sets.values() for t in (s.get("headline") or {})})
+    if not tasks:  # e.g. only bits-per-byte tasks: the prediction section shows them
+        return []
     out = ["selector with heads masked (benchmarks x100):",
            f"  {'heads masked':<22} {'n':>4}" + "".join(f" {t[:12]:>12}" for t in tasks)]
     for name, s in sets.items():
@@ -178,8 +180,16 @@ def prediction_section(dirs: dict) -> list[str]:
     if not pred or not pred.get("rows"):
         return []
     gains = pred.get("gain_expected_on") or []
-    return [f"prediction written before training (eval_masked mirror gap): gain expected on "
-            f"{', '.join(gains) if gains else 'no task'}; the report sets it beside the arms' deltas"]
+    out = [f"prediction written before training (eval_masked mirror gap): gain expected on "
+           f"{', '.join(gains) if gains else 'no task'}; the report sets it beside the arms' deltas"]
+    for r in pred["rows"]:
+        if r.get("gap") is None or "none" not in r:
+            continue
+        ci = (f" [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}] p={r['p_value']:.3g}"
+              if r.get("ci_low") is not None and r.get("p_value") is not None else "")
+        out.append(f"  {r['task']:<16} {r['metric'].split(',')[0]:<10} unmasked {r['none']:.4f}  retrieval masked "
+                   f"{r['retrieval']:.4f}  random masked {r['random']:.4f}  gap {r['gap']:+.4f}{ci}")
+    return out
 
 
 def report_section(dirs: dict) -> list[str]:

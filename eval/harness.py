@@ -223,6 +223,17 @@ def _short_window_lm():
     return ShortWindowHFLM
 
 
+def _merge_results(a: dict, b: dict) -> dict:
+    """Two lm-eval result dicts over disjoint tasks as one (dict-valued keys updated, lists joined)."""
+    out = dict(a)
+    for k, v in b.items():
+        if isinstance(v, dict) and isinstance(a.get(k), dict) and k != "config":
+            out[k] = {**a[k], **v}
+        elif k not in a:
+            out[k] = v
+    return out
+
+
 def run_suite(lm, ecfg: EvalConfig, tp: TaskPlan, out: Path, *, cache_tag: str = "requests") -> dict:
     """simple_evaluate over the planned tasks; returns lm-eval's result dict (with samples)."""
     from lm_eval import simple_evaluate
@@ -233,14 +244,22 @@ def run_suite(lm, ecfg: EvalConfig, tp: TaskPlan, out: Path, *, cache_tag: str =
         (out / "cache").mkdir(parents=True, exist_ok=True)
         cache = str(out / "cache" / cache_tag)
     t0 = time.perf_counter()
-    res = simple_evaluate(
-        model=lm, tasks=list(tp.tasks), task_manager=tp.task_manager, limit=ecfg.lm_limit,
-        use_cache=cache, log_samples=ecfg.log_samples, bootstrap_iters=ecfg.bootstrap_iters,
-        confirm_run_unsafe_code=ecfg.allow_code_eval, apply_chat_template=ecfg.apply_chat_template,
-        random_seed=ecfg.seed, numpy_random_seed=ecfg.seed, torch_random_seed=ecfg.seed,
-        fewshot_random_seed=ecfg.seed)
-    if res is None:  # non-zero rank under a multi-process launcher
-        return {}
+    # lm-eval takes one limit per call: tasks with their own (eval.task_limit) get their own call,
+    # and the result dicts (disjoint tasks) are merged key by key.
+    by_limit: dict[int | float | None, list[str]] = {}
+    for t in tp.tasks:
+        by_limit.setdefault(ecfg.limit_for(t), []).append(t)
+    res = None
+    for limit, tasks in by_limit.items():
+        part = simple_evaluate(
+            model=lm, tasks=tasks, task_manager=tp.task_manager, limit=limit,
+            use_cache=cache, log_samples=ecfg.log_samples, bootstrap_iters=ecfg.bootstrap_iters,
+            confirm_run_unsafe_code=ecfg.allow_code_eval, apply_chat_template=ecfg.apply_chat_template,
+            random_seed=ecfg.seed, numpy_random_seed=ecfg.seed, torch_random_seed=ecfg.seed,
+            fewshot_random_seed=ecfg.seed)
+        if part is None:  # non-zero rank under a multi-process launcher
+            return {}
+        res = part if res is None else _merge_results(res, part)
     res["attninf_wall_s"] = time.perf_counter() - t0
     by_task: dict[str, dict[str, int]] = {}  # leaves summed into the requested task (mmlu_x -> mmlu)
     for leaf, (n_cut, n_req) in getattr(lm, "attninf_truncated", {}).items():

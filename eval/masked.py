@@ -60,7 +60,7 @@ def run(ctx) -> dict:
     from selection.models import ModelConfig, load_selector, resolve_model_path
 
     ecfg = build(EvalConfig, ctx.section("eval"), "eval")
-    ecfg = dataclasses.replace(ecfg, tasks=list(ecfg.masked.tasks or ecfg.tasks),
+    ecfg = dataclasses.replace(ecfg, tasks=list(ecfg.masked.tasks or ecfg.tasks), task_limit={},
                                limit=ecfg.masked.limit if ecfg.masked.limit is not None else ecfg.limit)
     mcfg = build(ModelConfig, ctx.section("model"), "model")
     hcfg = build(HeadsConfig, ctx.section("heads"), "heads")

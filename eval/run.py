@@ -39,7 +39,7 @@ def _evaluate(ctx, ecfg: EvalConfig, tp, data, path: str, source: str, out: Path
         "model": {"path": path, "source": source, "resolved": resolve_model_path(path),
                   "dtype": ecfg.dtype, "device": str(model.device), "load_s": load_s,
                   "max_length": lm.max_length},
-        "limit": ecfg.limit, "tasks": tp.tasks, "skipped_tasks": tp.skipped,
+        "limit": ecfg.limit, "task_limit": dict(ecfg.task_limit), "tasks": tp.tasks, "skipped_tasks": tp.skipped,
         "num_fewshot": {k: v["num_fewshot"] for k, v in tp.leaves.items()},
         "offline_data": harness.data_meta(data),
         "humaneval": asdict(ecfg.humaneval) if "humaneval" in tp.leaves else None,

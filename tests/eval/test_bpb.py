@@ -90,13 +90,17 @@ def test_bpb_tasks_match_an_independent_computation(tiny_model_dir, offline_dir,
 def test_a_continuation_longer_than_the_window_is_scored_in_windows(tiny_model_dir, offline_dir, tmp_path):
     """The tiny BPE splits a HumanEval solution into more tokens than a 128-token window: scored in
     chunks of 64, each conditioned on the 128 tokens before its end, against a direct computation."""
-    e = build(EvalConfig, {"offline_data": str(offline_dir), "dtype": "float32", "device": "cpu", "limit": 2,
-                           "max_length": 128, "batch_size": 4, "tasks": ["humaneval_bpb"]}, "eval")
+    e = build(EvalConfig, {"offline_data": str(offline_dir), "dtype": "float32", "device": "cpu", "limit": 1,
+                           "max_length": 128, "batch_size": 4, "tasks": ["humaneval_bpb", "gsm8k_bpb"],
+                           "task_limit": {"humaneval_bpb": 2}}, "eval")
     tp, _ = harness.plan(e, tmp_path)
     model, tok = harness.load_model(str(tiny_model_dir), "float32", "cpu")
     lm = harness.make_lm(model, tok, e)
     res = harness.run_suite(lm, e, tp, tmp_path / "out")
     assert res["attninf_truncated"]["humaneval_bpb"] == {"cut": 2, "requests": 2}
+    # eval.task_limit: two HumanEval items, one GSM8K item (two lm-eval calls, one result dict)
+    assert len(res["samples"]["humaneval_bpb"]) == 2 and len(res["samples"]["gsm8k_bpb"]) == 1
+    assert set(res["results"]) == {"humaneval_bpb", "gsm8k_bpb"} and set(res["n-samples"]) == set(res["results"])
     for row in res["samples"]["humaneval_bpb"]:
         context, target = row["arguments"][0]
         ws = context[len(context.rstrip()):]
