@@ -89,4 +89,5 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in [
     StageSpec("report", "eval.report:run", ("report", "arms"), _report_needs),
 ]}
 
-ORDER = ["detect", "mirror", "score", "select", "mix", "pretrain", "eval", "eval_masked", "report"]
+# eval_masked before mix/pretrain: its written prediction (eval/prediction.py) exists before training.
+ORDER = ["detect", "mirror", "score", "select", "eval_masked", "mix", "pretrain", "eval", "report"]

@@ -3,8 +3,10 @@
 Read from the stage folders only (manifests and the small JSON files the stages write), so it
 describes exactly what is on disk, including stages finished by an earlier run. Sections:
 detected heads, the probe mirror table, what was selected per domain, each arm's held-out loss
-and benchmark scores beside the baseline's, the selector's masked evaluation, the report's
-path, and per-stage wall times. A section whose stage did not run (or whose files another
+and benchmark scores beside the baseline's, the report's paired deltas on the metrics that move
+at small scale (bits per byte of the gold answer, with 95% CI and p), the selector's masked
+evaluation and the prediction written from it before training, the report's path, and
+per-stage wall times. A section whose stage did not run (or whose files another
 version of a stage wrote differently) says so in one line instead of failing: the summary must
 never cost a finished run its exit status.
 """
@@ -137,12 +139,56 @@ def masked_section(dirs: dict) -> list[str]:
     if not sets:
         return []
     tasks = sorted({t for s in sets.values() for t in (s.get("headline") or {})})
+    if not tasks:  # e.g. only bits-per-byte tasks: the prediction section shows them
+        return []
     out = ["selector with heads masked (benchmarks x100):",
            f"  {'heads masked':<22} {'n':>4}" + "".join(f" {t[:12]:>12}" for t in tasks)]
     for name, s in sets.items():
         h = s.get("headline") or {}
         out.append(f"  {name:<22} {s.get('n_heads', 0):>4}"
                    + "".join(f" {100 * h[t]:>12.1f}" if t in h else f" {'-':>12}" for t in tasks))
+    return out
+
+
+def small_scale_section(dirs: dict) -> list[str]:
+    """The report's paired deltas on the metrics that move at small scale (bits per byte, p_correct)."""
+    d, m = _done(dirs, "report")
+    recs = _json(d / "deltas.json") if m else None
+    rows = [r for r in (recs if isinstance(recs, list) else []) if r.get("unit") and r.get("phase") == "final"]
+    if not rows:
+        return []
+    base = rows[0].get("baseline")
+    out = [f"small-scale metrics, paired vs {base} (bpb: bits/byte of the gold answer, lower is better; "
+           "p_correct: points):",
+           f"  {'arm':<22} {'task':<16} {'metric':<10} {base[:10]:>10} {'arm':>10}  {'delta [95% CI]':<30} {'p':>8}"]
+    for r in rows:
+        name = r.get("task", "?")
+        if r.get("delta") is None:
+            out.append(f"  {r['arm']:<22} {name:<16} {r['metric'].split(',')[0]:<10} {r.get('note')}")
+            continue
+        k = 4 if r["unit"] == "bits/byte" else 2
+        ci = f"{r['delta']:+.{k}f} [{r['ci_low']:+.{k}f}, {r['ci_high']:+.{k}f}]"
+        p = "-" if r.get("p_value") is None else f"{r['p_value']:.3g}"
+        out.append(f"  {r['arm']:<22} {name:<16} {r['metric'].split(',')[0]:<10} {r['baseline_mean']:>10.{k}f} "
+                   f"{r['arm_mean']:>10.{k}f}  {ci:<30} {p:>8}  (n={r['n_items']}, {len(r['seeds'])} seed(s))")
+    return out
+
+
+def prediction_section(dirs: dict) -> list[str]:
+    d, m = _done(dirs, "eval_masked")
+    pred = _json(d / "prediction.json") if m else None
+    if not pred or not pred.get("rows"):
+        return []
+    gains = pred.get("gain_expected_on") or []
+    out = [f"prediction written before training (eval_masked mirror gap): gain expected on "
+           f"{', '.join(gains) if gains else 'no task'}; the report sets it beside the arms' deltas"]
+    for r in pred["rows"]:
+        if r.get("gap") is None or "none" not in r:
+            continue
+        ci = (f" [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}] p={r['p_value']:.3g}"
+              if r.get("ci_low") is not None and r.get("p_value") is not None else "")
+        out.append(f"  {r['task']:<16} {r['metric'].split(',')[0]:<10} unmasked {r['none']:.4f}  retrieval masked "
+                   f"{r['retrieval']:.4f}  random masked {r['random']:.4f}  gap {r['gap']:+.4f}{ci}")
     return out
 
 
@@ -172,7 +218,8 @@ def summary_lines(run_dir: Path, units: list[Unit], dirs: dict, ran: set[Unit], 
     lines = [f"== attninf summary: {run_dir} =="]
     for section in (lambda: heads_section(dirs), lambda: mirror_section(dirs),
                     lambda: selection_section(dirs), lambda: arms_section(dirs, arms),
-                    lambda: masked_section(dirs), lambda: report_section(dirs),
+                    lambda: small_scale_section(dirs), lambda: masked_section(dirs),
+                    lambda: prediction_section(dirs), lambda: report_section(dirs),
                     lambda: times_section(units, dirs, ran, total_s)):
         try:
             part = section()

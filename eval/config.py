@@ -56,12 +56,17 @@ class EvalConfig:
     # "before decay" table) into eval/<arm>/pre_decay/; needs pretrain.export_pre_decay=true.
     pre_decay: bool = False
     suite: str = "core"                 # label only (paper | core | smoke)
-    tasks: list[str] = field(default_factory=lambda: ["mmlu", "gsm8k", "humaneval"])
+    # *_bpb: the gold answer's bits per byte (eval/tasks/bpb.py), the metrics that move at small scale
+    tasks: list[str] = field(default_factory=lambda: ["mmlu", "gsm8k", "humaneval",
+                                                      "mmlu_bpb", "gsm8k_bpb", "humaneval_bpb"])
     # Shots by task or group name (applies to every subtask); the rest get default_fewshot
     # (null = the lm-eval task's own default). Paper: 5-shot, MATH 4, DROP and BBH 3, HumanEval 0.
     num_fewshot: dict[str, int] = field(default_factory=lambda: {"humaneval": 0})
     default_fewshot: int | None = 5
     limit: float | None = None          # items per subtask (<1: fraction); null = all
+    # Per-task limits by requested task name, e.g. {gsm8k_bpb: 20}: cheap loglikelihood tasks can
+    # score more items than the generation tasks beside them; the rest get `limit`.
+    task_limit: dict[str, float] = field(default_factory=dict)
     batch_size: int = 8
     max_batch_size: int = 64
     device: str = "auto"                # auto = cuda when available, else cpu
@@ -88,6 +93,8 @@ class EvalConfig:
               "evaluates the arms' pre-decay exports; unset eval.model (or set eval.pre_decay=false)")
         check(bool(self.tasks), "tasks", "must name at least one lm-eval task or group")
         check(self.limit is None or self.limit > 0, "limit", "must be > 0 (or null for all)")
+        check(all(v is None or v > 0 for v in self.task_limit.values()), "task_limit",
+              "limits must be > 0 (or null for all)")
         check(self.batch_size >= 1, "batch_size", "must be >= 1")
         check(self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype",
               "must be auto, float32, bfloat16 or float16")
@@ -99,6 +106,11 @@ class EvalConfig:
 
     @property
     def lm_limit(self) -> int | float | None:
-        if self.limit is None:
+        return self.limit_for(None)
+
+    def limit_for(self, task: str | None) -> int | float | None:
+        """lm-eval's `limit` for a requested task: eval.task_limit[task], else eval.limit."""
+        lim = self.task_limit.get(task, self.limit) if task is not None else self.limit
+        if lim is None:
             return None
-        return int(self.limit) if self.limit >= 1 else float(self.limit)
+        return int(lim) if lim >= 1 else float(lim)

@@ -5,7 +5,8 @@ for the selector's Table 6 rows (eval_masked, per item) and the probe mirror tab
 A delta record (one entry of report/deltas.json) is in the paper's units, points 0-100:
 {arm, baseline, task, name, metric, phase (final | pre_decay), n_items, seeds, delta, ci_low,
 ci_high, p_value, test, ci_method, mde, mde_basis, paper_delta, arm_mean, arm_std,
-baseline_mean, baseline_std, note}.
+baseline_mean, baseline_std, note}; the small-scale metrics' records (small_scale_deltas) add
+`unit` (bits/byte for bpb, unscaled; points for p_correct) and `higher_is_better`.
 """
 
 from __future__ import annotations
@@ -21,19 +22,21 @@ from eval import paper as paper_mod
 SCALE = 100.0  # lm-eval fractions -> the paper's points
 
 
-def _pts(v: float | None) -> float | None:
-    return None if v is None else v * SCALE
-
-
-def _record(r: stats.Paired | None, **fields) -> dict:
+def _record(r: stats.Paired | None, scale: float = SCALE, **fields) -> dict:
     rec = {**fields, "n_items": None, "delta": None, "ci_low": None, "ci_high": None, "p_value": None,
            "test": None, "ci_method": None, "mde": None, "mde_basis": None, "arm_mean": None,
            "arm_std": None, "baseline_mean": None, "baseline_std": None, "discordant": None}
     if r is None:
         return rec
+
+    def _pts(v: float | None) -> float | None:
+        return None if v is None else v * scale
+
     rec.update(n_items=r.n_items, delta=_pts(r.delta), ci_low=_pts(r.ci_low), ci_high=_pts(r.ci_high),
                p_value=r.p_value, test=r.test, ci_method=r.ci_method, mde=_pts(r.mde),
-               mde_basis="observed discordance" if r.n_seeds == 1 else "hierarchical bootstrap sd",
+               mde_basis=("crossed items x seeds variance (t, Satterthwaite df)" if r.n_seeds > 1
+                          else "observed discordance" if r.test == "exact McNemar"
+                          else "observed paired differences"),
                arm_mean=_pts(r.mean_a), arm_std=_pts(r.std_a), baseline_mean=_pts(r.mean_b),
                baseline_std=_pts(r.std_b), discordant=list(r.discordant) if r.discordant else None,
                arm_per_seed=[_pts(x) for x in r.score_a], baseline_per_seed=[_pts(x) for x in r.score_b])
@@ -164,6 +167,50 @@ def mirror_deltas(mirror: dict | None, n_resamples: int, seed: int, alpha: float
     return out
 
 
+def small_scale_deltas(runs: dict[str, list[tuple[int | None, Path | None]]], base: str, phase: str,
+                       n_resamples: int, seed: int, alpha: float, power: float) -> list[dict]:
+    """Paired deltas of every arm vs `base` on the metrics that move at small scale (eval/tasks/bpb.py).
+
+    The gold answer's bits per byte (bits/byte, lower is better: a negative delta is a gain) and
+    MMLU's probability of the correct option (points, higher is better); items aligned as for
+    Table 1, seeds crossed with items. Records carry `unit` and `higher_is_better`.
+    """
+    from eval.tasks import bpb
+
+    out = []
+    for a in [x for x in runs if x != base]:
+        pairs = [(s, da, db) for (s, da), (_, db) in zip(runs[a], runs.get(base, [])) if da and db
+                 and (da / "results.json").exists() and (db / "results.json").exists()]
+        if not pairs:
+            continue
+        res_b = json.loads((pairs[0][2] / "results.json").read_text())
+        res_a = json.loads((pairs[0][1] / "results.json").read_text())
+        for task, metrics in bpb.METRICS.items():
+            if task not in (res_b.get("results") or {}) or task not in (res_a.get("results") or {}):
+                continue
+            for metric in metrics:
+                key = _metric_key(res_b, task, f"{metric},none")
+                if key is None:
+                    continue
+                unit, scale = ("bits/byte", 1.0) if metric == "bpb" else ("points", SCALE)
+                fields = dict(arm=a, baseline=base, task=task, name=BPB_NAMES.get(task, task), metric=key,
+                              phase=phase, seeds=[s for s, _, _ in pairs], paper_delta=None, unit=unit,
+                              higher_is_better=bpb.HIGHER_IS_BETTER[metric])
+                try:
+                    al = items.align([p[1] for p in pairs], [p[2] for p in pairs], res_b, task, key)
+                except items.ItemsMissing as e:
+                    out.append(_record(None, scale, **fields, note=f"no paired analysis: {e}"))
+                    continue
+                r = stats.paired_seeds(al.a, al.b, al.strata, al.stratum_weights, n_resamples, seed, alpha, power)
+                note = al.aggregation + (f"; {al.dropped} items not in every run were dropped" if al.dropped else "")
+                out.append(_record(r, scale, **fields, note=note))
+    return out
+
+
+BPB_NAMES = {"mmlu_bpb": "MMLU (cloze)", "gsm8k_bpb": "GSM8K (reference solution)",
+             "humaneval_bpb": "HumanEval (canonical solution)"}
+
+
 # ---------------------------------------------------------------- power
 
 def paper_scale_power(paper: dict, alpha: float = 0.05, power: float = 0.8) -> list[dict]:
@@ -210,8 +257,10 @@ def power_words(paper: dict, recs: list[dict], treated: str, alpha: float = 0.05
                          f"(MDE from this run's {r['mde_basis']}).")
         elif r["n_items"] and r.get("paper_levels"):
             pb, pa = (x / SCALE for x in r["paper_levels"])
+            # One seed's MDE, whatever the seed count: every seed answers the same items, so averaging
+            # seeds shrinks only the seed x item part of the discordance, never the item part; without
+            # this run's decomposition the single-seed figure is the honest (conservative) one.
             mde = stats.mde_binary(r["n_items"], stats.independent_discordance(pa, pb), alpha, power) * SCALE
-            mde /= math.sqrt(seeds)  # averaging independent seeds: the item noise shrinks as 1/sqrt(S)
             lines.append(f"- {head}: the arms agreed on every item, so the run gives no discordance; "
                          f"assuming the paper's accuracy levels with independent errors, the paper's "
                          f"{_verdict(r['paper_delta'], mde)}.")
@@ -240,7 +289,8 @@ def plot_forest(recs: list[dict], out_png: Path, title: str = "Paired deltas vs 
     ax.axvline(0, color="black", lw=0.8)
     ax.set_yticks(ys, [f"{r['name']} · {r['arm']} ({r['phase']}, {len(r['seeds'])} seed"
                        f"{'s' if len(r['seeds']) != 1 else ''}, n={r['n_items']})" for r in rows], fontsize=8)
-    ax.set_xlabel("Δ score (points), arm − baseline")
+    units = {r.get("unit", "points") for r in rows}
+    ax.set_xlabel(f"Δ ({', '.join(sorted(units))}), arm − baseline")
     ax.set_title(title)
     ax.legend(fontsize=8, loc="best")
     return plots.save(fig, out_png)

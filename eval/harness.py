@@ -157,6 +157,49 @@ def _short_window_lm():
     from lm_eval.models.huggingface import HFLM
 
     class ShortWindowHFLM(HFLM):
+        def _count_cut(self, req, n_tokens: int, room: int) -> None:
+            """Per task: [requests whose prompt lm-eval cuts from the left, requests]."""
+            counts = self.__dict__.setdefault("attninf_truncated", {})
+            c = counts.setdefault(getattr(req, "task_name", None) or "?", [0, 0])
+            c[0] += int(n_tokens > room)
+            c[1] += 1
+
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            # lm-eval keeps the last max_length + 1 tokens of context + continuation: more is cut
+            # from the left (the question's start, or the few-shot examples), silently.
+            for req in requests:
+                ctx, cont = req.args[0], req.args[1]
+                self._count_cut(req, len(self.tok_encode(ctx + cont)), self.max_length + 1)
+            return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+            """A continuation longer than the window (a long reference solution under a small
+            model) is scored in chunks of half the window, each conditioned on the window's worth
+            of preceding tokens, and summed (what lm-eval's rolling loglikelihood does), instead of
+            lm-eval's assertion. Chunks carry no cache key: only whole requests are cached."""
+            k = max(1, self.max_length // 2)
+            if all(len(cont) <= self.max_length for _, _, cont in requests):
+                return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
+            flat, owner = [], []
+            for i, (key, ctx, cont) in enumerate(requests):
+                if len(cont) <= self.max_length:
+                    flat.append((key, ctx, cont))
+                    owner.append(i)
+                    continue
+                whole = list(ctx) + list(cont)
+                for start in range(len(ctx), len(whole), k):
+                    flat.append((None, whole[:start], whole[start:start + k]))
+                    owner.append(i)
+            got = super()._loglikelihood_tokens(flat, disable_tqdm, override_bs)
+            out = [[0.0, True] for _ in requests]
+            for i, (ll, greedy) in zip(owner, got):
+                out[i][0] += ll
+                out[i][1] = out[i][1] and greedy
+            for i, (key, _, cont) in enumerate(requests):
+                if len(cont) > self.max_length and key is not None:
+                    self.cache_hook.add_partial("loglikelihood", key, tuple(out[i]))
+            return [tuple(x) for x in out]
+
         def generate_until(self, requests, disable_tqdm: bool = False):
             from eval.tasks import MAX_TOTAL_KEY
 
@@ -178,9 +221,24 @@ def _short_window_lm():
             if capped:
                 log.warning("%d generation requests asked for more than half of the model's "
                             "%d-token window; capped at %d new tokens", capped, self.max_length, cap)
+            for req in requests:  # HFLM keeps the last max_length - max_gen_toks prompt tokens
+                kw = req.args[1] if len(req.args) > 1 and isinstance(req.args[1], dict) else {}
+                self._count_cut(req, len(self.tok_encode(req.args[0])),
+                                self.max_length - kw.get("max_gen_toks", self.max_gen_toks))
             return super().generate_until(requests, disable_tqdm=disable_tqdm)
 
     return ShortWindowHFLM
+
+
+def _merge_results(a: dict, b: dict) -> dict:
+    """Two lm-eval result dicts over disjoint tasks as one (dict-valued keys updated, lists joined)."""
+    out = dict(a)
+    for k, v in b.items():
+        if isinstance(v, dict) and isinstance(a.get(k), dict) and k != "config":
+            out[k] = {**a[k], **v}
+        elif k not in a:
+            out[k] = v
+    return out
 
 
 def run_suite(lm, ecfg: EvalConfig, tp: TaskPlan, out: Path, *, cache_tag: str = "requests") -> dict:
@@ -193,15 +251,35 @@ def run_suite(lm, ecfg: EvalConfig, tp: TaskPlan, out: Path, *, cache_tag: str =
         (out / "cache").mkdir(parents=True, exist_ok=True)
         cache = str(out / "cache" / cache_tag)
     t0 = time.perf_counter()
-    res = simple_evaluate(
-        model=lm, tasks=list(tp.tasks), task_manager=tp.task_manager, limit=ecfg.lm_limit,
-        use_cache=cache, log_samples=ecfg.log_samples, bootstrap_iters=ecfg.bootstrap_iters,
-        confirm_run_unsafe_code=ecfg.allow_code_eval, apply_chat_template=ecfg.apply_chat_template,
-        random_seed=ecfg.seed, numpy_random_seed=ecfg.seed, torch_random_seed=ecfg.seed,
-        fewshot_random_seed=ecfg.seed)
-    if res is None:  # non-zero rank under a multi-process launcher
-        return {}
+    # lm-eval takes one limit per call: tasks with their own (eval.task_limit) get their own call,
+    # and the result dicts (disjoint tasks) are merged key by key.
+    by_limit: dict[int | float | None, list[str]] = {}
+    for t in tp.tasks:
+        by_limit.setdefault(ecfg.limit_for(t), []).append(t)
+    res = None
+    for limit, tasks in by_limit.items():
+        part = simple_evaluate(
+            model=lm, tasks=tasks, task_manager=tp.task_manager, limit=limit,
+            use_cache=cache, log_samples=ecfg.log_samples, bootstrap_iters=ecfg.bootstrap_iters,
+            confirm_run_unsafe_code=ecfg.allow_code_eval, apply_chat_template=ecfg.apply_chat_template,
+            random_seed=ecfg.seed, numpy_random_seed=ecfg.seed, torch_random_seed=ecfg.seed,
+            fewshot_random_seed=ecfg.seed)
+        if part is None:  # non-zero rank under a multi-process launcher
+            return {}
+        res = part if res is None else _merge_results(res, part)
     res["attninf_wall_s"] = time.perf_counter() - t0
+    by_task: dict[str, dict[str, int]] = {}  # leaves summed into the requested task (mmlu_x -> mmlu)
+    for leaf, (n_cut, n_req) in getattr(lm, "attninf_truncated", {}).items():
+        top = max((t for t in tp.tasks if leaf == t or leaf.startswith(t + "_")), key=len, default=leaf)
+        c = by_task.setdefault(top, {"cut": 0, "requests": 0})
+        c["cut"] += n_cut
+        c["requests"] += n_req
+    res["attninf_truncated"] = dict(sorted(by_task.items()))
+    lm.__dict__.pop("attninf_truncated", None)  # the next suite on this LM (eval_masked) counts afresh
+    cut = {k: v for k, v in res["attninf_truncated"].items() if v["cut"]}
+    if cut:
+        log.warning("prompts cut from the left to fit the %s-token window (task: cut/requests): %s",
+                    getattr(lm, "max_length", "?"), ", ".join(f"{k} {v['cut']}/{v['requests']}" for k, v in cut.items()))
     return dict(res)
 
 
@@ -210,7 +288,8 @@ def save_results(res: dict, out: Path, meta: dict[str, Any]) -> dict:
     out = Path(out)
     samples = res.pop("samples", None) or {}
     wall = res.pop("attninf_wall_s", None)
-    res["attninf"] = {**meta, "wall_s": wall, "headline": headline(res)}
+    truncated = res.pop("attninf_truncated", None)
+    res["attninf"] = {**meta, "wall_s": wall, "truncated": truncated, "headline": headline(res)}
     write_json(out / "results.json", res)
     for task, rows in samples.items():
         text = "".join(json.dumps(r, default=_json_default, ensure_ascii=False) + "\n" for r in rows)

@@ -9,6 +9,8 @@ on the loaded model around each lm-eval run, so exactly the heads and mode used 
 evaluated here. Each head set gets its own folder (results.json, samples, request cache) and
 `results.json` at the top sums them up:
 {"head_sets": {name: {"heads": [[l, h], ...], "n_heads": k, "headline": {...}}}, "attninf": {...}}.
+`prediction.json` / `prediction.md`: the written prediction of which tasks should gain
+(eval/prediction.py); the stage runs before `mix` and `pretrain` so it is on disk before training.
 
   attninf stages=[detect,eval_masked] eval=core eval.limit=50 eval.allow_code_eval=true
 """
@@ -21,7 +23,7 @@ import time
 
 from attninf.config import build
 from attninf.manifest import write_json
-from eval import harness
+from eval import harness, prediction
 from eval.config import EvalConfig
 
 log = logging.getLogger(__name__)
@@ -58,7 +60,7 @@ def run(ctx) -> dict:
     from selection.models import ModelConfig, load_selector, precision_of, resolve_model_path
 
     ecfg = build(EvalConfig, ctx.section("eval"), "eval")
-    ecfg = dataclasses.replace(ecfg, tasks=list(ecfg.masked.tasks or ecfg.tasks),
+    ecfg = dataclasses.replace(ecfg, tasks=list(ecfg.masked.tasks or ecfg.tasks), task_limit={},
                                limit=ecfg.masked.limit if ecfg.masked.limit is not None else ecfg.limit)
     mcfg = build(ModelConfig, ctx.section("model"), "model")
     hcfg = build(HeadsConfig, ctx.section("heads"), "heads")
@@ -92,6 +94,13 @@ def run(ctx) -> dict:
         ctx.tracker.summary({f"eval_masked/{name}/{t}": h["value"] for t, h in head.items()})
         for t, h in head.items():
             log.info("  %-10s %-9s %s = %.4f", name, t, h["metric"], h["value"])
-    return {"head_sets": {k: {"n_heads": v["n_heads"],
+    # The written prediction (eval/prediction.py): which tasks AttentionInfluence data should
+    # improve, from the mirror gap; this stage runs before pretraining, and the report checks it.
+    pred = prediction.predict(ctx.out)
+    prediction.write(ctx.out, pred)
+    log.info("eval_masked: prediction written (gain expected on: %s)", ", ".join(pred.get("gain_expected_on") or [])
+             or "no task")
+    return {"prediction": pred.get("gain_expected_on"),
+            "head_sets": {k: {"n_heads": v["n_heads"],
                               "headline": {t: h["value"] for t, h in v["headline"].items()}}
                           for k, v in summary.items()}}

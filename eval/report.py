@@ -8,16 +8,19 @@ select/summary.json, detect/heads.json, mirror/mirror.json, and the manifests of
 Anything missing is shown as "not run" instead of failing.
 
 Writes `report/report.md`, `report/report.json` (the same numbers), `report/deltas.json` (paired
-Table 1 deltas, points 0-100, phase final | pre_decay), `report/selector_deltas.json` (Table 6
-and probe-mirror rows, per item / per probe) and figures (`deltas_ci.png`: forest plot of every
-delta with its 95% interval beside the paper's; `deltas.png`; `mirror_effect.png`;
-`loss_curves.png`).
+Table 1 deltas, points 0-100, phase final | pre_decay; then the small-scale metrics' deltas,
+records with a `unit`: bits/byte for `bpb`, points for `p_correct`), `report/selector_deltas.json`
+(Table 6 and probe-mirror rows, per item / per probe) and figures (`deltas_ci.png`: forest plot of
+every Table 1 delta with its 95% interval beside the paper's; `small_scale_ci.png`, the same for
+bits per byte; `deltas.png`; `mirror_effect.png`; `loss_curves.png`). The prediction that
+`eval_masked` wrote before training (eval/prediction.py) is set beside the arms' deltas.
 
 Deltas are paired (eval/deltas.py, eval/stats.py): both arms are scored on the same items, so the
 interval is a paired bootstrap over items (within subtasks for groups such as MMLU), the p-value
 an exact McNemar (0/1 metrics) or sign-flip test, and the MDE the smallest delta this run could
-detect at 80% power. With several seeds per arm the interval is a hierarchical bootstrap (seeds,
-then items). Our "average" is over the benchmarks we ran, not the paper's 19.
+detect at 80% power. With several seeds per arm (every seed answers the same items) the interval
+is a crossed bootstrap and the p-value and MDE come from the crossed items x seeds variance
+(eval/stats.py). Our "average" is over the benchmarks we ran, not the paper's 19.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from attninf.config import build, check, digest, to_plain
 from attninf.manifest import MANIFEST, write_atomic, write_json
 from eval import deltas as deltas_mod
 from eval import paper as paper_mod
+from eval import prediction as prediction_mod
 from eval.stats import DEFAULT_RESAMPLES
 
 log = logging.getLogger(__name__)
@@ -259,7 +263,7 @@ def deltas_markdown(recs: list[dict]) -> str:
             lines.append(f"| {r['name']} | {r['metric']} | {r['arm']} | {r['baseline']} | {r['phase']} | – | – | "
                          f"{r.get('note')} | | | | | |")
             continue
-        k = 4 if r["metric"] == "answer_loss" else 2  # nats are small; points get 2 decimals
+        k = 4 if r["metric"] == "answer_loss" or r.get("unit") == "bits/byte" else 2  # points: 2 decimals
         pd = f"{r['paper_delta']:+.2f}" if r.get("paper_delta") is not None else "–"
         mde = f"{r['mde']:.{k}f}" if r.get("mde") is not None else "–"
         lines.append(f"| {r['name']} | {r['metric']} | {r['arm']} | {r['baseline']} | {r['phase']} | "
@@ -273,7 +277,8 @@ def power_markdown(paper: dict, recs: list[dict], treated: str, rcfg: ReportConf
     lines = [f"MDE: the smallest true delta a two-sided test at alpha {rcfg.alpha} detects with "
              f"{rcfg.power:.0%} power, (z_(1-alpha/2) + z_power) x the delta's null standard deviation "
              "(one seed: from the observed discordant items, sqrt(sum_i c_i^2 d_i^2), = sqrt(p_disc / n) "
-             "for a 0/1 metric; several seeds: the hierarchical bootstrap's standard deviation).", ""]
+             "for a 0/1 metric; several seeds: (t_(1-alpha/2, df) + t_(power, df)) x sqrt(Var) from the crossed "
+             "items x seeds decomposition, Var = s_item^2/n + s_seed^2/S + s_noise^2/(nS), Satterthwaite df).", ""]
     words = deltas_mod.power_words(paper, recs, treated, rcfg.alpha, rcfg.power)
     lines += ["This run:", ""] + (words or ["- no Table 1 delta with a paper counterpart was evaluated."])
     ps = deltas_mod.paper_scale_power(paper, rcfg.alpha, rcfg.power)
@@ -331,6 +336,33 @@ def table6_markdown(t6: dict | None) -> str:
                   f"limit per task: {m.get('limit')}; shots: "
                   f"{sorted({v for v in (m.get('num_fewshot') or {}).values() if v is not None}) or 'task defaults'}."]
     return "\n".join(lines)
+
+
+SMALL_SCALE_TEXT = (
+    "Accuracy cannot rank arms that all sit at chance; the likelihood of the gold answer can (DataDecide, "
+    "OLMES). Per item: the gold answer's bits per byte (`bpb`, bits/byte, lower is better, so a negative Δ is "
+    "a gain) for MMLU (cloze form: the correct option's text), GSM8K (the reference solution) and HumanEval "
+    "(the canonical solution), and MMLU's probability of the correct option among the four (`p_correct`, "
+    "points). Paired per item like the accuracy deltas (eval/tasks/bpb.py).")
+
+
+def truncation_markdown(results: dict[str, list[dict | None]]) -> str:
+    """Which prompts lm-eval cut from the left to fit the arms' context window (then what is scored
+    is not the task as defined)."""
+    cut: dict[str, list[int]] = {}
+    for res in (r for rs in results.values() for r in rs if r):
+        for task, v in ((res.get("attninf") or {}).get("truncated") or {}).items():
+            c = cut.setdefault(task, [0, 0])
+            c[0] += v["cut"]
+            c[1] += v["requests"]
+    if not cut:
+        return ""
+    bad = {t: v for t, v in cut.items() if v[0]}
+    total = sum(v[1] for v in cut.values())
+    if not bad:
+        return f"Context: no prompt was cut to fit the arms' window ({total:,} requests over all arms)."
+    return ("Context: prompts cut from the left to fit the arms' window (cut / requests, all arms): "
+            + ", ".join(f"{t} {v[0]}/{v[1]}" for t, v in sorted(bad.items())) + ".")
 
 
 # ---------------------------------------------------------------- provenance
@@ -545,7 +577,10 @@ def render(cfg, rcfg: ReportConfig, out: Path, inp: Inputs, run_dir: Path | None
     recs = deltas_mod.table1_deltas(paper, _phase_runs(inp, "final"), base, treated, "final", **stat)
     pre_recs = deltas_mod.table1_deltas(paper, _phase_runs(inp, "pre_decay"), base, treated, "pre_decay",
                                         **stat)
-    all_recs = recs + pre_recs
+    small_recs = (deltas_mod.small_scale_deltas(_phase_runs(inp, "final"), base, "final", **stat)
+                  + deltas_mod.small_scale_deltas(_phase_runs(inp, "pre_decay"), base, "pre_decay", **stat))
+    table1_recs = recs + pre_recs
+    all_recs = table1_recs + small_recs
     masked = read_json(inp.masked / "results.json") if inp.masked else None
     t1 = table1(paper, results, base, treated, recs)
     t6 = table6(paper, masked, inp.masked)
@@ -560,7 +595,10 @@ def render(cfg, rcfg: ReportConfig, out: Path, inp: Inputs, run_dir: Path | None
     figs: dict[str, str] = {}
     fig_notes = []
     if rcfg.figures:
-        for name, fn in (("deltas_ci.png", lambda p: deltas_mod.plot_forest(all_recs, p)),
+        for name, fn in (("deltas_ci.png", lambda p: deltas_mod.plot_forest(table1_recs, p)),
+                         ("small_scale_ci.png", lambda p: deltas_mod.plot_forest(
+                             [r for r in small_recs if r.get("unit") == "bits/byte"], p,
+                             "Bits per byte of the gold answer: arm − baseline (negative = better)")),
                          ("deltas.png", lambda p: plot_deltas(t1, paper, p)),
                          ("mirror_effect.png", lambda p: plot_mirror(t6, p))):
             try:
@@ -581,13 +619,17 @@ def render(cfg, rcfg: ReportConfig, out: Path, inp: Inputs, run_dir: Path | None
         else:
             fig_notes.append("loss curves: no pretrain metrics in this run")
     seeds_txt = (f"{len(inp.seeds)} pretraining seeds per arm ({', '.join(map(str, inp.seeds))}): ours = mean ± sd "
-                 "over seeds; the interval is a hierarchical bootstrap (seeds resampled, then items within "
-                 "subtasks), so it covers seed and item variance; the p-value tests the seed-averaged item "
-                 "differences (sign-flip) and does not count seed variance"
+                 "over seeds; every seed answers the same items, so the interval is a crossed bootstrap (one "
+                 "item draw per subtask shared by all seeds, seeds resampled) and the p-value and MDE come "
+                 "from the crossed items x seeds variance (t with Satterthwaite df): all three count seed "
+                 "and item variance"
                  if inp.seeds and len(inp.seeds) > 1 else
                  "one pretraining seed per arm: the interval covers item variance only (seed-to-seed "
                  "variance is unmeasured; set pretrain.seeds=[0,1,...] to measure it); ours ± lm-eval's stderr")
     ci_method = next((r["ci_method"] for r in all_recs if r.get("ci_method")), None)
+    pred = read_json(inp.masked / "prediction.json") if inp.masked else None
+    pretrain_started = min((m["started"] for d in inp.pretrain.values()
+                            if (m := read_json(d / MANIFEST)) and m.get("started")), default=None)
     title = f"# AttentionInfluence reproduction report: `{cfg.get('experiment_name')}`"
     md = [title, "",
           f"Paper: {paper['source']}. The paper's numbers come from `eval/paper_numbers.yaml`.",
@@ -599,8 +641,13 @@ def render(cfg, rcfg: ReportConfig, out: Path, inp: Inputs, run_dir: Path | None
           table1_markdown(t1, paper), "",
           "### Paired deltas (report/deltas.json)", "",
           f"Interval: {ci_method or 'none computed'}. Test: exact McNemar for 0/1 metrics with one seed, "
-          "else the paired sign-flip test. HumanEval is paired per problem on its pass@1 over the n samples.", "",
-          deltas_markdown(all_recs), "", "![deltas_ci](deltas_ci.png)" if rcfg.figures and all_recs else "",
+          "else the paired sign-flip test (one seed) or the crossed t test (several seeds). HumanEval is paired per problem on its pass@1 over the n samples.", "",
+          deltas_markdown(table1_recs), "", "![deltas_ci](deltas_ci.png)" if "deltas_ci.png" in figs else "",
+          "", "### Metrics that move at small scale (report/deltas.json)", "",
+          SMALL_SCALE_TEXT, "", truncation_markdown(results), "",
+          deltas_markdown(small_recs) if small_recs else
+          f"{NOT_RUN} (add `mmlu_bpb`, `gsm8k_bpb`, `humaneval_bpb` to `eval.tasks`).", "",
+          "![small_scale_ci](small_scale_ci.png)" if "small_scale_ci.png" in figs else "",
           "", "## Before decay (each arm's pre-decay export)", "",
           "The paper gives these before-decay rows in its text (746B tokens, before the LR decay).", "",
           before_decay_markdown(paper, pre_results, pre_recs, base, treated), "",
@@ -610,10 +657,13 @@ def render(cfg, rcfg: ReportConfig, out: Path, inp: Inputs, run_dir: Path | None
           paper["table6"]["caption"].strip(), "", table6_markdown(t6), "",
           "Paired per item (masked head set − unmasked) and per probe (the mirror stage's held-out "
           "probes; exact match in points, answer loss in nats):", "",
-          deltas_markdown(sel_recs), ""]
+          deltas_markdown(sel_recs), "",
+          "## A prediction written before training: the mirror effect, tested", "",
+          prediction_mod.against_outcome(pred, all_recs, treated, base, pretrain_started), ""]
     sel_md = selection_markdown(inp.stages, out)
     if sel_md:
         md += ["## The selector: retrieval heads, probe mirror check, selection", "", sel_md, ""]
+    # Sections that other modules contribute (one call each, returning markdown lines) go here.
     from eval.report_selection import selection_report  # controls, method comparison, contamination
 
     md += selection_report(inp.stages.get("select"), out)[0]
@@ -625,6 +675,7 @@ def render(cfg, rcfg: ReportConfig, out: Path, inp: Inputs, run_dir: Path | None
     text = "\n".join(md)
     write_atomic(out / "report.md", text)
     write_json(out / "report.json", {"table1": t1, "table6": t6, "deltas": all_recs, "selector_deltas": sel_recs,
+                                     "prediction": pred,
                                      "power_paper_scale": deltas_mod.paper_scale_power(paper, rcfg.alpha, rcfg.power),
                                      "tokens": tokens, "manifests": mans, "seeds": inp.seeds,
                                      "config_digest": cfg_digest, "figures": figs})

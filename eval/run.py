@@ -40,7 +40,7 @@ def _evaluate(ctx, ecfg: EvalConfig, tp, data, path: str, source: str, out: Path
                   "dtype": precision_of(model)["dtype"], "precision": precision_of(model),
                   "device": str(model.device), "load_s": load_s,
                   "max_length": lm.max_length},
-        "limit": ecfg.limit, "tasks": tp.tasks, "skipped_tasks": tp.skipped,
+        "limit": ecfg.limit, "task_limit": dict(ecfg.task_limit), "tasks": tp.tasks, "skipped_tasks": tp.skipped,
         "num_fewshot": {k: v["num_fewshot"] for k, v in tp.leaves.items()},
         "offline_data": harness.data_meta(data),
         "humaneval": asdict(ecfg.humaneval) if "humaneval" in tp.leaves else None,

@@ -5,10 +5,9 @@ sum of per-item differences d_i = a_i - b_i, with weights c_i that reproduce how
 aggregates the task (c_i = 1/n for a flat task; w_s / n_s for item i of subtask s in a group
 whose subtasks carry weights w_s - size-weighted for MMLU, so c_i = 1/N there too).
 
+One seed per arm:
 - Interval: percentile bootstrap of the delta, items resampled with replacement within their
-  subtask (stratum), seeded. With several pretraining seeds per arm the bootstrap is
-  hierarchical: seeds are resampled, then items within each drawn seed, so the interval covers
-  both the item and the seed-to-seed variance.
+  subtask (stratum), seeded.
 - p-value (two-sided): exact McNemar (a binomial test on the discordant items) when the metric
   is 0/1 and every item has the same weight; otherwise the paired sign-flip permutation test on
   the weighted differences (exact enumeration for <= 16 non-zero differences, else seeded Monte
@@ -16,8 +15,24 @@ whose subtasks carry weights w_s - size-weighted for MMLU, so c_i = 1/N there to
 - Minimal detectable effect (MDE) at power 1 - beta, level alpha: the normal approximation
   (z_{1-alpha/2} + z_{1-beta}) * se0 with se0 the null standard deviation of the delta. Under
   the sign-flip null se0^2 = sum_i c_i^2 d_i^2, which for a 0/1 metric on n equally weighted
-  items is (discordant items / n) / n = p_disc / n: the McNemar variance. With seeds, se0 is the
-  hierarchical bootstrap's standard deviation instead.
+  items is (discordant items / n) / n = p_disc / n: the McNemar variance.
+
+S > 1 seeds per arm (seed j of the arm paired with seed j of the baseline): every seed answers
+the SAME items, so the design is crossed (items x seeds), not nested. An item that is easy for
+the treated arm is easy in every seed; resampling items independently per seed averages that
+shared item effect down by about 1/S and gives intervals far too narrow (400 items, 4 seeds,
+item-effect sd 0.5, noise sd 0.1: sd 0.0114 against 0.025). Hence:
+- Interval: crossed bootstrap. Per replicate, one item draw per stratum, applied to every
+  seed, and the seeds drawn with replacement. Its variance is, exactly (the plug-in closed
+  form, `crossed_bootstrap_variance`), V_items / n + V_seeds / S + V_interaction / (n S) per
+  stratum: it counts the interaction about three times over (a known, conservative property of
+  the "pigeonhole" bootstrap, Owen 2007), which matters only when the interaction dominates.
+- Variance, p-value and MDE: the two-way random-effects decomposition (`crossed_variance`),
+  Var(delta) = sigma_item^2 / n + sigma_seed^2 / S + sigma_noise^2 / (n S), estimated without
+  bias from the mean squares, (MS_items + MS_seeds - MS_interaction) / (n S) per stratum; the
+  test is t = delta / sqrt(Var) with Satterthwaite's degrees of freedom (the quasi-F of crossed
+  designs: with few seeds and real seed variance the df is small and the test says so), and
+  the MDE is (t_{1-alpha/2, df} + t_{power, df}) * sqrt(Var).
 """
 
 from __future__ import annotations
@@ -155,7 +170,7 @@ class Paired:
     delta: float
     ci_low: float
     ci_high: float
-    p_value: float
+    p_value: float | None
     test: str
     mde: float | None
     n_items: int
@@ -196,15 +211,120 @@ def paired(a, b, strata=None, stratum_weights: dict | None = None, n_resamples: 
     return paired_seeds([a], [b], strata, stratum_weights, n_resamples, seed, alpha, power)
 
 
+def _seed_weights(S: int, m: int, rng: np.random.Generator) -> np.ndarray:
+    """[m, S]: how often each seed is drawn (with replacement) in each replicate, / S."""
+    return rng.multinomial(S, np.full(S, 1.0 / S), size=m) / S
+
+
+def crossed_bootstrap(D: np.ndarray, c: np.ndarray, groups: list[np.ndarray], n_resamples: int,
+                      rng: np.random.Generator) -> np.ndarray:
+    """Replicates of sum_i c_i mean_s D[s, i]: per replicate one item draw per stratum, shared by
+    every seed, and the seeds drawn with replacement (a crossed, not nested, resampling)."""
+    D = np.atleast_2d(D)
+    S = D.shape[0]
+    per_seed = np.zeros((S, n_resamples))
+    for idx in groups:
+        x = D[:, idx] * (c[idx] * idx.size)  # [S, n_g]: the stratum's total = mean over its items
+        step = max(1, _CHUNK // (idx.size * S))
+        for start in range(0, n_resamples, step):
+            m = min(step, n_resamples - start)
+            pick = rng.integers(0, idx.size, size=(m, idx.size))  # the same items for every seed
+            per_seed[:, start:start + m] += x[:, pick].mean(axis=2)
+    w = _seed_weights(S, n_resamples, rng)
+    return np.einsum("rs,sr->r", w, per_seed)
+
+
+def _two_way(D: np.ndarray, c: np.ndarray, groups: list[np.ndarray]):
+    """Per stratum the items x seeds decomposition x = m + r_i + q_s + e_si of x = D c n_g."""
+    S = D.shape[0]
+    Q = np.zeros(S)
+    parts = []
+    for idx in groups:
+        x = D[:, idx] * (c[idx] * idx.size)
+        m = x.mean()
+        r = x.mean(axis=0) - m
+        q = x.mean(axis=1) - m
+        e = x - m - r[None, :] - q[:, None]
+        Q += q
+        parts.append((idx.size, r, e))
+    return Q, parts
+
+
+def crossed_bootstrap_variance(D, c, groups) -> float:
+    """The crossed bootstrap's variance in closed form (exact expectation over its resampling):
+    sum_g mean(r_g^2) / n_g + mean(Q^2) / S + sum_g mean(e_g^2) / (n_g S), Q = sum_g q_g."""
+    D = np.atleast_2d(np.asarray(D, dtype=float))
+    S = D.shape[0]
+    Q, parts = _two_way(D, np.asarray(c, dtype=float), groups)
+    return float(sum(np.mean(r ** 2) / ng + np.mean(e ** 2) / (ng * S) for ng, r, e in parts)
+                 + np.mean(Q ** 2) / S)
+
+
+@dataclass
+class CrossedVariance:
+    """Unbiased Var(delta) over items and seeds, its Satterthwaite df and the parts it sums."""
+
+    var: float
+    df: float | None
+    items: float       # sum_g (MS_items - MS_interaction) / (n_g S): sigma_item^2 / n
+    seeds: float       # (mean square of the seed effects - its interaction part) / S: sigma_seed^2 / S
+    interaction: float  # sum_g MS_interaction / (n_g S): sigma_noise^2 / (n S)
+
+
+def crossed_variance(D, c, groups) -> CrossedVariance:
+    """Var(delta) for S >= 2 seeds x n items from the two-way random-effects mean squares.
+
+    Per stratum g (n_g items): MS_items = S sum r^2 / (n_g - 1), MS_inter = sum e^2 / ((n_g - 1)(S - 1));
+    seeds (shared by the strata): M_seeds = sum_s Q_s^2 / (S - 1). Then
+    Var = sum_g MS_items / (n_g S) + M_seeds / S - sum_g MS_inter / (n_g S), whose expectation is
+    sum_g sigma_item,g^2 / n_g + sigma_seed^2 / S + sum_g sigma_noise,g^2 / (n_g S). A stratum with one
+    item has no item or interaction mean square (its item variance cannot be estimated; it
+    enters through the seed term only). df: Satterthwaite for a linear combination of mean squares.
+    """
+    D = np.atleast_2d(np.asarray(D, dtype=float))
+    S = D.shape[0]
+    if S < 2:
+        raise ValueError("crossed_variance needs >= 2 seeds")
+    Q, parts = _two_way(D, np.asarray(c, dtype=float), groups)
+    terms = []  # (coefficient * mean square, df)
+    items = inter = 0.0
+    for ng, r, e in parts:
+        if ng < 2:
+            continue
+        ms_r = S * float(np.sum(r ** 2)) / (ng - 1)
+        ms_e = float(np.sum(e ** 2)) / ((ng - 1) * (S - 1))
+        terms += [(ms_r / (ng * S), ng - 1), (-ms_e / (ng * S), (ng - 1) * (S - 1))]
+        items += (ms_r - ms_e) / (ng * S)
+        inter += ms_e / (ng * S)
+    m_q = float(np.sum(Q ** 2)) / (S - 1)
+    terms.append((m_q / S, S - 1))
+    var = float(sum(t for t, _ in terms))
+    seeds = m_q / S - inter
+    denom = sum(t ** 2 / df for t, df in terms if df > 0)
+    df = var ** 2 / denom if var > 0 and denom > 0 else None
+    return CrossedVariance(var=var, df=df, items=items, seeds=seeds, interaction=inter)
+
+
+def t_two_sided_p(t: float, df: float) -> float:
+    from scipy import stats as sps
+
+    return float(2 * sps.t.sf(abs(t), df))
+
+
+def t_quantile(p: float, df: float) -> float:
+    from scipy import stats as sps
+
+    return float(sps.t.ppf(p, df))
+
+
 def paired_seeds(a_seeds, b_seeds, strata=None, stratum_weights: dict | None = None,
                  n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0, alpha: float = 0.05,
                  power: float = 0.8) -> Paired:
     """Paired comparison with S >= 1 pretraining seeds per arm (seed j of a paired with seed j of b).
 
-    Point delta: mean over seeds of the per-seed paired delta. Interval: hierarchical bootstrap
-    (seeds, then items within subtasks) when S > 1, else the item bootstrap. p-value: on the
-    seed-averaged item differences (McNemar when S = 1 and the metric is 0/1); it tests the
-    item-level null and does not account for seed variance, which the interval does.
+    Point delta: mean over seeds of the per-seed paired delta. S = 1: item bootstrap, McNemar or
+    sign-flip, discordance MDE. S > 1: crossed bootstrap interval; p-value and MDE from the
+    crossed variance decomposition (t with Satterthwaite df), so seed variance counts in all three.
     """
     A = np.atleast_2d(np.asarray(a_seeds, dtype=float))
     B = np.atleast_2d(np.asarray(b_seeds, dtype=float))
@@ -221,34 +341,34 @@ def paired_seeds(a_seeds, b_seeds, strata=None, stratum_weights: dict | None = N
     per_seed = D @ c
     delta = float(per_seed.mean())
     rng = np.random.default_rng(seed)
+    disc = None
     if S == 1:
         boot = _boot_deltas(D[0], c, groups, n_resamples, rng)
         ci_method = f"paired bootstrap over items within subtasks ({n_resamples} resamples, seed {seed})"
+        if np.allclose(c, c[0]) and _is_binary(A[0], B[0]):
+            n10, n01 = int(np.sum(D[0] > 0)), int(np.sum(D[0] < 0))
+            p, test = mcnemar_exact(n10, n01), "exact McNemar"
+            disc = (n10, n01)
+        else:
+            p, test = sign_flip_p(D[0], c, n_resamples, seed)
+        se0 = float(math.sqrt(np.sum(c ** 2 * D[0] ** 2)))
+        mde = mde_from_se(se0, alpha, power) if se0 > 0 else None
     else:
-        # For every resample r and every slot j, an independent item resample of every seed.
-        reps = np.stack([np.stack([_boot_deltas(D[s], c, groups, n_resamples, rng) for s in range(S)])
-                         for _ in range(S)])  # [slot j, seed s, r]
-        drawn = rng.integers(0, S, size=(n_resamples, S))  # seeds drawn with replacement
-        r = np.arange(n_resamples)
-        boot = np.mean([reps[j, drawn[:, j], r] for j in range(S)], axis=0)
-        ci_method = (f"hierarchical bootstrap: {S} seeds resampled, then items within subtasks "
-                     f"({n_resamples} resamples, seed {seed})")
+        boot = crossed_bootstrap(D, c, groups, n_resamples, rng)
+        ci_method = (f"crossed bootstrap: one item draw per subtask shared by all {S} seeds, seeds "
+                     f"resampled ({n_resamples} resamples, seed {seed})")
+        cv = crossed_variance(D, c, groups)
+        se0 = math.sqrt(cv.var) if cv.var > 0 else None
+        if not np.any(D):
+            p, test, mde = 1.0, "crossed t (no non-zero differences)", None
+        elif se0 and cv.df:
+            p = t_two_sided_p(delta / se0, cv.df)
+            test = f"crossed t (items x seeds, Satterthwaite df {cv.df:.1f})"
+            mde = (t_quantile(1 - alpha / 2, cv.df) + t_quantile(power, cv.df)) * se0
+        else:
+            p, test, mde = None, "no test (the crossed variance estimate is not positive)", None
     lo, hi = np.quantile(boot, [alpha / 2, 1 - alpha / 2])
-    dbar = D.mean(axis=0)
-    uniform = np.allclose(c, c[0])
-    disc = None
-    if S == 1 and uniform and _is_binary(A[0], B[0]):
-        n10, n01 = int(np.sum(D[0] > 0)), int(np.sum(D[0] < 0))
-        p, test = mcnemar_exact(n10, n01), "exact McNemar"
-        disc = (n10, n01)
-    else:
-        p, test = sign_flip_p(dbar, c, n_resamples, seed)
-    if S == 1:
-        se0 = float(math.sqrt(np.sum(c ** 2 * dbar ** 2)))
-    else:
-        se0 = float(np.std(boot, ddof=1))
-    mde = mde_from_se(se0, alpha, power) if se0 > 0 else None
-    return Paired(delta=delta, ci_low=float(lo), ci_high=float(hi), p_value=float(p), test=test,
-                  mde=mde, n_items=n, n_seeds=S, ci_method=ci_method,
+    return Paired(delta=delta, ci_low=float(lo), ci_high=float(hi), p_value=None if p is None else float(p),
+                  test=test, mde=mde, n_items=n, n_seeds=S, ci_method=ci_method,
                   score_a=[float(x) for x in A @ c], score_b=[float(x) for x in B @ c],
                   discordant=disc, se0=se0)

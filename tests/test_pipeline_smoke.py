@@ -24,7 +24,7 @@ import pytest
 from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parent.parent
-STAGES = ["detect", "mirror", "score", "select", "mix", "pretrain", "eval", "eval_masked", "report"]
+STAGES = ["detect", "mirror", "score", "select", "eval_masked", "mix", "pretrain", "eval", "report"]
 ARMS = ["baseline", "attention_influence", "random"]
 
 
@@ -90,16 +90,26 @@ def test_every_stage_hands_real_artifacts_to_the_next(smoke_run, corpus):
     masked = json.loads((run / "eval_masked/results.json").read_text())["head_sets"]
     assert set(masked) == {"none", "random", "retrieval"}
     assert all(set(v["headline"]) == {"mmlu"} for v in masked.values())  # eval.masked.tasks
+    pred = json.loads((run / "eval_masked/prediction.json").read_text())
+    assert {(r["task"], r["metric"]) for r in pred["rows"]} == {("mmlu", "acc,none"), ("gsm8k_bpb", "bpb,none")}
+    first_pretrain = min(manifest(run / "pretrain" / a)["started"] for a in ARMS)
+    assert pred["written"] < manifest(run / "eval_masked")["finished"] <= first_pretrain  # before training
 
     report = (run / "report/report.md").read_text()
     assert "Ours: attention_influence" in report and "Ours: random" in report
     deltas = json.loads((run / "report/deltas.json").read_text())
-    assert {(r["arm"], r["task"]) for r in deltas} == {(a, t) for a in ARMS[1:] for t in ("mmlu", "gsm8k", "humaneval")}
+    table1 = [r for r in deltas if not r.get("unit")]
+    assert {(r["arm"], r["task"]) for r in table1} == {(a, t) for a in ARMS[1:] for t in ("mmlu", "gsm8k", "humaneval")}
+    small = {(r["arm"], r["task"], r["metric"]) for r in deltas if r.get("unit")}
+    assert small == {(a, t, f"{m},none") for a in ARMS[1:] for t, m in
+                     (("mmlu_bpb", "bpb"), ("mmlu_bpb", "p_correct"), ("gsm8k_bpb", "bpb"), ("humaneval_bpb", "bpb"))}
     assert all(r["phase"] == "final" and r["ci_low"] <= r["delta"] <= r["ci_high"] for r in deltas)
     assert (run / "report/deltas_ci.png").stat().st_size > 1000
     assert "[95% CI]" in report and "## Power" in report
     assert "Ours: 2 retrieval heads (top retrieval score)" in report  # the set actually masked
     assert "## The selector" in report and "Mirror effect" in report and "| python_edu |" in report
+    assert "### Metrics that move at small scale" in report and "| HumanEval (canonical solution) | bpb,none |" in report
+    assert "## A prediction written before training" in report and "before the first pretraining run started" in report
 
 
 def test_terminal_shows_stage_lines_and_the_summary(smoke_run):
@@ -112,6 +122,7 @@ def test_terminal_shows_stage_lines_and_the_summary(smoke_run):
     summary = p.stdout[p.stdout.index("== attninf summary"):]
     for part in ("retrieval heads: 2 of 16", "probe mirror check (8 held-out probes)", "selection (ratio",
                  "held-out loss", "selector with heads masked", f"report: {run / 'report'}",
+                 "small-scale metrics, paired vs baseline", "prediction written before training",
                  "stage wall times:", "eval[random]"):
         assert part in summary, (part, summary)
     assert "a summary section failed" not in summary
@@ -200,7 +211,8 @@ def _item_means(eval_dir: Path, task: str, key: str) -> tuple[float, int]:
     """Independent read of one task's score: mean over every leaf's per-item values."""
     name, filt = key.split(",", 1)
     vals = []
-    files = sorted((eval_dir / "samples").glob("mmlu_*.jsonl")) if task == "mmlu" else [eval_dir / "samples" / f"{task}.jsonl"]
+    files = (sorted(f for f in (eval_dir / "samples").glob("mmlu_*.jsonl") if not f.name.startswith("mmlu_bpb"))
+             if task == "mmlu" else [eval_dir / "samples" / f"{task}.jsonl"])
     for f in files:
         vals += [json.loads(x)[name] for x in f.read_text().splitlines() if json.loads(x)["filter"] == filt]
     return sum(vals) / len(vals), len(vals)
@@ -220,11 +232,17 @@ def test_seeds_and_pre_decay_give_seed_aware_paired_deltas(seeds_run):
     assert json.loads(w0)["loss"] != json.loads(w1)["loss"]  # another init / data order
 
     deltas = json.loads((run / "report/deltas.json").read_text())
+    small = [r for r in deltas if r.get("unit")]
+    assert {(r["task"], r["phase"]) for r in small} >= {("gsm8k_bpb", "final"), ("gsm8k_bpb", "pre_decay")}
+    for r in small:  # bits per byte with seeds: crossed interval, seed-aware test
+        assert r["seeds"] == [0, 1] and "crossed" in r["ci_method"] and r["ci_low"] <= r["delta"] <= r["ci_high"]
+        assert r["test"].startswith(("crossed t", "no test"))
+    deltas = [r for r in deltas if not r.get("unit")]
     assert {(r["task"], r["phase"]) for r in deltas} == {(t, p) for t in ("mmlu", "gsm8k", "humaneval")
                                                          for p in ("final", "pre_decay")}
     for r in deltas:
         assert r["arm"] == "attention_influence" and r["seeds"] == [0, 1]
-        assert "hierarchical" in r["ci_method"] and r["ci_low"] <= r["delta"] <= r["ci_high"]
+        assert "crossed" in r["ci_method"] and r["ci_low"] <= r["delta"] <= r["ci_high"]
         sub = "" if r["phase"] == "final" else "pre_decay"
         per = {a: [_item_means(run / "eval" / f"{a}@seed{s}" / sub, r["task"], r["metric"]) for s in (0, 1)]
                for a in SEED_ARMS}
@@ -236,7 +254,7 @@ def test_seeds_and_pre_decay_give_seed_aware_paired_deltas(seeds_run):
     pre = {r["task"]: r for r in deltas if r["phase"] == "pre_decay"}
     assert pre["mmlu"]["paper_delta"] == pytest.approx(45.10 - 41.76) and pre["humaneval"]["paper_delta"] is None
     md = (run / "report/report.md").read_text()
-    assert "2 pretraining seeds per arm" in md and "hierarchical bootstrap" in md
+    assert "2 pretraining seeds per arm" in md and "crossed bootstrap" in md
     before = md[md.index("## Before decay"):md.index("## Power")]
     assert "| MMLU | 41.76 | 45.10 | +3.34 |" in before and "(2 seeds)" in before
     assert (run / "report/deltas_ci.png").stat().st_size > 1000

@@ -11,6 +11,10 @@ built-in YAML and changes only what the paper or the offline setting needs:
   sandboxed `code_eval` (eval/code_exec.py). Its YAML is written in full rather than included,
   because loading the built-in one imports a module that fetches `code_eval` from the Hub.
 
+Our own tasks `mmlu_bpb`, `gsm8k_bpb`, `humaneval_bpb` (eval/tasks/bpb.py: the gold answer's bits
+per byte) are written in full the same way, on the data (offline or Hub) and subjects of the
+accuracy task they mirror.
+
 The generated files sit next to the results, so what ran is inspectable. They are registered on
 top of the built-in task index (same names), so groups (`mmlu` -> 57 subjects) and their
 aggregation work unchanged.
@@ -25,6 +29,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import yaml
+
+from eval.tasks import bpb
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +177,33 @@ def humaneval_config(settings: HumanEvalSettings, source: dict[str, Any]) -> dic
     }
 
 
+def _prepare_bpb(index, name: str, out_dir: Path, shots: int | None,
+                 offline_data: Callable[[str, str | None], dict | None] | None) -> dict[str, dict] | str:
+    """Write a BPB task's leaf (and group) YAMLs; its leaves' plan, or why it has no data."""
+    src = bpb.SOURCES[name]
+    if src not in index:
+        return f"lm-eval has no task '{src}' to take its data from"
+    plan: dict[str, dict] = {}
+    docs: dict[str, dict] = {}
+    for leaf in leaf_tasks(index, src):
+        cfg = index[leaf].cfg or {}
+        source: dict[str, Any] = {"dataset_path": cfg.get("dataset_path")}
+        if offline_data is not None:
+            local = offline_data(cfg.get("dataset_path"), cfg.get("dataset_name"))
+            if local is None:
+                return f"no offline data for {leaf} ({cfg.get('dataset_path')})"
+            source = local
+        ours, subject = bpb.leaf_name(name, leaf)
+        docs[ours] = bpb.leaf_config(name, ours, source, shots, lambda f: _Fn(f"eval.tasks.bpb.{f}"),
+                                     subject=subject, dataset_name=cfg.get("dataset_name"))
+        plan[ours] = {"num_fewshot": docs[ours]["num_fewshot"], "source": source}
+    if list(docs) != [name]:
+        docs[f"_{name}"] = bpb.group_config(name, list(docs))
+    for fname, doc in docs.items():
+        (out_dir / f"{fname}.yaml").write_text(yaml.dump(doc, Dumper=_Dumper, sort_keys=False, allow_unicode=True))
+    return plan
+
+
 def prepare_tasks(tm, names: list[str], out_dir: Path, *, num_fewshot: dict[str, int],
                   default_fewshot: int | None, offline_data: Callable[[str, str | None], dict | None] | None,
                   humaneval: HumanEvalSettings, strict: bool = False) -> TaskPlan:
@@ -188,6 +221,17 @@ def prepare_tasks(tm, names: list[str], out_dir: Path, *, num_fewshot: dict[str,
     out_dir.mkdir(parents=True, exist_ok=True)
     tasks, skipped, leaves = [], {}, {}
     for name in names:
+        if name in bpb.SOURCES:  # ours (eval/tasks/bpb.py): built from the accuracy task's data
+            got = _prepare_bpb(index, name, out_dir, num_fewshot.get(name, default_fewshot), offline_data)
+            if isinstance(got, str):
+                if strict:
+                    raise TaskPlanError(f"eval.tasks: '{name}': {got}; run with Hub access or drop it")
+                log.warning("skipping task %s offline: %s", name, got)
+                skipped[name] = got
+                continue
+            tasks.append(name)
+            leaves.update(got)
+            continue
         if name not in index:
             raise TaskPlanError(f"eval.tasks: lm-eval has no task or group named '{name}'")
         subs = leaf_tasks(index, name)

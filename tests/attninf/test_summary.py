@@ -100,8 +100,20 @@ def test_summary_reads_every_section_from_the_stage_folders(tmp_path):
     _done(dirs[("eval_masked", None)], outputs={"head_sets": {
         "none": {"n_heads": 0, "headline": {"mmlu": 0.237}},
         "retrieval": {"n_heads": 3, "headline": {"mmlu": 0.254}}}})
-    _done(dirs[("report", None)], outputs={"report": str(run / "report/report.md")})
+    (dirs[("eval_masked", None)] / "prediction.json").write_text(json.dumps({
+        "rows": [{"task": "gsm8k_bpb"}], "gain_expected_on": ["gsm8k_bpb (bpb)"]}))
+    d = _done(dirs[("report", None)], outputs={"report": str(run / "report/report.md")})
+    (d / "deltas.json").write_text(json.dumps([
+        {"arm": "attention_influence", "baseline": "baseline", "task": "mmlu", "metric": "acc,none",
+         "phase": "final", "delta": -0.9},  # a Table 1 row: not a small-scale one
+        {"arm": "attention_influence", "baseline": "baseline", "task": "gsm8k_bpb", "metric": "bpb,none",
+         "phase": "final", "unit": "bits/byte", "delta": -0.01234, "ci_low": -0.02, "ci_high": -0.004,
+         "p_value": 0.0042, "baseline_mean": 2.5, "arm_mean": 2.48766, "n_items": 20, "seeds": [None]}]))
     text = "\n".join(summary_lines(run, units, dirs, ran={("detect", None)}, total_s=75.0))
+    small = next(ln for ln in text.splitlines() if "gsm8k_bpb" in ln and "bpb" in ln.split())
+    assert "2.5000     2.4877  -0.0123 [-0.0200, -0.0040]" in small and "0.0042" in small and "n=20" in small
+    assert not any(ln.split()[1:2] == ["mmlu"] for ln in text.splitlines() if "attention_influence" in ln)
+    assert "prediction written before training (eval_masked mirror gap): gain expected on gsm8k_bpb (bpb)" in text
     assert "retrieval heads: 3 of 270 (1%), layers 17-24 of 30 (teacher_forced); top: (18,6) (17,3) (24,1)" in text
     assert "retrieval                 3       0.000       5.150   +4.650" in text
     assert "web" in text and "20/100 45%" in text and "20/100 21%" in text

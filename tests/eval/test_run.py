@@ -54,7 +54,7 @@ def test_hydra_groups_compose_with_the_papers_settings():
     assert (e.humaneval.n, e.humaneval.temperature, e.humaneval.top_p, e.humaneval.max_gen_toks) == (20, 0.2, 0.95, 1024)
     assert "hellaswag" in e.tasks and e.suite == "paper"
     s = build(EvalConfig, composed("eval=smoke").eval, "eval")
-    assert s.tasks == ["mmlu", "gsm8k", "humaneval"] and s.limit == 4 and s.humaneval.n == 1
+    assert s.tasks == ["mmlu", "gsm8k", "humaneval", "mmlu_bpb", "gsm8k_bpb", "humaneval_bpb"] and s.limit == 4 and s.humaneval.n == 1
 
 
 def test_unknown_key_is_rejected():
@@ -222,6 +222,20 @@ def test_report_renders_table1_from_two_arms(two_arm_run):
     assert "offline benchmark data" in md and "Config digest" in md
     assert (two_arm_run / "report" / "deltas.png").stat().st_size > 1000
     assert rep["table1"]["average"]["n_benchmarks"] == 3
+    # the small-scale metrics: paired bits per byte, checked against the sample logs' own numbers
+    bpb = {a: [json.loads(x)["bpb"] for x in (two_arm_run / "eval" / a / "samples" / "gsm8k_bpb.jsonl")
+               .read_text().splitlines()] for a in ARMS}
+    rec = next(r for r in json.loads((two_arm_run / "report" / "deltas.json").read_text())
+               if r["task"] == "gsm8k_bpb" and r["arm"] == "attention_influence")
+    assert rec["unit"] == "bits/byte" and rec["higher_is_better"] is False and rec["n_items"] == 2
+    assert rec["delta"] == pytest.approx(sum(bpb["attention_influence"]) / 2 - sum(bpb["baseline"]) / 2)
+    assert rec["ci_low"] <= rec["delta"] <= rec["ci_high"] and rec["test"] == "sign-flip (exact)"
+    mm_p = next(r for r in rep["deltas"] if r["task"] == "mmlu_bpb" and r["metric"] == "p_correct,none")
+    assert mm_p["unit"] == "points" and mm_p["n_items"] == 114
+    small = md[md.index("### Metrics that move at small scale"):md.index("## Before decay")]
+    assert "| GSM8K (reference solution) | bpb,none | attention_influence |" in small
+    assert "Context: prompts cut from the left" in small  # tiny BPE, 384 tokens: 5-shot MMLU is cut
+    assert "## A prediction written before training" in md and "No prediction" in md
 
 
 def test_single_model_eval_and_request_cache_resume(tmp_path, tiny_model_dir, offline_dir, allow_code):

@@ -104,7 +104,7 @@ def test_strata_weights_reproduce_the_group_score():
     assert equal.test.startswith("sign-flip")  # unequal item weights: not McNemar
 
 
-def test_seeds_hierarchical_interval_widens_with_seed_variance():
+def test_seeds_crossed_interval_widens_with_seed_variance():
     rng = np.random.default_rng(5)
     b = (rng.random((2, 500)) < 0.5).astype(float)
     a_same = b.copy()
@@ -113,7 +113,7 @@ def test_seeds_hierarchical_interval_widens_with_seed_variance():
     a_spread[0, :60] = 1.0  # seeds disagree strongly about the gain
     r1 = stats.paired_seeds(a_same, b, n_resamples=2000, seed=0)
     r2 = stats.paired_seeds(a_spread, b, n_resamples=2000, seed=0)
-    assert r1.n_seeds == 2 and "hierarchical" in r1.ci_method
+    assert r1.n_seeds == 2 and "crossed" in r1.ci_method and r1.test.startswith("crossed t")
     assert r1.delta == pytest.approx(np.mean((a_same - b).mean(axis=1)))
     per_seed = (a_spread - b).mean(axis=1)
     assert r2.delta == pytest.approx(per_seed.mean())
@@ -126,3 +126,95 @@ def test_seeds_hierarchical_interval_widens_with_seed_variance():
 def test_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match="shape"):
         stats.paired_seeds([[1, 0]], [[1, 0, 1]])
+
+
+# ---------------------------------------------------------------- seeds: the crossed design
+
+def _crossed_data(rng, n, S, item_sd, seed_sd, noise_sd, mu=0.0):
+    """D[s, i] = mu + a_i + b_s + e_si: item effects shared by every seed (the crossed design)."""
+    return (mu + rng.normal(0, item_sd, n)[None, :] + rng.normal(0, seed_sd, S)[:, None]
+            + rng.normal(0, noise_sd, (S, n)))
+
+
+def _independent_per_seed_sd(D, R, rng):
+    """The old (nested) design: an independent item resample for every seed, seeds averaged."""
+    S, n = D.shape
+    reps = np.stack([D[s][rng.integers(0, n, size=(R, n))].mean(axis=1) for s in range(S)])
+    return float(reps.mean(axis=0).std(ddof=1))
+
+
+def test_crossed_bootstrap_matches_its_closed_form_on_the_issues_case():
+    # 400 items, 4 seeds, item-effect sd 0.5, noise sd 0.1 (no seed effect): the true sd of the
+    # delta is sqrt(0.5^2/400 + 0.1^2/1600) = 0.02512; the crossed bootstrap's expectation
+    # sqrt(0.5^2/400 + 3 * 0.1^2/1600) = 0.02537 (interaction counted ~3 times, conservative).
+    rng = np.random.default_rng(22)
+    n, S = 400, 4
+    D = _crossed_data(rng, n, S, 0.5, 0.0, 0.1)
+    c = np.full(n, 1 / n)
+    groups = [np.arange(n)]
+    R = 20000
+    boot = stats.crossed_bootstrap(D, c, groups, R, np.random.default_rng(0))
+    closed = math.sqrt(stats.crossed_bootstrap_variance(D, c, groups))
+    sd = float(boot.std(ddof=1))
+    print(f"crossed bootstrap sd {sd:.5f}, its closed form {closed:.5f}, "
+          f"population sqrt(s_a^2/n + 3 s_e^2/(nS)) {math.sqrt(0.25 / n + 3 * 0.01 / (n * S)):.5f}, "
+          f"old independent-per-seed sd {_independent_per_seed_sd(D, 4000, np.random.default_rng(1)):.5f}")
+    assert sd == pytest.approx(closed, rel=0.03)  # Monte Carlo: sd of an sd over 20k replicates ~0.5%
+    assert closed == pytest.approx(math.sqrt(0.25 / n + 3 * 0.01 / (n * S)), rel=0.08)  # one draw of 400 items
+    cv = stats.crossed_variance(D, c, groups)
+    assert math.sqrt(cv.var) == pytest.approx(math.sqrt(0.25 / n + 0.01 / (n * S)), rel=0.08)
+    assert cv.interaction == pytest.approx(0.01 / (n * S), rel=0.1)
+    # the nested design shares no item draw across seeds: about sqrt((0.25 + 0.01) / (n S)), half as wide
+    old = _independent_per_seed_sd(D, 4000, np.random.default_rng(1))
+    assert old == pytest.approx(math.sqrt(0.26 / (n * S)), rel=0.1) and old < 0.55 * sd
+    r = stats.paired_seeds(D, np.zeros_like(D), n_resamples=4000)
+    assert r.ci_high - r.ci_low == pytest.approx(2 * 1.96 * closed, rel=0.1)
+
+
+def test_crossed_bootstrap_closed_form_with_strata_and_seed_effects():
+    rng = np.random.default_rng(3)
+    S = 3
+    strata = ["x"] * 30 + ["y"] * 50 + ["z"] * 20
+    D = _crossed_data(rng, 100, S, 0.3, 0.2, 0.4)
+    c = stats.item_weights(100, strata, {"x": 1, "y": 2, "z": 1})
+    groups = stats._strata(100, strata)
+    boot = stats.crossed_bootstrap(D, c, groups, 20000, np.random.default_rng(5))
+    assert float(boot.mean()) == pytest.approx(float((D @ c).mean()), abs=0.01)
+    assert float(boot.std(ddof=1)) == pytest.approx(math.sqrt(stats.crossed_bootstrap_variance(D, c, groups)),
+                                                    rel=0.03)
+
+
+def test_crossed_variance_is_unbiased_and_its_test_holds_its_level():
+    # known item, seed and noise variance: the estimate's mean over simulated runs hits the closed
+    # form sigma_a^2/n + sigma_b^2/S + sigma_e^2/(nS); under the null the t test rejects ~5%
+    rng = np.random.default_rng(7)
+    n, S, sa, sb, se = 60, 3, 0.4, 0.15, 0.3
+    truth = sa ** 2 / n + sb ** 2 / S + se ** 2 / (n * S)
+    c, groups = np.full(n, 1 / n), [np.arange(n)]
+    vs, rejected, deltas = [], 0, []
+    for _ in range(600):
+        D = _crossed_data(rng, n, S, sa, sb, se)
+        cv = stats.crossed_variance(D, c, groups)
+        vs.append(cv.var)
+        deltas.append(float((D @ c).mean()))
+        rejected += stats.t_two_sided_p(deltas[-1] / math.sqrt(cv.var), cv.df) < 0.05 if cv.var > 0 else 0
+    assert np.mean(vs) == pytest.approx(truth, rel=0.06)
+    assert np.var(deltas) == pytest.approx(truth, rel=0.15)  # the truth is the delta's real variance
+    assert 0.02 <= rejected / 600 <= 0.085
+    # with seed variance the df is small (few seeds), not the item count
+    assert stats.crossed_variance(_crossed_data(rng, n, S, sa, 0.5, se), c, groups).df < 10
+
+
+def test_multi_seed_p_and_mde_count_seed_variance():
+    rng = np.random.default_rng(11)
+    n, S = 300, 4
+    D = _crossed_data(rng, n, S, 0.2, 0.3, 0.2, mu=0.1)  # a gain the seeds disagree about
+    r = stats.paired_seeds(D, np.zeros_like(D), n_resamples=2000)
+    cv = stats.crossed_variance(D, np.full(n, 1 / n), [np.arange(n)])
+    assert r.se0 == pytest.approx(math.sqrt(cv.var))
+    assert r.mde == pytest.approx((stats.t_quantile(0.975, cv.df) + stats.t_quantile(0.8, cv.df)) * r.se0)
+    # a test that ignored the seeds (item sign-flip on the seed means) would call it certain
+    naive, _ = stats.sign_flip_p(D.mean(axis=0), np.full(n, 1 / n), 2000)
+    assert naive < 0.001 < r.p_value
+    z = stats.paired_seeds(np.zeros((2, 5)), np.zeros((2, 5)), n_resamples=200)
+    assert z.delta == 0 and z.p_value == 1.0
