@@ -502,18 +502,26 @@ def run(ctx) -> dict:
     cfg = build(SelectConfig, ctx.cfg.get("select"), "select")
     score_dir = ctx.upstream("score")
     shards = planned_shards(Path(score_dir))
-    corpus_cfg = ctx.cfg.get("corpus")
-    documents = None
-    if cfg.contamination.scope != "none" and corpus_cfg is not None:
+    documents, why = None, "no corpus section"
+    if cfg.contamination.scope != "none" and ctx.cfg.get("corpus") is not None:
+        from attninf.config import ConfigError
         from selection.corpora import CorpusConfig, iter_documents
 
-        ccfg = build(CorpusConfig, corpus_cfg, "corpus")
-        documents = lambda: iter_documents(ccfg)  # noqa: E731 - one corpus pass per call
-    elif cfg.decontaminate:
-        from attninf.context import InputError
+        try:
+            ccfg = build(CorpusConfig, ctx.cfg.get("corpus"), "corpus")
+            documents = lambda: iter_documents(ccfg)  # noqa: E731 - one corpus pass per call
+        except ConfigError as e:  # e.g. select on given score shards with no corpus configured
+            why = f"the corpus section is unusable ({e})"
+    if documents is None and cfg.contamination.scope != "none":
+        if cfg.decontaminate:
+            from attninf.context import InputError
 
-        raise InputError("select.decontaminate=true needs the run's corpus section (the documents' text)")
+            raise InputError(f"select.decontaminate=true needs the documents' text: {why}")
+        log.warning("select: contamination not checked: %s", why)
     summary = select_scores(shards, ctx.out, cfg, documents)
+    if documents is None and cfg.contamination.scope != "none":
+        summary["contamination"]["reason"] = why
+        manifest.write_json(ctx.out / "summary.json", summary)
     if cfg.figures:
         try:
             from selection.figures_scores import make_figures
