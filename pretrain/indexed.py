@@ -1,6 +1,7 @@
-"""Tokenised data: documents -> Megatron indexed datasets (.bin/.idx), and subsets by copying.
+"""Tokenised data: documents -> Megatron indexed datasets (.bin/.idx), merged per domain.
 
-Layout under a folder (normally `<run>/mix/`):
+Layout under a folder (normally `<run>/mix/`; a corpus read from files names its shards after the
+parts of pretrain.corpus_parts, `p00017`, and keeps their markers in `parts/`):
 
     corpus/<domain>/shard-00000.{bin,idx}        training documents of one shard, EOD appended
     corpus/<domain>/shard-00000.valid.{bin,idx}  held-out documents of that shard (never trained on)
@@ -20,9 +21,8 @@ loop, so merging a 190M-document domain (or copying a 48M-document subset) needs
 memory per document. The streaming writer keeps lengths in a scratch file and writes the same
 bytes (tests compare it with the builder's output, merge included) in memory bounded by a chunk.
 
-Why copying for subsets: the selected documents (AttentionInfluence top 20%, controls) become their
-own dataset by copying their token ranges out of the corpus shards (`copy_documents`), so the
-treated arm sees byte-identical tokens to the baseline corpus and nothing is tokenised twice.
+Subsets (the selected documents) are token ranges copied out of the merged datasets
+(pretrain.subsets), so the treated arm sees byte-identical tokens to the baseline corpus.
 
 The held-out split is decided per document by a hash of its doc_id (`is_validation`), so it is
 stable under any corpus order or sharding, and the same documents are held out for every arm.
@@ -182,13 +182,16 @@ def safe_name(domain: str) -> str:
 
 def tokenize_corpus(docs: Iterable, out_dir: Path, tokenizer_dir: str, eod: int, vocab_size: int, *,
                     shard_docs: int = 2000, valid_fraction: float = 0.02, workers: int = 1,
-                    rank: int = 0, world: int = 1, progress=None) -> list[ShardResult]:
+                    rank: int = 0, world: int = 1, progress=None,
+                    all_prefixes: list[str] | None = None) -> list[ShardResult]:
     """Tokenise a document stream into sharded indexed datasets under `out_dir/<domain>/`.
 
     `docs` yields objects with doc_id, domain, text (selection.corpora.Document). Shards already
     marked done are skipped (their documents are still read from the stream, which is cheap next
     to tokenising). With world > 1 this worker only writes shards with number % world == rank.
-    Returns the results of every shard this worker owns (finished earlier or now).
+    Returns the results of every shard this worker owns (finished earlier or now); `all_prefixes`,
+    when given, receives every shard's prefix (all workers'), so a worker can tell whether the
+    whole corpus is done.
     """
     import multiprocessing as mp
 
@@ -199,6 +202,8 @@ def tokenize_corpus(docs: Iterable, out_dir: Path, tokenizer_dir: str, eod: int,
     def jobs():
         for i, (dom, k, buf) in enumerate(chunk_documents(docs, shard_docs)):
             prefix = str(out_dir / safe_name(dom) / f"shard-{k:05d}")
+            if all_prefixes is not None:
+                all_prefixes.append(prefix)
             if i % world != rank:
                 continue
             if shard_done(prefix):
@@ -239,38 +244,6 @@ def load_doc_tables(shard_prefixes: Iterable[str]):
     if not tables:
         return pa.table({k: [] for k in (*DOC_TABLE_COLUMNS, "prefix")})
     return pa.concat_tables(tables)
-
-
-def copy_documents(locations: Sequence[tuple[str, int]], out_prefix: str) -> tuple[int, int]:
-    """Write a new indexed dataset holding the given (prefix, index) documents, in that order.
-
-    Token ranges are copied verbatim (no re-tokenisation). Returns (documents, tokens).
-    """
-    import torch
-    from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
-
-    Path(out_prefix).parent.mkdir(parents=True, exist_ok=True)
-    cache: dict[str, IndexedDataset] = {}
-    dtype = None
-    tmp = f"{out_prefix}.tmp{os.getpid()}"
-    builder = None
-    n_tok = 0
-    for prefix, idx in locations:
-        ds = cache.get(prefix)
-        if ds is None:
-            ds = cache[prefix] = IndexedDataset(prefix, mmap=True)
-        if builder is None:
-            dtype = ds.index.dtype
-            builder = IndexedDatasetBuilder(tmp + ".bin", dtype=dtype)
-        arr = ds[int(idx)]
-        builder.add_document(torch.from_numpy(np.asarray(arr).astype(np.int64)), [len(arr)])
-        n_tok += len(arr)
-    if builder is None:
-        raise ValueError(f"copy_documents: no documents to write to {out_prefix}")
-    builder.finalize(tmp + ".idx")
-    os.replace(tmp + ".bin", out_prefix + ".bin")
-    os.replace(tmp + ".idx", out_prefix + ".idx")
-    return len(locations), n_tok
 
 
 def dataset_tokens(prefix: str) -> tuple[int, int]:
