@@ -93,6 +93,10 @@ def _is_parquet(cfg: CorpusConfig, path: Path) -> bool:
     return path.name.endswith(".parquet") or cfg.kind == "parquet"
 
 
+def _compressed(rg) -> int:
+    return sum(rg.column(i).total_compressed_size for i in range(rg.num_columns))
+
+
 def _capped(cfg: CorpusConfig) -> bool:
     return cfg.max_docs is not None or cfg.max_docs_per_domain is not None
 
@@ -124,7 +128,7 @@ def plan_parts(cfg: CorpusConfig, part_rows: int) -> list[Part]:
             a, n, nbytes = g, 0, 0
             while g < md.num_row_groups and (g == a or n + md.row_group(g).num_rows <= part_rows):
                 n += md.row_group(g).num_rows
-                nbytes += md.row_group(g).total_compressed_size
+                nbytes += _compressed(md.row_group(g))
                 g += 1
             parts.append(Part(f"p{len(parts):05d}", str(path), "parquet", fixed, (a, g), row, n, nbytes))
             row += n
