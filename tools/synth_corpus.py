@@ -129,6 +129,19 @@ def _readme(configs: list[str]) -> str:
     return "\n".join(lines)
 
 
+def corpus_yaml(out: Path, python_text: bool) -> str:
+    """The `corpus` section (kind=hf) that reads this layout as conf/corpus/smollm_corpus.yaml
+    reads the hub: same configs, domains, id fields; python-edu text from blobs unless written."""
+    lines = ["kind: hf", "streaming: true", f"domains: [{', '.join(c[1] for c in CONFIGS)}]", "sources:"]
+    for config, domain, *_ in CONFIGS:
+        idf = ID_FIELDS[config]
+        blob = config == "python-edu" and not python_text
+        lines.append(f"  - {{path: '{out}', name: {config}, split: train, domain: {domain}, text_field: text, "
+                     f"id_field: {idf or 'null'}" + (", text_from: swh_blob, blob_field: blob_id" if blob else "")
+                     + "}")
+    return "\n".join(lines) + "\n"
+
+
 def generate(out: Path, spec: SynthSpec = SynthSpec(), python_text: bool = True,
              blobs: Path | None = None, blob_limit: int | None = None) -> dict:
     """Write the corpus under `out` (hub layout) and return its manifest (also `out/synth.json`).
@@ -172,6 +185,7 @@ def generate(out: Path, spec: SynthSpec = SynthSpec(), python_text: bool = True,
                                        "id_field": ID_FIELDS[config],
                                        "bytes": sum(p.stat().st_size for p in d.glob("*.parquet"))}
     (out / "README.md").write_text(_readme([c[0] for c in CONFIGS]))
+    (out / "corpus_hf.yaml").write_text(corpus_yaml(out, python_text))
     manifest["documents"] = sum(c["documents"] for c in manifest["configs"].values())
     manifest["files"] = sum(c["files"] for c in manifest["configs"].values())
     manifest["bytes"] = sum(c["bytes"] for c in manifest["configs"].values())
