@@ -227,6 +227,24 @@ def read_part(part: Part, cfg: CorpusConfig, state: dict | None = None,
         yield doc
 
 
+def assign(parts: list[Part], rank: int, world: int) -> list[Part]:
+    """Task `rank`'s parts: a contiguous run of the plan holding ~1/world of its bytes.
+
+    Contiguous, not round-robin: consecutive parts share files, so a task opens ~1/world of the
+    files and only the two files at its ends are shared with a neighbour (round-robin would have
+    every task open most files for a few row groups each). Balanced by the plan's bytes, so a task
+    of N reads ~1/N of the corpus whatever the file sizes. A part belongs to the task whose byte
+    range holds its first byte; any world size works on the same plan (finished parts are kept)."""
+    total = sum(p.bytes for p in parts)
+    mine, start = [], 0
+    for i, p in enumerate(parts):
+        owner = min(world - 1, start * world // total) if total else i * world // len(parts)
+        if owner == rank:
+            mine.append(p)
+        start += p.bytes
+    return mine
+
+
 def files_fingerprint(cfg: CorpusConfig) -> list[list]:
     """[path, size, mtime_ns] of every corpus file: a plan is reused only while these hold."""
     out = []

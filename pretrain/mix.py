@@ -410,8 +410,11 @@ def run_parts(parts: list, ccfg, out: Path, tok_dir: str, eod: int, vocab: int, 
 def build_mix_parts(ccfg, out: Path, tok_dir: Path, eod: int, vocab: int, tok_name: str, mcfg: MixConfig,
                     arms: dict[str, dict], selected_path: Path | None, progress=None, rank: int = 0,
                     world: int = 1) -> dict[str, Any]:
-    """The stage on local corpus files: plan, this task's parts (part i belongs to task i % world),
-    then - in whichever task finds every part done - `finish`. Others stop with Incomplete."""
+    """The stage on local corpus files: plan, this task's parts (a contiguous run of ~1/world of
+    the corpus bytes, pretrain.corpus_parts.assign), then - in whichever task finds every part
+    done - `finish`. Others stop with Incomplete."""
+    from pretrain.corpus_parts import assign
+
     methods = sorted({a.get("selection") for a in arms.values() if a.get("selection")})
     if methods:
         _check_selection(selected_path, methods, arms)
@@ -419,7 +422,7 @@ def build_mix_parts(ccfg, out: Path, tok_dir: Path, eod: int, vocab: int, tok_na
     if n_dom is not None:
         check_blend_limits(_arm_entries(arms, n_dom), n_dom, max_map_count())
     parts = plan(ccfg, out, mcfg.shard_docs)
-    mine = [p for i, p in enumerate(parts) if i % world == rank]
+    mine = assign(parts, rank, world)
     workers = mcfg.workers or min(8, os.cpu_count() or 1)
     run_parts(mine, ccfg, out, str(tok_dir), eod, vocab, mcfg.valid_fraction, workers, progress)
     stats = [read_part_stats(out, p.id) for p in parts]

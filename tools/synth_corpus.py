@@ -39,10 +39,10 @@ import pyarrow.parquet as pq
 # Document and file shares follow the paper corpus loosely (fineweb-edu dominates), but the small
 # domains keep enough files that every task of 8 gets some of each.
 CONFIGS = (
-    ("fineweb-edu-dedup", "fineweb_edu", 0.60, 0.50, (20, 70)),
-    ("cosmopedia-v2", "cosmopedia", 0.25, 0.25, (30, 90)),
-    ("python-edu", "python_edu", 0.075, 0.125, (15, 60)),
-    ("open-web-math", "openwebmath", 0.075, 0.125, (20, 70)),
+    ("fineweb-edu-dedup", "fineweb_edu", 0.60, 0.50, (10, 40)),
+    ("cosmopedia-v2", "cosmopedia", 0.25, 0.25, (15, 45)),
+    ("python-edu", "python_edu", 0.075, 0.125, (8, 35)),
+    ("open-web-math", "openwebmath", 0.075, 0.125, (10, 40)),
 )
 # The id field each config's documents carry on the hub (conf/corpus/smollm_corpus.yaml).
 ID_FIELDS = {"fineweb-edu-dedup": "id", "cosmopedia-v2": None, "python-edu": "blob_id",
@@ -193,6 +193,33 @@ def generate(out: Path, spec: SynthSpec = SynthSpec(), python_text: bool = True,
     manifest["seconds"] = round(time.perf_counter() - t0, 2)
     (out / "synth.json").write_text(json.dumps(manifest, indent=1) + "\n")
     return manifest
+
+
+def train_tokenizer(corpus: Path, out: Path, vocab_size: int = 4096, sample_docs: int = 50_000):
+    """A byte-level BPE tokenizer trained on a sample of the corpus, saved to `out` (the scale
+    test's tokenizer). Trained on this text it splits a pseudo-word into ~1-2 tokens, as a real
+    tokenizer does real words, so token counts and tokens/s are of a realistic shape; the tiny
+    test tokenizer (384 merges on English) would cut each word into ~6 pieces."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts: list[str] = []
+    for config, *_ in CONFIGS:  # the first row groups of each config, ~sample_docs/4 documents each
+        want = len(texts) + sample_docs // len(CONFIGS)
+        for f in sorted((corpus / config).glob("*.parquet")):
+            pf = pq.ParquetFile(f)
+            if "text" not in pf.schema_arrow.names or len(texts) >= want:
+                break
+            texts += pf.read_row_group(0, columns=["text"]).column("text").to_pylist()
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    fast.save_pretrained(out)
+    return fast
 
 
 def main(argv: list[str] | None = None) -> int:
