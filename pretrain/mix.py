@@ -362,6 +362,7 @@ def run_part(part, ccfg, out: Path, encode, eod: int, vocab: int, valid_fraction
     tokens = sum(v["tokens"] + v["valid_tokens"] for v in domains.values())
     stats = {"part": part.id, "file": part.file, "row_groups": part.row_groups, "rows": rows,
              "skipped": skipped, "domains": domains, "files_opened": io.files, "bytes_read": io.bytes,
+             "bytes_requested": io.requested,
              "planned_bytes": part.bytes, "read_s": round(t_read, 4), "seconds": round(wall, 4),
              "tokens": tokens, "pid": os.getpid()}
     write_json(out / "parts" / f"{part.id}.json", stats)
