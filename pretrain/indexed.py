@@ -83,50 +83,65 @@ def write_shard(prefix: str, docs: Sequence[tuple[str, str]], encode: Callable[[
 
 
 def write_documents(prefix: str, docs: Sequence[tuple[str, str]], encode: Callable[[list[str]], list[list[int]]],
-                    eod: int, vocab_size: int, valid_fraction: float) -> ShardResult:
+                    eod: int, vocab_size: int, valid_fraction: float, batch: int = 1024) -> ShardResult:
     """write_shard without the marker: `<prefix>{.bin,.idx,.valid.bin,.valid.idx,.docs.parquet}`,
-    each written under a temporary name and renamed (a killed writer leaves no partial file)."""
+    each written under a temporary name and renamed (a killed writer leaves no partial file).
+
+    Documents are tokenised `batch` at a time and streamed into the two writers, so memory holds
+    one batch of token lists (a tokenizer returns Python ints, ~30 bytes per token), not the
+    part's; only the document table (id, split, index, length) grows with the part."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     dtype = token_dtype(vocab_size)
     tmp = f"{prefix}.tmp{os.getpid()}"
-    ids = encode([t for _, t in docs])
-    lengths = np.fromiter((len(t) for t in ids), np.int64, len(ids))
-    keep = lengths > 0
-    raw = np.fromiter(itertools.chain.from_iterable(ids), np.int64, int(lengths.sum()))
-    doc_ids = [d for (d, _), k in zip(docs, keep) if k]
-    n_tok = lengths[keep] + 1  # EOD appended to every document
-    ends = np.cumsum(n_tok)
-    starts = ends - n_tok
-    flat = np.full(int(n_tok.sum()), eod, np.int64)
-    body = np.ones(len(flat), bool)
-    body[ends - 1] = False
-    flat[body] = raw
-    valid = np.fromiter((is_validation(d, valid_fraction) for d in doc_ids), bool, len(doc_ids))
-    out = {}
-    for split, mask in (("train", ~valid), ("valid", valid)):
-        b = StreamingBuilder(tmp + (".valid" if split == "valid" else "") + ".bin", dtype)
-        sel = np.flatnonzero(mask)
-        if len(sel):
-            gather = np.repeat(starts[sel] - np.concatenate(([0], np.cumsum(n_tok[sel])[:-1])), n_tok[sel]) \
-                + np.arange(int(n_tok[sel].sum()))
-            b.add_many(flat[gather], n_tok[sel])
-        b.finalize(tmp + (".valid" if split == "valid" else "") + ".idx")
-        out[split] = (len(sel), int(n_tok[sel].sum()))
-    split_col = np.where(valid, "valid", "train")
-    index = np.zeros(len(doc_ids), np.int64)
-    for m in (valid, ~valid):
-        index[m] = np.arange(int(m.sum()))
-    pq.write_table(pa.table({"doc_id": pa.array(doc_ids, pa.string()),
-                             "split": pa.array(split_col.tolist(), pa.string()),
-                             "index": pa.array(index, pa.int64()),
-                             "n_tokens": pa.array(n_tok, pa.int64())}),
+    names = {"train": tmp + ".bin", "valid": tmp + ".valid.bin"}
+    builders = {k: StreamingBuilder(v, dtype) for k, v in names.items()}
+    table = {"doc_id": [], "split": [], "index": [], "n_tokens": []}
+    skipped = 0
+    try:
+        for a in range(0, len(docs), batch):
+            chunk = docs[a:a + batch]
+            ids = encode([t for _, t in chunk])
+            lengths = np.fromiter((len(t) for t in ids), np.int64, len(ids))
+            keep = lengths > 0
+            skipped += int((~keep).sum())
+            doc_ids = [d for (d, _), k in zip(chunk, keep) if k]
+            n_tok = lengths[keep] + 1  # EOD appended to every document
+            ends = np.cumsum(n_tok)
+            flat = np.full(int(n_tok.sum()), eod, np.int64)
+            body = np.ones(len(flat), bool)
+            body[ends - 1] = False
+            flat[body] = np.fromiter(itertools.chain.from_iterable(ids), np.int64, int(lengths.sum()))
+            starts = ends - n_tok
+            valid = np.fromiter((is_validation(d, valid_fraction) for d in doc_ids), bool, len(doc_ids))
+            index = np.zeros(len(doc_ids), np.int64)
+            for split, mask in (("train", ~valid), ("valid", valid)):
+                sel = np.flatnonzero(mask)
+                index[sel] = builders[split].n_doc + np.arange(len(sel))
+                if len(sel):
+                    gather = np.repeat(starts[sel] - np.concatenate(([0], np.cumsum(n_tok[sel])[:-1])), n_tok[sel]) \
+                        + np.arange(int(n_tok[sel].sum()))
+                    builders[split].add_many(flat[gather], n_tok[sel])
+            table["doc_id"] += doc_ids  # in document order, as the reader gave them
+            table["split"] += np.where(valid, "valid", "train").tolist()
+            table["index"] += index.tolist()
+            table["n_tokens"] += n_tok.tolist()
+        for split, b in builders.items():
+            b.finalize(names[split][:-4] + ".idx")
+    except BaseException:
+        for b in builders.values():
+            b.abort()
+        raise
+    pq.write_table(pa.table({"doc_id": pa.array(table["doc_id"], pa.string()),
+                             "split": pa.array(table["split"], pa.string()),
+                             "index": pa.array(table["index"], pa.int64()),
+                             "n_tokens": pa.array(table["n_tokens"], pa.int64())}),
                    tmp + ".docs.parquet")
     for ext in (".bin", ".idx", ".valid.bin", ".valid.idx", ".docs.parquet"):
         os.replace(tmp + ext, prefix + ext)
-    return ShardResult(prefix, prefix + ".valid", out["train"][0], out["train"][1], out["valid"][0],
-                       out["valid"][1], int((~keep).sum()))
+    t, v = builders["train"], builders["valid"]
+    return ShardResult(prefix, prefix + ".valid", t.n_doc, t.tokens, v.n_doc, v.tokens, skipped)
 
 
 def read_shard_result(prefix: str) -> ShardResult:
