@@ -255,7 +255,8 @@ def run_part(part: IngestPart, ccfg: CorpusConfig, icfg: IngestConfig, out: Path
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
     schema = pa.schema([("id", pa.string()), ("domain", pa.string()), ("text", pa.string())])
-    writer = pq.ParquetWriter(tmp, schema)
+    # statistics of long text columns would bloat every footer a reader of a row group must read
+    writer = pq.ParquetWriter(tmp, schema, write_statistics=["domain"])
     buf = {"id": [], "text": []}
     skipped: dict[str, int] = {}
     listed: list[dict] = []
