@@ -337,7 +337,7 @@ def run_part(part, ccfg, out: Path, encode, eod: int, vocab: int, valid_fraction
     from pretrain import indexed
     from pretrain.corpus_parts import ByteCounter, read_part
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     io = ByteCounter()
     bufs: dict[str, list[tuple[str, str]]] = {}
     skipped: dict[str, int] = {}
@@ -364,6 +364,7 @@ def run_part(part, ccfg, out: Path, encode, eod: int, vocab: int, valid_fraction
              "skipped": skipped, "domains": domains, "files_opened": io.files, "bytes_read": io.bytes,
              "bytes_requested": io.requested,
              "planned_bytes": part.bytes, "read_s": round(t_read, 4), "seconds": round(wall, 4),
+             "cpu_s": round(time.process_time() - c0, 4),
              "tokens": tokens, "pid": os.getpid()}
     write_json(out / "parts" / f"{part.id}.json", stats)
     write_atomic(out / "parts" / f"{part.id}.done", "")

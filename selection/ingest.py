@@ -250,7 +250,7 @@ def run_part(part: IngestPart, ccfg: CorpusConfig, icfg: IngestConfig, out: Path
     src = ccfg.sources[part.source]
     domain = src.domain or _label(src)
     stem = Path(part.file.split("?")[0]).name.split(".")[0]
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     dest = out / part.out
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
@@ -331,7 +331,7 @@ def run_part(part: IngestPart, ccfg: CorpusConfig, icfg: IngestConfig, out: Path
              "rows": rows, "documents": docs, "skipped": skipped, "skipped_ids": listed,
              "skipped_ids_truncated": sum(skipped.values()) > len(listed), "blobs_fetched": fetched,
              "blob_seconds": round(fetch_s, 3), "bytes_written": dest.stat().st_size,
-             "seconds": round(wall, 3)}
+             "seconds": round(wall, 3), "cpu_s": round(time.process_time() - c0, 3)}
     _write_json(out / "parts" / f"{part.id}.json", stats)
     _write_json(out / "parts" / f"{part.id}.done", {"revision": revision})
     if skipped:

@@ -171,9 +171,11 @@ def test_scale_mix(mixed, capsys):
         task_bytes.append(nbytes)
         tokens = sum(s["tokens"] for s in st)
         secs = sum(s["seconds"] for s in st)
+        cpu = sum(s.get("cpu_s", s["seconds"]) for s in st)
         rows.append({"task": t["rank"], "parts": len(st), "files": len(files), "MB_read": round(nbytes / 2**20, 2),
                      "share": round(nbytes / corpus_bytes, 4), "tokens": tokens,
-                     "tokens_per_s": round(tokens / secs), "rss_MB": t["rss_mb"], "wall_s": round(wall, 1)})
+                     "tokens_per_s": round(tokens / secs), "tokens_per_cpu_s": round(tokens / cpu),
+                     "rss_MB": t["rss_mb"], "wall_s": round(wall, 1)})
     with capsys.disabled():
         print("\n== scale: mix tokenisation tasks (8 tasks, 2 at a time) ==")
         print(" | ".join(rows[0]))
@@ -197,7 +199,8 @@ def test_scale_mix(mixed, capsys):
     assert fin["rss_mb"] < floor + 1024, (fin["rss_mb"], floor)
     tok_total = sum(r["tokens"] for r in rows)
     FIGURES["mix"].update(tokens=tok_total, tokens_per_s_per_process=round(
-        tok_total / sum(st["seconds"] for st in stats.values())), blend_entries=entries,
+        tok_total / sum(st["seconds"] for st in stats.values())), tokens_per_cpu_s=round(
+        tok_total / sum(st.get("cpu_s", st["seconds"]) for st in stats.values())), blend_entries=entries,
         corpus_MB=round(corpus_bytes / 2**20, 1), largest_file_MB=round(biggest / 2**20, 2),
         files_opened_total=files_opened_total, files=n_files)
     with capsys.disabled():
