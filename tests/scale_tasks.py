@@ -2,7 +2,7 @@
 mix-task|mix-finish --out MIX --corpus CORPUS.yaml --tok DIR --selected SEL [--rank k --world n]`.
 
 Prints one JSON line: what the task did, its wall time and its peak resident memory
-(getrusage, so the figure is the process's own high-water mark, imports included). The scale
+(VmHWM: the process's own high-water mark, imports included). The scale
 test (tests/test_scale.py) runs several at once, as an executor would run array tasks.
 """
 
@@ -19,6 +19,15 @@ ARMS = {"baseline": {"selection": None}, "attention_influence": {"selection": "a
 
 
 def _rss_mb() -> float:
+    """Peak resident memory of this program: VmHWM, which starts afresh at exec. (getrusage's
+    ru_maxrss does not: Linux carries the parent's peak across fork + exec, so every task would
+    report at least the test process's own peak.)"""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
