@@ -151,6 +151,14 @@ def check_blend_limits(entries: dict[str, int], valid: int, map_limit: int | Non
     return maps
 
 
+def check_task_count(world: int, parts: int, stage: str, hint: str) -> None:
+    """More tasks than parts leaves tasks with nothing to do (and a cluster allocation idle): an
+    error before compute, naming both counts."""
+    if world > parts:
+        raise ValueError(f"{stage}: {world} tasks for {parts} parts: {world - parts} task(s) would have "
+                         f"nothing to do; run at most {parts} tasks, or {hint}")
+
+
 def planned_domains(ccfg) -> int | None:
     """Domains the corpus config names (so blend sizes can be checked before tokenising), or None."""
     if ccfg.domain:
@@ -424,6 +432,7 @@ def build_mix_parts(ccfg, out: Path, tok_dir: Path, eod: int, vocab: int, tok_na
     if n_dom is not None:
         check_blend_limits(_arm_entries(arms, n_dom), n_dom, max_map_count())
     parts = plan(ccfg, out, mcfg.shard_docs)
+    check_task_count(world, len(parts), "mix", "lower mix.shard_docs for more, smaller parts")
     mine = assign(parts, rank, world)
     workers = mcfg.workers or min(8, os.cpu_count() or 1)
     run_parts(mine, ccfg, out, str(tok_dir), eod, vocab, mcfg.valid_fraction, workers, progress)

@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     from attninf.config import build
     from attninf.dist import rank_world
     from selection.corpora import CorpusConfig
+    from pretrain.mix import check_task_count
     from selection.ingest import IngestConfig, finish, plan, run_parts
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -43,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(icfg.out)
     rank, world = rank_world()
     parts = plan(ccfg, icfg, out)
+    check_task_count(world, len(parts), "ingest", "ingest with fewer array tasks (a part is one data file)")
     mine = [p for i, p in enumerate(parts) if i % world == rank]
     done = run_parts(mine, ccfg, icfg, out)
     summary = finish(parts, out)

@@ -208,3 +208,28 @@ def test_subset_join_against_a_python_dict(tmp_path, tiny_tokenizer):
             assert (g["split"], g["gidx"]) == hits[-1]
         else:
             assert g["split"] is None
+
+
+def test_more_tasks_than_parts_is_an_error_before_compute(tmp_path, tiny_tokenizer):
+    from pretrain.mix import MixConfig, build_mix_parts
+
+    tok = tmp_path / "tok"
+    tiny_tokenizer.save_pretrained(tok)
+    cfg = _ccfg(_corpus(tmp_path / "c"))
+    with pytest.raises(ValueError, match=r"^mix: 64 tasks for \d+ parts: \d+ task\(s\) would have nothing to do"):
+        build_mix_parts(cfg, tmp_path / "mix", tok, 0, 384, "tiny", MixConfig(shard_docs=1000, workers=1),
+                        {"baseline": {}}, None, rank=3, world=64)
+    assert not (tmp_path / "mix" / "parts").exists()
+
+
+def test_assign_is_contiguous_balanced_and_covers_every_part():
+    from pretrain.corpus_parts import Part, assign
+
+    rng = np.random.default_rng(0)
+    parts = [Part(f"p{i:05d}", f"f{i // 3}", "parquet", None, (0, 1), 0, 10, int(b))
+             for i, b in enumerate(rng.integers(1, 1000, size=200))]
+    total = sum(p.bytes for p in parts)
+    for world in (1, 3, 8, 200):
+        got = [assign(parts, r, world) for r in range(world)]
+        assert [p.id for g in got for p in g] == [p.id for p in parts]  # contiguous, in plan order, once each
+        assert all(sum(p.bytes for p in g) <= total / world + 1000 for g in got)
