@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export WANDB_MODE ?= offline
 
-.PHONY: setup setup-debs setup-sandbox demo test test-slow test-cluster clean
+.PHONY: setup setup-debs setup-sandbox demo test test-slow test-scale test-cluster clean
 setup: $(VENV)/.installed setup-sandbox
 
 # HumanEval runs model-written code under bubblewrap (eval/code_exec.py refuses without it).
@@ -40,6 +40,11 @@ test: setup
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
+
+# The data path at paper shape: 1M synthetic documents in 400 parquet files, ingest and mix as
+# 8 array tasks; prints the per-task bytes, blend sizes, memory and rates (tests/test_scale.py).
+test-scale: setup
+	$(BIN)/python -m pytest -q -s -m scale
 
 # Real Slurm jobs on a one-node Slurm started here (root; installs slurm-wlm + munge when
 # missing) and stopped again whatever the tests do.

@@ -14,19 +14,35 @@ weights for Megatron's BlendedMegatronDatasetBuilder. The subset's weight: `mix.
 null = "add the subset once more" (weight = its token count, as the paper), or a fraction f in
 (0, 1): the subset gets f of all sampled tokens and the corpus keeps its internal proportions.
 
+At paper size (244M documents, 241B tokens) the stage runs as an array over corpus parts
+(pretrain.corpus_parts: file + parquet row groups, defined by the data, not by the task count):
+each task tokenises its parts (a process pool locally), each part writes its datasets, a stats
+file and a completion marker; the task that finds every part done merges each domain's parts into
+one dataset, copies the subsets out of them with a DuckDB join (pretrain.subsets) and writes
+blend.json, reading part stats, never the corpus text again. A blend therefore lists one dataset
+per domain plus the subset, whatever the part count, and is checked against megatron-core's limits
+(`check_blend_limits`) before anything is tokenised and again before blend.json is written.
+The work is plain functions (`plan`, `run_part`, `finish`) so an executor can run them as an
+array; `run` drives them from the stage with the manual fan-out of attninf.dist.
+
 Outputs (paths in blend.json are relative to the mix folder so a run directory can move):
-    corpus/<domain>/shard-*.{bin,idx,docs.parquet}   see pretrain.indexed
+    plan.json                                        the parts (file, row groups, bytes), corpus fingerprint
+    parts/<part>.json, parts/<part>.done             per-part stats (documents, tokens, bytes read, seconds)
+    corpus/<domain>/<part>.{bin,idx,valid.*,docs.parquet}   see pretrain.indexed
+    corpus/<domain>.{bin,idx}                        the domain's training documents, in corpus order
     valid/<domain>.{bin,idx}                         held-out documents per domain (all arms)
     subsets/<method>.{bin,idx}                       selected documents, copied token ranges
     tokenizer/                                       the tokenizer (export copies it next to the model)
     blend.json                                       datasets, per-arm prefixes/weights, epochs
+A corpus read as one stream (corpus.kind=hf, or documents handed to `build_mix`) is cut into
+shards `corpus/<domain>/shard-*` of `shard_docs` documents instead; the rest is the same.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +56,9 @@ class MixConfig:
     # Fraction of each domain's documents held out for validation loss (hash of doc_id, so the
     # same documents are held out in every arm and never added through a subset).
     valid_fraction: float = 0.02
-    shard_docs: int = 2000  # documents per tokenisation shard (unit of parallelism and resume)
+    # Documents per tokenisation part (the unit of parallelism and resume): parquet row groups are
+    # grouped up to it (a part holds at least one row group); a stream is cut every shard_docs.
+    shard_docs: int = 2000
     workers: int = 0  # tokenisation processes; 0 = min(8, cpu count)
     # Unstated in the paper. null = add the subset once more (weight = its tokens, paper's reading);
     # a float f in (0, 1) = the subset's share of all trained tokens.
@@ -97,18 +115,103 @@ def effective_epochs(prefixes: list[str], weights: list[float], tokens: dict[str
     return {p: planned_tokens * w / s / max(tokens[p], 1) for p, w in zip(prefixes, weights)}
 
 
+# --- limits megatron-core and the kernel put on a blend ------------------------------------------
+
+# megatron-core's BlendedDataset asserts len(datasets) < 32767: its per-sample dataset index is int16.
+MAX_BLEND_DATASETS = 32_767
+# Memory maps one blended dataset holds open in a training process: the .idx and .bin of its
+# IndexedDataset and GPTDataset's document / sample / shuffle index arrays (np.load mmap_mode="r").
+MAPS_PER_DATASET = 5
+MAP_RESERVE = 10_000  # maps of the interpreter, torch, CUDA and NCCL libraries, allocator arenas
+
+
+def max_map_count() -> int | None:
+    """This machine's vm.max_map_count (Linux), or None where it cannot be read."""
+    try:
+        return int(Path("/proc/sys/vm/max_map_count").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def check_blend_limits(entries: dict[str, int], valid: int, map_limit: int | None) -> dict[str, int]:
+    """Raise ValueError (naming the arm and the limit) when a blend cannot be trained on: `entries`
+    maps arm -> datasets in its blend, `valid` counts the validation datasets every arm also
+    opens. Returns the estimated memory maps per arm (recorded in blend.json)."""
+    maps = {}
+    for arm, n in entries.items():
+        if n >= MAX_BLEND_DATASETS:
+            raise ValueError(f"mix: arm '{arm}' would blend {n:,} datasets; megatron-core's BlendedDataset "
+                             f"accepts fewer than {MAX_BLEND_DATASETS:,} (its dataset index is int16)")
+        maps[arm] = MAPS_PER_DATASET * (n + valid) + MAP_RESERVE
+        if map_limit is not None and maps[arm] > map_limit:
+            raise ValueError(f"mix: arm '{arm}': {n + valid:,} datasets hold ~{maps[arm]:,} memory maps in each "
+                             f"training process ({MAPS_PER_DATASET} per dataset + {MAP_RESERVE:,} reserved), above "
+                             f"vm.max_map_count = {map_limit:,} here; raise it (sysctl -w vm.max_map_count=...) "
+                             "or blend fewer datasets")
+    return maps
+
+
+def check_task_count(world: int, parts: int, stage: str, hint: str) -> None:
+    """More tasks than parts leaves tasks with nothing to do (and a cluster allocation idle): an
+    error before compute, naming both counts."""
+    if world > parts:
+        raise ValueError(f"{stage}: {world} tasks for {parts} parts: {world - parts} task(s) would have "
+                         f"nothing to do; run at most {parts} tasks, or {hint}")
+
+
+def planned_domains(ccfg) -> int | None:
+    """Domains the corpus config names (so blend sizes can be checked before tokenising), or None."""
+    if ccfg.domain:
+        return 1
+    if ccfg.domains:
+        return len(ccfg.domains)
+    if ccfg.domain_paths and not ccfg.paths:
+        return len(ccfg.domain_paths)
+    return None
+
+
+def _arm_entries(arms: dict[str, dict], n_corpus: int) -> dict[str, int]:
+    return {a: n_corpus + (1 if (v or {}).get("selection") else 0) for a, v in arms.items()}
+
+
 # --- stage edge -----------------------------------------------------------------------------------
 
-def _selected(p: Path):
+def _read_json(p: Path) -> dict | None:
+    import json
+
+    try:
+        return json.loads(Path(p).read_text())
+    except (OSError, ValueError):
+        return None  # missing or torn: not made
+
+
+def _check_selection(p: Path, methods: list[str], arms: dict) -> dict[str, int]:
+    """Rows per method of select/selected.parquet, read by DuckDB without loading the table;
+    a missing file, column or method is an error before anything is tokenised."""
+    import duckdb
     import pyarrow.parquet as pq
 
-    if not p.exists():
+    if p is None or not Path(p).exists():
         raise FileNotFoundError(f"mix: {p} does not exist (the select stage writes it)")
-    t = pq.read_table(p)
+    names = pq.read_schema(p).names
     for col in ("doc_id", "domain", "method"):
-        if col not in t.column_names:
-            raise ValueError(f"mix: {p} has no column '{col}' (has {t.column_names})")
-    return t
+        if col not in names:
+            raise ValueError(f"mix: {p} has no column '{col}' (has {names})")
+    with duckdb.connect() as con:
+        counts = dict(con.execute("SELECT method, count(*) FROM read_parquet($p) GROUP BY method",
+                                  {"p": str(p)}).fetchall())
+    for method in methods:
+        if not counts.get(method):
+            hint = f" (add '{method}' to select.methods)" if method in _select_methods() else ""
+            raise ValueError(f"mix: {p} has no rows with method == '{method}' (arms: {arms}); methods "
+                             f"present: {sorted(counts)}{hint}")
+    return counts
+
+
+def _select_methods() -> tuple[str, ...]:
+    from selection.select import METHODS  # lazy: owned by the select stage
+
+    return METHODS
 
 
 def run(ctx) -> dict[str, Any]:
@@ -136,7 +239,7 @@ def run(ctx) -> dict[str, Any]:
         raise ValueError(f"tokenizer {tcfg.path}: no eos_token_id; set tokenizer.eod")
     vocab = len(tok)
 
-    # 2. Corpus -> sharded indexed datasets (parallel, resumable).
+    # 2. Corpus -> parts -> per-domain datasets, subsets, blends.
     from selection.corpora import CorpusConfig, iter_documents  # lazy: owned by the scoring stage
 
     ccfg = build(CorpusConfig, ctx.section("corpus"), "corpus")
@@ -144,8 +247,12 @@ def run(ctx) -> dict[str, Any]:
     sel_path = ctx.upstream("select") / "selected.parquet" if methods else None
     rank, world = rank_world()
     with Progress(None, "tokenise corpus", ctx.tracker, unit="doc", prefix="mix") as prog:
-        summary = build_mix(iter_documents(ccfg), out, tok_dir, int(eod), vocab, tcfg.path, mcfg, arms,
-                            sel_path, progress=prog, rank=rank, world=world)
+        if ccfg.kind == "hf":  # a hub stream has no files to split (ingest it for the parallel path)
+            summary = build_mix(iter_documents(ccfg), out, tok_dir, int(eod), vocab, tcfg.path, mcfg, arms,
+                                sel_path, progress=prog, rank=rank, world=world)
+        else:
+            summary = build_mix_parts(ccfg, out, tok_dir, int(eod), vocab, tcfg.path, mcfg, arms, sel_path,
+                                      progress=prog, rank=rank, world=world)
     log.info("mix: %s", summary)
     ctx.tracker.summary({"mix/corpus_tokens": summary["corpus_tokens"]})
     return summary
@@ -154,40 +261,32 @@ def run(ctx) -> dict[str, Any]:
 def build_mix(docs, out: Path, tok_dir: Path, eod: int, vocab: int, tok_name: str, mcfg: MixConfig,
               arms: dict[str, dict], selected_path: Path | None, progress=None, rank: int = 0,
               world: int = 1) -> dict[str, Any]:
-    """The stage without the runner: documents in, indexed datasets + blend.json out.
+    """The stage on a document stream (a hub stream, or documents in memory): shards of
+    `shard_docs` documents per domain, then `finish`. With several workers each tokenises its
+    shards (every worker reads the whole stream); the one that finds every shard done finishes."""
+    from pretrain import indexed
 
-    Four steps, each below with its reasons: tokenise the corpus into shards, merge the held-out
-    documents per domain, copy each selection method's documents into a subset, blend per arm.
-    """
-    from attninf.manifest import write_json
-
-    skipped: dict[str, int] = {}
-    shards = _tokenise(_usable(docs, skipped), out, tok_dir, eod, vocab, mcfg, progress, rank, world)
-    rel = lambda p: os.path.relpath(p, out)  # noqa: E731
-    datasets, corpus_tokens = _corpus_datasets(shards, rel)
-    valid = _valid_sets(shards, out, rel, mcfg.valid_fraction)
-    subsets: dict[str, dict] = {}
     methods = sorted({a.get("selection") for a in arms.values() if a.get("selection")})
     if methods:
-        sel = _selected(selected_path)
-        where = _doc_locations(shards)
-        for method in methods:
-            subsets[method] = _subset(method, sel, where, out, selected_path, arms)
-            datasets[subsets[method]["prefix"]] = {"kind": "subset", "method": method,
-                                                   "documents": subsets[method]["documents"],
-                                                   "tokens": subsets[method]["tokens"]}
-    blend_arms = _arm_blends(arms, mcfg, corpus_tokens, subsets, {k: v["tokens"] for k, v in datasets.items()})
-    blend = {"root": "relative to this folder", "tokenizer": {"dir": os.path.relpath(tok_dir, out), "name": tok_name,
-                                                             "vocab_size": vocab, "eod": int(eod)},
-             "datasets": datasets, "valid": valid, "subsets": subsets, "arms": blend_arms,
-             "planned_tokens": mcfg.planned_tokens, "skipped_rows": skipped}
-    write_json(out / "blend.json", blend)
-    if skipped:
-        log.warning("mix: skipped corpus rows by reason: %s", skipped)
-    return {"corpus_tokens": int(sum(corpus_tokens.values())), "shards": len(shards), "skipped": skipped,
-            "valid_domains": sorted(valid),
-            "subsets": {k: {"documents": v["documents"], "tokens": v["tokens"]} for k, v in subsets.items()},
-            "arms": {a: {"datasets": len(e["prefixes"]), "tokens": e["tokens"]} for a, e in blend_arms.items()}}
+        _check_selection(selected_path, methods, arms)
+    skipped: dict[str, int] = {}
+    workers = mcfg.workers or min(8, os.cpu_count() or 1)
+    every: list[str] = []
+    indexed.tokenize_corpus(_usable(docs, skipped), out / "corpus", str(tok_dir), eod, vocab,
+                            shard_docs=mcfg.shard_docs, valid_fraction=mcfg.valid_fraction, workers=workers,
+                            rank=rank, world=world, progress=progress, all_prefixes=every)
+    missing = [p for p in every if not indexed.shard_done(p)]
+    if missing:
+        from attninf.context import Incomplete
+
+        raise Incomplete(f"mix: worker {rank}/{world} tokenised its shards; {len(missing)} of {len(every)} "
+                         "not done yet: blend.json is written when every shard is done")
+    outputs = []
+    for p in sorted(every):
+        r = indexed.read_shard_result(p)
+        outputs.append({"domain": Path(p).parent.name, "prefix": p, "docs": r.docs, "tokens": r.tokens,
+                        "valid_docs": r.valid_docs, "valid_tokens": r.valid_tokens})
+    return finish(outputs, out, tok_dir, eod, vocab, tok_name, mcfg, arms, selected_path, skipped)
 
 
 def _usable(docs, skipped: dict[str, int]):
@@ -201,117 +300,286 @@ def _usable(docs, skipped: dict[str, int]):
         yield d
 
 
-def _tokenise(docs, out: Path, tok_dir: Path, eod: int, vocab: int, mcfg: MixConfig, progress,
-              rank: int, world: int) -> list:
-    """Step 1: the corpus as sharded indexed datasets (parallel, resumable per shard).
+# --- the array over corpus parts: plan, run_part, finish ------------------------------------------
 
-    With several ranks each tokenises its share of shards; only rank 0 goes on to build the blends
-    (from every rank's finished-shard markers), the others stop with Incomplete."""
+def plan(ccfg, out: Path, part_rows: int) -> list:
+    """The corpus's parts (pretrain.corpus_parts), kept in `plan.json` and reused while the corpus
+    files and the part size are unchanged, so every task, and a run resumed with another task
+    count, sees the same parts. Once parts are done, a changed corpus is an error, not a replan."""
+    from attninf.manifest import write_json
+    from pretrain.corpus_parts import Part, files_fingerprint, parts_json, plan_parts
+
+    path = out / "plan.json"
+    key = {"part_rows": part_rows, "corpus": {k: v for k, v in asdict(ccfg).items() if k != "sources"}}
+    files = files_fingerprint(ccfg)
+    old = _read_json(path)
+    if old is not None:
+        if old.get("key") == key and old.get("files") == files:
+            return [Part.from_json(d) for d in old["parts"]]
+        if any((out / "parts").glob("*.done")):
+            changed = next((f"{a[0]}" for a, b in zip(old.get("files", []), files) if a != b), None) or \
+                "the file list or the part settings"
+            raise ValueError(f"mix: the corpus changed since {path} was planned ({changed}); its finished "
+                             f"parts would not match: restore the corpus or remove {out} to start over")
+    parts = plan_parts(ccfg, part_rows)
+    write_json(path, {"key": key, "files": files, "parts": parts_json(parts),
+                      "rows": sum(p.rows or 0 for p in parts), "bytes": sum(p.bytes for p in parts)})
+    return parts
+
+
+def part_done(out: Path, part_id: str) -> bool:
+    return (out / "parts" / f"{part_id}.done").exists()
+
+
+def read_part_stats(out: Path, part_id: str) -> dict | None:
+    return _read_json(out / "parts" / f"{part_id}.json") if part_done(out, part_id) else None
+
+
+def run_part(part, ccfg, out: Path, encode, eod: int, vocab: int, valid_fraction: float) -> dict:
+    """Tokenise one part: its documents per domain into corpus/<domain>/<part>.*, then its stats
+    (atomic) and completion marker. Returns the stats: documents and tokens per domain, skipped
+    rows by reason, files and bytes opened, seconds."""
+    import time
+
+    from attninf.manifest import write_atomic, write_json
+    from pretrain import indexed
+    from pretrain.corpus_parts import ByteCounter, read_part
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    io = ByteCounter()
+    bufs: dict[str, list[tuple[str, str]]] = {}
+    skipped: dict[str, int] = {}
+    rows = 0
+    for d in read_part(part, ccfg, io=io):
+        rows += 1
+        if d.skip:
+            skipped[d.skip] = skipped.get(d.skip, 0) + 1
+            continue
+        bufs.setdefault(d.domain, []).append((d.doc_id, d.text))
+    t_read = time.perf_counter() - t0
+    domains = {}
+    for dom, buf in bufs.items():
+        name = indexed.safe_name(dom)
+        prefix = out / "corpus" / name / part.id
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+        r = indexed.write_documents(str(prefix), buf, encode, eod, vocab, valid_fraction)
+        domains[name] = {"domain": dom, "prefix": os.path.relpath(prefix, out), "docs": r.docs,
+                         "tokens": r.tokens, "valid_docs": r.valid_docs, "valid_tokens": r.valid_tokens,
+                         "skipped_empty": r.skipped_empty}
+    wall = time.perf_counter() - t0
+    tokens = sum(v["tokens"] + v["valid_tokens"] for v in domains.values())
+    stats = {"part": part.id, "file": part.file, "row_groups": part.row_groups, "rows": rows,
+             "skipped": skipped, "domains": domains, "files_opened": io.files, "bytes_read": io.bytes,
+             "bytes_requested": io.requested,
+             "planned_bytes": part.bytes, "read_s": round(t_read, 4), "seconds": round(wall, 4),
+             "cpu_s": round(time.process_time() - c0, 4),
+             "tokens": tokens, "pid": os.getpid()}
+    write_json(out / "parts" / f"{part.id}.json", stats)
+    write_atomic(out / "parts" / f"{part.id}.done", "")
+    return stats
+
+
+def _part_job(args) -> dict:
     from pretrain import indexed
 
+    part, ccfg, out, eod, vocab, frac = args
+    return run_part(part, ccfg, out, indexed._encode, eod, vocab, frac)
+
+
+def run_parts(parts: list, ccfg, out: Path, tok_dir: str, eod: int, vocab: int, valid_fraction: float,
+              workers: int, progress=None) -> list[dict]:
+    """This task's share: the parts not yet done, over a pool of `workers` processes."""
+    import multiprocessing as mp
+
+    from pretrain import indexed
+
+    todo = [p for p in parts if not part_done(out, p.id)]
+    jobs = [(p, ccfg, out, eod, vocab, valid_fraction) for p in todo]
+    done: list[dict] = []
+
+    def tick(st):
+        done.append(st)
+        if progress is not None:
+            n = sum(v["docs"] + v["valid_docs"] + v["skipped_empty"] for v in st["domains"].values())
+            progress.update(n, tokens=st["tokens"])
+
+    if not jobs:
+        return done
+    if workers <= 1 or len(jobs) == 1:
+        indexed._init_worker(tok_dir)
+        for j in jobs:
+            tick(_part_job(j))
+    else:
+        with mp.get_context("spawn").Pool(min(workers, len(jobs)), initializer=indexed._init_worker,
+                                           initargs=(tok_dir,)) as pool:
+            for st in pool.imap_unordered(_part_job, jobs):
+                tick(st)
+    return done
+
+
+def build_mix_parts(ccfg, out: Path, tok_dir: Path, eod: int, vocab: int, tok_name: str, mcfg: MixConfig,
+                    arms: dict[str, dict], selected_path: Path | None, progress=None, rank: int = 0,
+                    world: int = 1) -> dict[str, Any]:
+    """The stage on local corpus files: plan, this task's parts (a contiguous run of ~1/world of
+    the corpus bytes, pretrain.corpus_parts.assign), then - in whichever task finds every part
+    done - `finish`. Others stop with Incomplete."""
+    from pretrain.corpus_parts import assign
+
+    methods = sorted({a.get("selection") for a in arms.values() if a.get("selection")})
+    if methods:
+        _check_selection(selected_path, methods, arms)
+    n_dom = planned_domains(ccfg)
+    if n_dom is not None:
+        check_blend_limits(_arm_entries(arms, n_dom), n_dom, max_map_count())
+    parts = plan(ccfg, out, mcfg.shard_docs)
+    check_task_count(world, len(parts), "mix", "lower mix.shard_docs for more, smaller parts")
+    mine = assign(parts, rank, world)
     workers = mcfg.workers or min(8, os.cpu_count() or 1)
-    shards = indexed.tokenize_corpus(docs, out / "corpus", str(tok_dir), eod, vocab,
-                                     shard_docs=mcfg.shard_docs, valid_fraction=mcfg.valid_fraction,
-                                     workers=workers, rank=rank, world=world, progress=progress)
-    if world > 1:
+    run_parts(mine, ccfg, out, str(tok_dir), eod, vocab, mcfg.valid_fraction, workers, progress)
+    stats = [read_part_stats(out, p.id) for p in parts]
+    missing = [p.id for p, st in zip(parts, stats) if st is None]
+    if missing:
         from attninf.context import Incomplete
 
-        all_done = sorted((out / "corpus").glob("*/shard-*.done"))
-        if rank != 0:
-            raise Incomplete(f"mix: rank {rank} tokenised its {len(shards)} shard(s); rank 0 builds blends")
-        shards = [indexed.read_shard_result(str(p)[:-5]) for p in all_done]
-    return shards
+        raise Incomplete(f"mix: task {rank}/{world} tokenised its {len(mine)} part(s); {len(missing)} of "
+                         f"{len(parts)} parts are not done yet (e.g. {missing[:3]}): blend.json is written "
+                         "when every part is done")
+    return finish(part_outputs(stats, out), out, tok_dir, eod, vocab, tok_name, mcfg, arms, selected_path,
+                  _sum_counts(st["skipped"] for st in stats), n_parts=len(parts))
 
 
-def _corpus_datasets(shards, rel) -> tuple[dict[str, dict], dict[str, int]]:
-    """blend.json `datasets` entries of the corpus shards (empty shards left out) and their
-    training tokens by prefix: what every arm's blend weighs by natural proportion."""
+def part_outputs(stats: list[dict], out: Path) -> list[dict]:
+    """The per-domain datasets of every part, in plan order (what `finish` merges)."""
+    rows = []
+    for st in stats:
+        for name, v in st["domains"].items():
+            rows.append({"domain": name, "prefix": str(out / v["prefix"]), "docs": v["docs"], "tokens": v["tokens"],
+                         "valid_docs": v["valid_docs"], "valid_tokens": v["valid_tokens"]})
+    return rows
+
+
+def _sum_counts(dicts) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for d in dicts:
+        for k, v in d.items():
+            total[k] = total.get(k, 0) + v
+    return total
+
+
+def finish(outputs: list[dict], out: Path, tok_dir: Path, eod: int, vocab: int, tok_name: str, mcfg: MixConfig,
+           arms: dict[str, dict], selected_path: Path | None, skipped: dict[str, int],
+           n_parts: int | None = None) -> dict[str, Any]:
+    """After every part: merge each domain's parts (training and held-out, corpus order), copy
+    each selection method's documents into a subset, write blend.json. Reads part stats and
+    tokenised data, never the corpus text; each output is skipped when already made from the same
+    inputs, so a killed finish resumes."""
+    from attninf.manifest import write_json
+
+    rel = lambda p: os.path.relpath(p, out)  # noqa: E731
+    by_dom: dict[str, list[dict]] = {}
+    for o in outputs:
+        by_dom.setdefault(o["domain"], []).append(o)
     datasets: dict[str, dict] = {}
     corpus_tokens: dict[str, int] = {}
-    for s in shards:
-        dom = Path(s.prefix).parent.name
-        if s.docs:
-            corpus_tokens[rel(s.prefix)] = s.tokens
-            datasets[rel(s.prefix)] = {"kind": "corpus", "domain": dom, "documents": s.docs,
-                                       "tokens": s.tokens}
-    return datasets, corpus_tokens
-
-
-def _valid_sets(shards, out: Path, rel, valid_fraction: float) -> dict[str, dict]:
-    """Step 2: the held-out documents merged into one dataset per domain, so validation loss is
-    reported per domain and is the same for every arm."""
-    from pretrain import indexed
-
-    by_domain: dict[str, list] = {}
-    for s in shards:
-        by_domain.setdefault(Path(s.prefix).parent.name, []).append(s)
-    valid = {}
-    for dom, ss in sorted(by_domain.items()):
-        vp = [s.valid_prefix for s in ss if s.valid_docs]
-        if not vp:
+    valid: dict[str, dict] = {}
+    for dom in sorted(by_dom):
+        d, t = _merged(out / "corpus" / dom, [o["prefix"] for o in by_dom[dom] if o["docs"]])
+        if d:
+            corpus_tokens[rel(out / "corpus" / dom)] = t
+            datasets[rel(out / "corpus" / dom)] = {"kind": "corpus", "domain": dom, "documents": d, "tokens": t}
+        d, t = _merged(out / "valid" / dom, [o["prefix"] + ".valid" for o in by_dom[dom] if o["valid_docs"]])
+        if not d:
             log.warning("mix: domain %s has no held-out documents (valid_fraction=%s); no validation "
-                        "loss for it", dom, valid_fraction)
+                        "loss for it", dom, mcfg.valid_fraction)
             continue
-        indexed.merge(vp, str(out / "valid" / dom))
-        d, t = indexed.dataset_tokens(str(out / "valid" / dom))
         valid[dom] = {"prefix": rel(out / "valid" / dom), "documents": d, "tokens": t}
-    return valid
+    maps = check_blend_limits(_arm_entries(arms, len(corpus_tokens)), len(valid), max_map_count())
+    subsets: dict[str, dict] = {}
+    methods = sorted({a.get("selection") for a in arms.values() if a.get("selection")})
+    if methods:
+        tables = _doc_tables(outputs)
+        for method in methods:
+            subsets[method] = _subset(method, selected_path, tables, out)
+            datasets[subsets[method]["prefix"]] = {"kind": "subset", "method": method,
+                                                   "documents": subsets[method]["documents"],
+                                                   "tokens": subsets[method]["tokens"]}
+    blend_arms = _arm_blends(arms, mcfg, corpus_tokens, subsets, {k: v["tokens"] for k, v in datasets.items()})
+    blend = {"root": "relative to this folder", "tokenizer": {"dir": os.path.relpath(tok_dir, out), "name": tok_name,
+                                                             "vocab_size": vocab, "eod": int(eod)},
+             "datasets": datasets, "valid": valid, "subsets": subsets, "arms": blend_arms,
+             "planned_tokens": mcfg.planned_tokens, "skipped_rows": skipped,
+             "limits": {"max_datasets": MAX_BLEND_DATASETS, "memory_maps_per_arm": maps,
+                        "vm_max_map_count": max_map_count()}}
+    write_json(out / "blend.json", blend)
+    if skipped:
+        log.warning("mix: skipped corpus rows by reason: %s", skipped)
+    summary = {"corpus_tokens": int(sum(corpus_tokens.values())), "shards": len(outputs), "skipped": skipped,
+               "valid_domains": sorted(valid),
+               "subsets": {k: {"documents": v["documents"], "tokens": v["tokens"]} for k, v in subsets.items()},
+               "arms": {a: {"datasets": len(e["prefixes"]), "tokens": e["tokens"]} for a, e in blend_arms.items()}}
+    if n_parts is not None:
+        summary["parts"] = n_parts
+    return summary
 
 
-def _doc_locations(shards) -> dict[str, tuple[str, int, str, int]]:
-    """doc_id -> (shard prefix, index in shard, split, tokens): where a selected document's
-    tokens already lie, so a subset copies token ranges instead of tokenising again."""
+def _merged(prefix: Path, parts: list[str]) -> tuple[int, int]:
+    """Merge `parts` into `prefix` unless `<prefix>.json` says it was made from exactly these."""
+    from attninf.manifest import write_json
     from pretrain import indexed
 
-    table = indexed.load_doc_tables([s.prefix for s in shards])
-    return {d: (p, i, sp, n) for d, p, i, sp, n in zip(
-        table.column("doc_id").to_pylist(), table.column("prefix").to_pylist(),
-        table.column("index").to_pylist(), table.column("split").to_pylist(),
-        table.column("n_tokens").to_pylist())}
+    mark = Path(str(prefix) + ".json")
+    if not parts:
+        return 0, 0
+    names = [os.path.relpath(p, prefix.parent) for p in parts]
+    old = _read_json(mark)
+    if old and old.get("parts") == names and Path(str(prefix) + ".bin").exists():
+        return old["documents"], old["tokens"]
+    d, t = indexed.merge(parts, str(prefix))
+    write_json(mark, {"parts": names, "documents": d, "tokens": t})
+    return d, t
 
 
-def _subset(method: str, sel, where: dict, out: Path, selected_path: Path | None, arms: dict) -> dict:
-    """Step 3: one method's selected documents copied out of the corpus shards (subsets/<method>).
+def _doc_tables(outputs: list[dict]) -> list:
+    """Every shard's document table with its offsets in the merged domain datasets, in the order
+    whose last occurrence of a duplicated doc_id wins (sorted prefix, as before the join)."""
+    from pretrain.subsets import DocTable
+
+    off: dict[str, list[int]] = {}
+    tables = []
+    for o in outputs:
+        t, v = off.setdefault(o["domain"], [0, 0])
+        tables.append(DocTable(o["prefix"] + ".docs.parquet", o["domain"], t, v))
+        off[o["domain"]] = [t + o["docs"], v + o["valid_docs"]]
+    return sorted(tables, key=lambda x: x.path)
+
+
+def _subset(method: str, selected_path: Path, tables: list, out: Path) -> dict:
+    """Step 3: one method's selected documents copied out of the merged corpus (subsets/<method>),
+    unless `subsets/<method>.json` says it was made from this selection file and these tables.
 
     Every subset, the random control of equal tokens included, is select's rows: the harness has
     one random control (selection/select.py). Held-out documents are never trained on, and
     doc_ids the corpus lacks are counted, not fatal, unless none is left."""
-    import pyarrow.compute as pc
+    from attninf.manifest import write_json
+    from pretrain import subsets as sub
 
-    from pretrain import indexed
-
-    rows = sel.filter(pc.equal(sel.column("method"), method))
-    if rows.num_rows == 0:
-        hint = f" (add '{method}' to select.methods)" if method in _select_methods() else ""
-        raise ValueError(f"mix: {selected_path} has no rows with "
-                         f"method == '{method}' (arms: {arms}); methods present: "
-                         f"{sorted(set(sel.column('method').to_pylist()))}{hint}")
-    ids = rows.column("doc_id").to_pylist()
-    stats = {"selected": rows.num_rows, "held_out": 0, "missing": 0}
-    locs = []
-    for d in ids:
-        w = where.get(d)
-        if w is None:
-            stats["missing"] += 1
-        elif w[2] != "train":
-            stats["held_out"] += 1  # never train on validation documents
-        else:
-            locs.append((w[0], w[1]))
+    prefix = out / "subsets" / method
+    st = os.stat(selected_path)
+    made_from = {"selected": [st.st_size, st.st_mtime_ns], "tables": len(tables)}
+    mark = Path(str(prefix) + ".json")
+    old = _read_json(mark)
+    if old and old.get("made_from") == made_from and Path(str(prefix) + ".bin").exists():
+        return old["subset"]
+    stats = sub.extract(selected_path, method, tables, out / "corpus", prefix, out / ".join-tmp")
     if stats["missing"]:
         log.warning("mix: %d selected doc_id(s) of method %s are not in the corpus (skipped)",
                     stats["missing"], method)
-    if not locs:
-        raise ValueError(f"mix: method '{method}': none of its {len(ids)} selected documents is in "
-                         f"the tokenised corpus (doc_id mismatch between corpus and selection?)")
-    prefix = out / "subsets" / method
-    n_docs, n_tok = indexed.copy_documents(locs, str(prefix))
-    return {"prefix": os.path.relpath(prefix, out), "documents": n_docs, "tokens": n_tok, **stats}
-
-
-def _select_methods() -> tuple[str, ...]:
-    from selection.select import METHODS  # lazy: owned by the select stage
-
-    return METHODS
+    if stats["duplicate_ids"]:
+        log.warning("mix: %d selected doc_id(s) of method %s occur more than once in the corpus (the last "
+                    "occurrence is used)", stats["duplicate_ids"], method)
+    res = {"prefix": os.path.relpath(prefix, out), **stats}
+    write_json(mark, {"made_from": made_from, "subset": res})
+    return res
 
 
 def _arm_blends(arms: dict[str, dict], mcfg: MixConfig, corpus_tokens: dict[str, int],
