@@ -124,7 +124,15 @@ def test_pretrain_config_validates():
     for section, message in [({"optim": {"lr": 0.0}}, r"^pretrain.optim.lr: must be > 0"),
                              ({"optim": {"adam_beta2": 1.0}}, r"^pretrain.optim.adam_beta1: betas must be in \[0, 1\)"),
                              ({"optim": {"momentum": 0.9}}, r"^unknown config key\(s\) pretrain.optim.momentum;"),
-                             ({"launch": {"mode": "ssh"}}, r"^pretrain.launch.mode: local \| external"),
+                             ({"launch": {"nodes": 0}}, r"^pretrain.launch.nodes: must be >= 1"),
+                             ({"launch": {"nodes": 2, "tasks_per_node": 2}, "tensor_parallel": 2,
+                               "data_parallel": 3, "global_batch_size": 12, "micro_batch_size": 2},
+                              r"^pretrain.launch: launch.nodes x launch.tasks_per_node = 2 x 2 = 4 ranks, but "
+                              r"tensor_parallel x pipeline_parallel x data_parallel = 2 x 1 x 3 = 6"),
+                             ({"launch": {"nodes": 1, "tasks_per_node": 3}, "tensor_parallel": 2},
+                              r"^pretrain.launch: .* = 3 ranks is not a multiple of tensor_parallel x pipeline_parallel = 2"),
+                             ({"gpu": {"sequence_parallel": True}}, r"^pretrain.gpu.sequence_parallel: needs tensor_parallel > 1"),
+                             ({"gpu": {"recompute": "some"}}, r"^pretrain.gpu.recompute: 'some' is not one of"),
                              ({"schedule": {"min_lr_ratio": 2.0}}, r"^pretrain.schedule.min_lr_ratio: must be in"),
                              ({"model": {"seq_length": 0}}, r"^pretrain.model.seq_length: must be > 0")]:
         with pytest.raises(ConfigError, match=message):
