@@ -56,6 +56,7 @@ def run_step(stage_dir: Path, step: str | None = None) -> int:
         return 0
     t0 = time.perf_counter()
     if step == "finish":
+        lifecycle.install_stop_handlers(immediate=True)  # near the time limit: stop, requeue, finish again
         if shape.kind == "array":
             names = lifecycle.part_list(ctx, unit)
             missing = lifecycle.missing_parts(unit, names)

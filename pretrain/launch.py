@@ -80,6 +80,20 @@ def node_address(node: str) -> str:
     return node
 
 
+def _trained(stage: Path) -> bool:
+    """The last step's checkpoint and the training summary exist: nothing left for the ranks."""
+    from omegaconf import OmegaConf
+
+    from pretrain import checkpoint
+    from pretrain.train import load_config
+
+    summary = stage / "train_summary.json"
+    if not summary.exists() or not (stage / "config.yaml").exists():
+        return False
+    total = load_config(OmegaConf.load(stage / "config.yaml").get(stage_job(stage).get("stage", "pretrain"))).total_steps()
+    return checkpoint.latest_step(stage / "ckpt") == total and json.loads(summary.read_text()).get("finished", False)
+
+
 def stage_job(stage: Path) -> dict:
     """{"arm", "mix_dir"} from the stage manifest (lifecycle.prepare), else a hand-made job.json."""
     from attninf import manifest
@@ -94,6 +108,9 @@ def stage_job(stage: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from attninf.lifecycle import EXIT_REQUEUE, install_stop_handlers
+
+    install_stop_handlers()  # first: a stop request is honoured at the next step, after a checkpoint
     import torch
     from omegaconf import OmegaConf
 
@@ -101,9 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1:
         raise SystemExit("usage: python -m pretrain.launch <pretrain stage folder>")
     stage = Path(args[0])
-    from attninf.lifecycle import EXIT_REQUEUE, install_stop_handlers
-
-    install_stop_handlers()  # a stop request is honoured at the next step boundary, after a checkpoint
+    if _trained(stage):  # a requeued job whose training ended before the stop: straight to finish
+        return 0
     os.environ.update(rendezvous_env(os.environ))
     rank = int(os.environ["RANK"])
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
