@@ -170,7 +170,7 @@ def render(jobs: list[Job], problems: list[str]) -> str:
 
 
 def _after(ids: list[str]) -> str:
-    return ",".join(ids) if len(ids) <= 2 else f"{ids[0]} +{len(ids) - 1} more"
+    return (",".join(ids) or "-") if len(ids) <= 2 else f"{ids[0]} +{len(ids) - 1} more"
 
 
 def to_json(jobs: list[Job], problems: list[str]) -> dict:
