@@ -35,9 +35,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from attninf import arms, lifecycle, manifest
 from attninf.config import ConfigError, digest, to_plain
-from attninf.context import Incomplete, MissingInput, StageContext
+from attninf.context import Incomplete, StageContext
 from attninf.dist import rank_world, spawn_ranks
-from attninf.lifecycle import stage_key
+from attninf.lifecycle import stage_key  # noqa: F401  (re-exported)
 from attninf.typed import SECTION_CONFIGS, typed_sections  # noqa: F401  (re-exported)
 from attninf.progress import PipelineProgress
 from attninf.stages import ORDER, STAGES
