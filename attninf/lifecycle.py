@@ -252,6 +252,15 @@ def run_parts(ctx: StageContext, unit: Unit, names: list[str]) -> list[str]:
     return done
 
 
+STOPPED = ".stopped"  # a ranks stage's marker: its ranks stopped early with their work saved
+
+
+def mark_stopped(out: Path, at: Any) -> None:
+    """Written by rank 0 when the ranks stop for a requeue (a signal, exit_after_steps): with
+    srun --kill-on-bad-exit the step's exit code may be a kill's, this file is not."""
+    manifest.write_json(Path(out) / STOPPED, {"at": at, "time": time.time(), "host": os.uname().nodename})
+
+
 def missing_parts(unit: Unit, names: list[str]) -> list[str]:
     return [n for n in names if not part_done(unit, n)]
 

@@ -205,11 +205,13 @@ def job_script(job: plan.Job, cc: ClusterConfig, logs: Path) -> str:
     worker = f"{py} -m attninf.worker {out}"
     if job.step == "ranks":
         spec = STAGES[job.stage]
-        body = (f"mkdir -p {out}/logs\n"
+        stopped = shlex.quote(str(Path(job.out) / lifecycle.STOPPED))
+        body = (f"mkdir -p {out}/logs && rm -f {stopped}\n"
                 f"srun --kill-on-bad-exit=1 --cpu-bind=none --nodes={job.nodes} "
                 f"--ntasks-per-node={job.tasks_per_node} --output={out}/logs/rank-%t.log --open-mode=append "
                 f"{py} -m {spec.rank_module} {out}\n"
                 "rc=$?\n"
+                f"[ -f {stopped} ] && rc={lifecycle.EXIT_REQUEUE}  # the ranks stopped with a checkpoint\n"
                 f"if [ $rc -eq 0 ]; then srun --nodes=1 --ntasks=1 {worker} --step finish; rc=$?; fi\n"
                 "[ $rc -eq 0 ] && exit 0\n")
     else:

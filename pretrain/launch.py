@@ -170,6 +170,12 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if tracker is not None:
             tracker.finish()
+    if rank == 0 and not summary["finished"]:
+        # Before the barrier: no rank exits (and no srun kills rank 0) until this marker exists,
+        # so the job script knows the ranks stopped for a requeue whatever srun's exit code says.
+        from attninf.lifecycle import mark_stopped
+
+        mark_stopped(stage, summary["last_step"])
     # Only on success: after a failure on one rank a barrier would hang the others.
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()

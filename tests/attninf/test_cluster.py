@@ -192,12 +192,18 @@ class StartRequeuedAtOnce(threading.Thread):
         self.stop = threading.Event()
 
     def run(self):
+        seen: dict[str, float] = {}
         while not self.stop.is_set():
             out = subprocess.run(["squeue", "-h", "-t", "PD", "-o", "%i %r"], capture_output=True, text=True).stdout
             for ln in out.splitlines():
                 jid, _, reason = ln.partition(" ")
-                if reason.strip() == "BeginTime":
+                if reason.strip() != "BeginTime":
+                    continue
+                # not at once: a job started again before its last steps are cleaned up is killed
+                # ("Job credential revoked"), which is what the delay protects against
+                if time.time() - seen.setdefault(jid, time.time()) > 10:
                     subprocess.run(["scontrol", "update", f"JobId={jid}", "StartTime=now"], capture_output=True)
+                    seen.pop(jid)
             time.sleep(1)
 
 
