@@ -46,10 +46,10 @@ test-slow: setup
 test-scale: setup
 	$(BIN)/python -m pytest -q -s -m scale
 
-# Real Slurm jobs on a one-node Slurm started here (root; installs slurm-wlm + munge when
+# Real Slurm jobs on a two-node Slurm started here (two slurmd on this machine; root; installs slurm-wlm + munge when
 # missing) and stopped again whatever the tests do.
 test-cluster: setup
-	slurm/local_cluster.sh up
+	slurm/local_cluster.sh up 2
 	$(BIN)/python -m pytest -q -m slurm; rc=$$?; slurm/local_cluster.sh down; exit $$rc
 
 clean:

@@ -12,12 +12,55 @@ from __future__ import annotations
 
 import copy
 import re
+from dataclasses import dataclass
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from attninf.config import ConfigError
+from attninf.config import ConfigError, build, check, to_plain
 
 _SEEDED = re.compile(r"^(?P<arm>.+)@seed(?P<seed>-?\d+)$")
+
+
+@dataclass
+class ArmConfig:
+    """One pretraining arm: the corpus plus, optionally, one selection method's documents."""
+
+    selection: str | None = None  # a select method (selection/select.py METHODS); null = corpus only
+    # null = add the subset once more (mix.subset_weight); f in (0, 1) = its share of trained tokens
+    subset_weight: float | None = None
+
+    def validate(self) -> None:
+        from selection.select import METHODS  # imports no torch
+
+        check(self.selection is None or self.selection in METHODS, "selection",
+              f"'{self.selection}' is not a selection method; known: {', '.join(METHODS)} (or null: corpus only)")
+        check(self.subset_weight is None or 0.0 < self.subset_weight < 1.0, "subset_weight",
+              f"{self.subset_weight} must be null (add the subset once more) or in (0, 1): "
+              "a share of 1 or more leaves the corpus a negative weight")
+
+
+def load_arms(node, select_methods: list[str] | None = None) -> dict[str, ArmConfig]:
+    """`arms` as {name: ArmConfig}; a misspelled key or method is one ConfigError naming it.
+
+    With `select_methods` (select.methods), an arm's method must be one the select stage makes,
+    or mix would find no rows for it after the whole corpus is tokenised.
+    """
+    data = to_plain(node) if node is not None else {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"arms: expected a mapping of arm name -> {{selection, subset_weight}}, got {data!r}")
+    out = {}
+    for name, v in data.items():
+        check(bool(_NAME.match(str(name))), f"arms.{name}",
+              "arm names are letters, digits, '_' and '-' (they name folders; '@seed' is added by pretrain.seeds)")
+        a = build(ArmConfig, v or {}, f"arms.{name}")
+        if select_methods is not None and a.selection is not None:
+            check(a.selection in select_methods, f"arms.{name}.selection",
+                  f"'{a.selection}' is not in select.methods {list(select_methods)}: add it there")
+        out[str(name)] = a
+    return out
+
+
+_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
 def seeds(cfg: DictConfig) -> list[int] | None:

@@ -37,6 +37,18 @@ class StageContext:
     cfg: DictConfig
     dirs: dict[tuple[str, str | None], Path] = field(default_factory=dict)
     tracker: Tracker = field(default_factory=NullTracker)
+    # Typed config sections, built and validated once by the executor (attninf/typed.py).
+    typed: dict[str, Any] | None = None
+    # An array stage's part names, as the executor fixed them (`finish` reads them).
+    parts: list[str] | None = None
+
+    def config(self, key: str) -> Any:
+        """The typed config of a section (its dataclass; `arms`: {name: ArmConfig})."""
+        if self.typed is None or key not in self.typed:
+            from attninf.typed import typed_sections
+
+            self.typed = {**(self.typed or {}), **typed_sections(self.cfg, [self.name])}
+        return self.typed[key]
 
     def section(self, key: str) -> Any:
         """A resolved config section (DictConfig), or None when absent."""

@@ -1,10 +1,16 @@
-"""Runs the selected stages in order, skipping the ones whose manifest says they are done.
+"""The local executor: runs the selected stages in order in this process, through the lifecycle
+of attninf/lifecycle.py (prepare -> run parts -> finish), skipping those whose manifest says done.
+
+Shapes (attninf/stages.py) run here as: one process = the stage function in this process; an
+array = every unmarked part in order, then finish; ranks = nodes x tasks_per_node processes of
+the stage's rank module on this machine (attninf.dist.spawn_ranks), then finish. The Slurm
+executor (attninf/submit.py) runs the same lifecycle as jobs.
 
 Resume rule: a stage is skipped when its folder holds a `done` manifest with the key computed
 now (hash of its config sections + its inputs' keys). A folder with another key is moved aside
 (`<stage>.old-<key>`) before the stage runs again, so nothing is silently overwritten; a folder
 left `running` by a killed process with the same key is handed back to the stage, which resumes
-from its own completion markers (e.g. finished score shards).
+from its part markers (e.g. finished score shards) or its checkpoints (pretraining).
 
 Multirun (sweeps): jobs share `run_dir`. A stage whose config (or upstream config) is touched by
 the job's overrides gets its own folder named after those overrides, e.g. `select-select.ratio=0.1`;
@@ -16,21 +22,23 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import importlib
 import logging
 import os
 import re
-import shutil
 import time
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from attninf import arms, manifest
+from attninf import arms, lifecycle, manifest
 from attninf.config import ConfigError, digest, to_plain
-from attninf.context import Incomplete, MissingInput, StageContext
+from attninf.context import Incomplete, StageContext
+from attninf.dist import rank_world, spawn_ranks
+from attninf.lifecycle import stage_key  # noqa: F401  (re-exported)
+from attninf.typed import SECTION_CONFIGS, typed_sections  # noqa: F401  (re-exported)
 from attninf.progress import PipelineProgress
 from attninf.stages import ORDER, STAGES
 from attninf.summary import print_summary
@@ -79,28 +87,6 @@ def stage_dirs(cfg: DictConfig, overrides: list[str], multirun: bool) -> dict[tu
     return dirs
 
 
-def stage_key(cfg: DictConfig, name: str, arm: str | None, inputs: dict[str, dict]) -> tuple[str, dict]:
-    spec = STAGES[name]
-    sections = {s: to_plain(cfg.get(s)) for s in spec.sections}
-    if arm is not None:
-        sections["arm"] = {"name": arm, **(to_plain(cfg.arms[arms.base(arm)]) or {})}
-    key = digest({"stage": name, "arm": arm, "config": sections,
-                  "inputs": {k: v["key"] for k, v in sorted(inputs.items())}})
-    return key, sections
-
-
-@contextmanager
-def _lock(stage_dir: Path):
-    """One process per stage folder at a time (sweep jobs sharing an upstream stage wait here)."""
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    with open(stage_dir.parent / f".{stage_dir.name}.lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def _tracker(cfg: DictConfig, name: str, arm: str | None, out: Path, config: dict) -> Tracker:
     w = cfg.get("wandb") or {}
     return Tracker(mode=w.get("mode", "offline"), project=w.get("project", "attention-influence"),
@@ -117,144 +103,74 @@ def selected_stages(cfg: DictConfig) -> list[str]:
     return [s for s in ORDER if s in wanted]
 
 
-def run_stage(cfg: DictConfig, name: str, arm: str | None, dirs, force: bool = False,
-              on_start=None) -> dict:
-    spec = STAGES[name]
-    cfg = arms.config_for(cfg, arm)  # a seeded arm (`<arm>@seed<S>`) trains with pretrain.seed=S
-    out = dirs[(name, arm)]
-    run_dir = Path(cfg.run_dir)
-    inputs = {}
-    for u, ua in spec.needs(cfg, arm):
-        udir = dirs.get((u, ua), run_dir / u)
-        m = manifest.read(udir)
-        if m is None or m.get("status") != "done":
-            what = u + (f" (arm {ua})" if ua else "")
-            raise MissingInput(
-                f"stage '{name}' needs the outputs of '{what}' at {udir}, which has no finished "
-                f"manifest: add '{u}' to stages=[...] (run_dir={run_dir})")
-        inputs[f"{u}/{ua}" if ua else u] = {"path": str(udir), "key": m["key"]}
-    key, sections = stage_key(cfg, name, arm, inputs)
-    label = name + (f"[{arm}]" if arm else "")
-    with _lock(out):
-        old = manifest.read(out)
-        problem = None
-        if old and old.get("key") == key and old.get("status") == "done" and not force:
-            if spec.verify:
-                mod, _, attr = spec.verify.partition(":")
-                problem = getattr(importlib.import_module(mod), attr)(out)
-            if problem is None:
-                log.info("skip %-22s done (key %s) at %s", label, key, out)
-                return old
-            log.warning("%s: %s; re-running it (intact parts are kept)", label, problem)
-        if old and old.get("key") != key:
-            aside = out.with_name(f"{out.name}.old-{old.get('key', 'unknown')[:8]}")
-            shutil.rmtree(aside, ignore_errors=True)
-            out.rename(aside)
-            log.info("%s: config or inputs changed; previous outputs moved to %s", label, aside)
-            out.mkdir(parents=True)
-        elif old and old.get("status") in ("running", "partial", "failed"):
-            log.info("resume %-20s from an unfinished run (key %s)", label, key)
-        # Workers launched elsewhere (srun, array tasks) read exactly this config.
-        manifest.write_atomic(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-        started = time.time()
-        manifest.write(out, stage=name, arm=arm, key=key, status="running", config=sections,
-                       inputs=inputs, started=started)
-        tracker = _tracker(cfg, name, arm, out, sections)
-        ctx = StageContext(name=name, arm=arm, run_dir=run_dir, out=out, cfg=cfg, dirs=dirs,
-                           tracker=tracker)
-        log.info("run  %-22s -> %s", label, out)
-        if on_start is not None:
-            on_start()
-        t0 = time.perf_counter()
-        try:
-            outputs = spec.fn()(ctx)
-        except Incomplete as e:
-            manifest.write(out, stage=name, arm=arm, key=key, status="partial", config=sections,
-                           inputs=inputs, wall_s=time.perf_counter() - t0, error=str(e), started=started)
-            tracker.finish()
-            raise
-        except BaseException as e:
-            manifest.write(out, stage=name, arm=arm, key=key, status="failed", config=sections,
-                           inputs=inputs, wall_s=time.perf_counter() - t0,
-                           error="".join(traceback.format_exception_only(type(e), e)).strip(),
-                           started=started)
-            tracker.finish()
-            raise
-        wall = time.perf_counter() - t0
-        m = manifest.write(out, stage=name, arm=arm, key=key, status="done", config=sections,
-                           inputs=inputs, outputs=outputs, wall_s=wall, started=started)
-        tracker.summary({"wall_s": wall})
-        tracker.finish()
-        log.info("done %-22s in %.1fs", label, wall)
-        return m
+def execute(ctx: StageContext, unit: lifecycle.Unit) -> Any:
+    """The local executor: run the stage's shape in this process (ranks: as local processes).
 
-
-# Config section -> its typed dataclass: all are validated before the first stage runs, whichever
-# stages are selected (an out-of-range value must not surface hours into a run).
-SECTION_CONFIGS = {
-    "model": "selection.models:ModelConfig", "detect": "selection.detect:DetectConfig",
-    "heads": "selection.heads:HeadsConfig", "mirror": "selection.mirror:MirrorConfig",
-    "corpus": "selection.corpora:CorpusConfig", "score": "selection.score:ScoreConfig",
-    "select": "selection.select:SelectConfig", "mix": "pretrain.mix:MixConfig",
-    "tokenizer": "pretrain.mix:TokenizerConfig", "pretrain": "pretrain.train:PretrainConfig",
-    "eval": "eval.config:EvalConfig", "report": "eval.report:ReportConfig",
-}
-
-
-# Inputs a later command supplies: required only when a selected stage reads the section.
-_DEFERRED = ("corpus.paths", "corpus.sources", "corpus.domain_field")
-
-
-def validate_sections(cfg: DictConfig, names: list[str] | None = None) -> None:
-    """Build every present section whose owner is a registered (real) stage; ConfigError names the key.
-
-    Ranges, types and unknown keys are checked in every section whichever stages run; inputs
-    (corpus files) only where a selected stage reads them.
+    array: every part not yet marked, in order, then finish; ranks: nodes x tasks_per_node
+    processes of the stage's rank module on this machine (the same command srun starts on a
+    cluster), then finish; process: the stage function.
     """
-    import importlib
-
-    from attninf.config import build
-
-    stand_ins = {sec for spec in STAGES.values() if spec.target.startswith("tests.")
-                 for sec in spec.sections}  # test doubles own their (free-form) sections
-    real = {sec for spec in STAGES.values() for sec in spec.sections} - stand_ins
-    for sec, target in SECTION_CONFIGS.items():
-        if sec not in real or cfg.get(sec) is None:
-            continue
-        used = names is None or any(sec in STAGES[n].sections for n in names)
-        mod, _, cls = target.partition(":")
-        try:
-            obj = build(getattr(importlib.import_module(mod), cls), cfg.get(sec), sec)
-        except ConfigError as e:
-            if used or not str(e).startswith(_DEFERRED):
-                raise
-            continue
-        if sec == "heads" and getattr(obj, "list", None) is not None:
-            _check_heads_geometry(obj.list, cfg.get("model"))
-        if sec == "corpus" and used and obj.kind != "hf":  # paths that must exist, before any compute
-            from selection.corpora import CorpusError, local_files
-
-            try:
-                local_files(obj)
-            except CorpusError as e:
-                raise ConfigError(f"corpus.paths: {e}") from None
+    spec = STAGES[unit.name]
+    shape = spec.shape_of(ctx.cfg)
+    if shape.kind == "array":
+        # This process's share: all of it, unless it is one of several workers (a manual fan-out,
+        # torchrun ranks, an array task that started the stage; attninf.dist.rank_world).
+        rank, world = rank_world()
+        names = lifecycle.part_list(ctx, unit)
+        lifecycle.run_parts(ctx, unit, names[rank::world])
+        missing = lifecycle.missing_parts(unit, names)
+        if missing:
+            raise Incomplete(f"{unit.label}: worker {rank}/{world} did its share; {len(missing)} of "
+                             f"{len(names)} parts still missing (e.g. {missing[0]})")
+        ctx.parts = names
+        return spec.call("finish")(ctx)
+    if shape.kind == "ranks":
+        if not lifecycle.part_done(unit, lifecycle.RANKS_PART):
+            state = spawn_ranks(spec.rank_module, unit.out, shape.nodes, shape.tasks_per_node)
+            if state != "done":
+                raise Incomplete(f"{unit.label}: the ranks stopped before the end (a stop request or "
+                                 f"exit_after_steps); re-run to resume from {unit.out}")
+            lifecycle.mark_part(unit, lifecycle.RANKS_PART)
+        return spec.call("finish")(ctx)
+    return spec.fn()(ctx)
 
 
-def _check_heads_geometry(heads, model_cfg) -> None:
-    """heads.list against the model's layers x heads, when its config.json is readable locally."""
-    import json
-
-    from selection.heads import check_heads, parse_head_list
-
-    path = Path(os.path.expanduser(str((model_cfg or {}).get("path") or ""))) / "config.json"
+def run_stage(cfg: DictConfig, name: str, arm: str | None, dirs, force: bool = False,
+              on_start=None, typed: dict | None = None) -> dict:
+    """prepare -> run -> finish for one (stage, arm) in this process; returns its manifest."""
+    unit = lifecycle.plan_unit(cfg, name, arm, dirs)
+    done = lifecycle.prepare(cfg, unit, force)
+    if done is not None:
+        log.info("skip %-22s done (key %s) at %s", unit.label, unit.key, unit.out)
+        return done
+    tracker = _tracker(arms.config_for(cfg, arm), name, arm, unit.out, unit.sections)
+    ctx = lifecycle.context(cfg, unit, dirs, tracker, typed)
+    log.info("run  %-22s -> %s", unit.label, unit.out)
+    if on_start is not None:
+        on_start()
+    t0 = time.perf_counter()
     try:
-        mc = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return  # hub id or alias: checked when the model loads
-    n_l, n_h = mc.get("num_hidden_layers"), mc.get("num_attention_heads")
-    if not (n_l and n_h):
-        return
-    check_heads(parse_head_list(to_plain(heads), "heads.list"), n_l, n_h, "heads.list")
+        outputs = execute(ctx, unit)
+    except Incomplete as e:
+        lifecycle.record(unit, "partial", wall_s=time.perf_counter() - t0, error=str(e))
+        tracker.finish()
+        raise
+    except BaseException as e:
+        lifecycle.record(unit, "failed", wall_s=time.perf_counter() - t0,
+                         error="".join(traceback.format_exception_only(type(e), e)).strip())
+        tracker.finish()
+        raise
+    wall = time.perf_counter() - t0
+    m = lifecycle.complete(unit, outputs, wall)
+    tracker.summary({"wall_s": wall})
+    tracker.finish()
+    log.info("done %-22s in %.1fs", unit.label, wall)
+    return m
+
+
+def validate_sections(cfg: DictConfig, names: list[str] | None = None) -> dict:
+    """Every section built and validated once (attninf/typed.py); returns the typed sections."""
+    return typed_sections(cfg, names)
 
 
 def run_key(cfg: DictConfig) -> str:
@@ -329,7 +245,8 @@ def remove_stale_temp_files(run_dir: Path) -> list[Path]:
 def run_pipeline(cfg: DictConfig, overrides: list[str] | None = None, multirun: bool = False) -> dict:
     """Run `cfg.stages` in pipeline order. Returns {(stage, arm): manifest}."""
     names = selected_stages(cfg)
-    validate_sections(cfg, names)
+    typed = validate_sections(cfg, names)
+    preflight_local(cfg, names)
     run_dir = Path(cfg.run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"run_dir={run_dir}: is a file, not a folder; point run_dir at a folder")
@@ -356,12 +273,29 @@ def run_pipeline(cfg: DictConfig, overrides: list[str] | None = None, multirun: 
 
         try:
             for i, (name, arm) in enumerate(units):
-                results[(name, arm)] = m = run_stage(cfg, name, arm, dirs, on_start=lambda i=i: started(i))
+                results[(name, arm)] = m = run_stage(cfg, name, arm, dirs, on_start=lambda i=i: started(i),
+                                                     typed=typed)
                 pipe.end(i, m.get("wall_s"), skipped=i not in ran)
         finally:
             pipe.abort()
     print_summary(run_dir, units, dirs, {units[i] for i in ran}, time.perf_counter() - pipe.t0)
     return results
+
+
+def preflight_local(cfg: DictConfig, names: list[str]) -> None:
+    """The stages' own preflight checks (permissions, libraries) before the first stage runs here.
+
+    On this machine there is no cluster request: checks that need one (memory per GPU) see
+    no resources and skip themselves.
+    """
+    problems = []
+    for name in names:
+        spec = STAGES[name]
+        if spec.preflight:
+            for arm in spec.arms(cfg)[:1]:
+                problems += spec.call("preflight")(arms.config_for(cfg, arm), arm, None)[1]
+    if problems:
+        raise ConfigError("; ".join(dict.fromkeys(problems)))
 
 
 def setup_logging(level: str = "INFO") -> None:

@@ -1,9 +1,10 @@
 """`attninf-status RUN_DIR [--wait]`: where every stage and arm of a run stands.
 
 One line per (stage, arm): done / running / queued / failed / not started, the Slurm job ids and
-their states (from `scontrol show job -o`, which needs no accounting database; a job Slurm has
-forgotten after MinJobAge falls back to the manifest), score shards done of total, tokens/s and
-ETA for running work (score progress files, pretraining metrics.jsonl), and for a failed job its
+their states and the nodes they ran on (from `scontrol show job -o`, which needs no accounting
+database; a job Slurm has forgotten after MinJobAge falls back to the manifest), parts done of
+total for an array stage, steps, tokens/s and ETA for running work (progress files, a ranks
+stage's metrics.jsonl), and for a failed job its
 log path and last lines. Local runs (no `cluster/jobs.json`) are read from the manifests alone.
 
 `--wait` polls until nothing is queued or running; exit 0 when every stage is done, 1 otherwise
@@ -44,11 +45,12 @@ def _tail(path: Path, n: int = 5) -> list[str]:
     return lines[-n:]
 
 
-def _score_progress(d: Path) -> dict:
+def _parts_progress(d: Path) -> dict:
+    """An array stage: parts marked done of the planned list, and the live rate of its workers."""
     out: dict = {}
-    plan = manifest.read(d, "plan.json")
-    done = len(list(d.glob("shard-*.parquet")))
-    out["shards"] = f"{done}/{plan['shards'] if plan else '?'}"
+    idx = manifest.read(d / "parts", "index.json")
+    done = len(list((d / "parts").glob("*.done"))) if (d / "parts").exists() else 0
+    out["parts"] = f"{done}/{len(idx['parts']) if idx else '?'}"
     tok_s, etas = 0.0, []
     now = time.time()
     for p in d.glob("progress-*.json"):
@@ -61,6 +63,13 @@ def _score_progress(d: Path) -> dict:
     if tok_s:
         out["tok_s"], out["eta_s"] = tok_s, max(etas) if etas else None
     return out
+
+
+def _log_of(logs: str | None, tid: str) -> str | None:
+    if not logs:
+        return None
+    hits = sorted(Path(logs).glob(f"*-{tid}.out"))
+    return str(hits[0]) if hits else None
 
 
 def _pretrain_progress(d: Path, cfg) -> dict:
@@ -97,7 +106,7 @@ def stage_rows(run_dir: Path) -> list[dict]:
     cfg = OmegaConf.load(cfg_path)
     dirs = stage_dirs(cfg, [], multirun=False)
     jobs = latest_jobs(run_dir)
-    states = slurm_states(sorted({j["job_id"] for j in jobs.values()}))
+    states = slurm_states(sorted({i for j in jobs.values() for i in (j.get("job_ids") or [j["job_id"]])}))
     rows = []
     wanted = [s for s in STAGES if s in list(cfg.get("stages") or [])]
     for name in wanted:
@@ -108,13 +117,18 @@ def stage_rows(run_dir: Path) -> list[dict]:
             row = {"stage": name + (f"[{arm}]" if arm else ""), "dir": str(d), "manifest": m.get("status"),
                    "jobs": [], "detail": {}}
             slurm = []
+            nodes: list[str] = []
             if job:
-                for tid, log in zip(job["tasks"], job["logs"]):
+                for tid in job["tasks"]:
                     st = states.get(tid)
                     s = (st or {}).get("JobState", "UNKNOWN")
                     restarts = int((st or {}).get("Restarts", 0) or 0)
-                    slurm.append((tid, s, log, restarts))
+                    slurm.append((tid, s, _log_of(job.get("logs"), tid), restarts))
+                    nl = (st or {}).get("NodeList")
+                    if nl and nl not in ("(null)", "None") and nl not in nodes:
+                        nodes.append(nl)
                 row["jobs"] = [f"{t}:{s}" + (f"(requeued {r}x)" if r else "") for t, s, _, r in slurm]
+            row["nodes"] = nodes
             ss = {s for _, s, _, _ in slurm}
             if m.get("status") == "done":
                 state = "done"
@@ -132,12 +146,14 @@ def stage_rows(run_dir: Path) -> list[dict]:
             else:
                 state = "not started" if not slurm or ss <= {"UNKNOWN", "COMPLETED"} else "queued"
             row["state"] = state
-            if name == "score":
-                row["detail"].update(_score_progress(d))
-            if name == "pretrain" and state in ("running", "done", "failed"):
+            kind = STAGES[name].shape_of(cfg).kind
+            if kind == "array":
+                row["detail"].update(_parts_progress(d))
+            if kind == "ranks" and state in ("running", "done", "failed"):
                 row["detail"].update(_pretrain_progress(d, cfg))
             if state == "failed":
-                bad = [(t, log) for t, s, log, _ in slurm if s in FAILED] or [(t, log) for t, _, log, _ in slurm]
+                bad = [(t, log) for t, s, log, _ in slurm if s in FAILED and log] or \
+                    [(t, log) for t, _, log, _ in slurm if log]
                 if bad:
                     row["log"] = bad[0][1]
                     row["tail"] = _tail(Path(bad[0][1]))
@@ -148,17 +164,18 @@ def stage_rows(run_dir: Path) -> list[dict]:
 
 
 def render(rows: list[dict]) -> str:
-    lines = [f"{'stage':<30} {'state':<12} {'jobs':<34} progress"]
+    lines = [f"{'stage':<30} {'state':<12} {'jobs':<34} {'nodes':<10} progress"]
     for r in rows:
         d = r["detail"]
         prog = []
-        if "shards" in d:
-            prog.append(f"shards {d['shards']}")
+        if "parts" in d:
+            prog.append(f"parts {d['parts']}")
         if "steps" in d:
             prog.append(f"step {d['steps']}")
         if r["state"] == "running" and d.get("tok_s"):
             prog.append(f"{d['tok_s']:,.0f} tok/s, ETA {_fmt_s(d.get('eta_s'))}")
-        lines.append(f"{r['stage']:<30} {r['state']:<12} {' '.join(r['jobs']) or '-':<34} {', '.join(prog)}")
+        lines.append(f"{r['stage']:<30} {r['state']:<12} {' '.join(r['jobs']) or '-':<34} "
+                     f"{','.join(r.get('nodes') or []) or '-':<10} {', '.join(prog)}")
         if r["state"] == "failed":
             if r.get("log"):
                 lines.append(f"    log: {r['log']}")

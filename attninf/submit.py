@@ -1,46 +1,45 @@
-"""`cluster=slurm`: submit the whole pipeline to Slurm as one job per stage and arm, then return.
+"""`cluster=slurm`: the Slurm executor of the stage lifecycle. Plans, prepares, submits, returns.
 
-The launching process composes the config once and freezes it (resolved, site values from the
-environment included) into `<run_dir>/cluster/config.yaml`; every job reads that file. Jobs go
-through submitit's SlurmExecutor (it writes the sbatch file, submits arrays, and requeues on
-preemption or time limit), chained with `afterok` dependencies in pipeline order:
+The same lifecycle as the local runner (attninf/lifecycle.py), as jobs: the launching process
+composes the config once, plans every (stage, arm) with its key, `prepare`s its folder (frozen
+config + `running` manifest) and submits jobs shaped by the stage's declaration
+(attninf/plan.py): one task; an array over the stage's parts plus a finish job; or one job of
+nodes x tasks ranks. Every job runs `python -m attninf.worker <stage folder> --step ...` (or the
+stage's rank module under srun) from that folder, chained with `afterok` dependencies. Nothing
+here names a stage.
 
-- scoring is a job array of `cluster.score_tasks` tasks; task r scores shards i with
-  i % tasks == r (selection.score), and whichever task finds every shard present closes the stage;
-- pretraining is one job per arm with `pretrain.launch.nproc_per_node` tasks per node (srun, one
-  task per rank; RANK / WORLD_SIZE / MASTER_ADDR come from the Slurm task), task 0 exports;
-- every other stage (and eval, once per arm) is one single-task job running the runner's
-  `run_stage`, exactly what a local run does for that stage.
+Before anything is written or submitted the plan is checked (attninf/plan.py): config errors
+and preflight problems (time, memory, permissions, libraries) are one line each, exit 2.
+`cluster.dry_run=true` stops there: it prints the job graph and writes `RUN/cluster/plan.json`.
 
-Re-submitting the same command submits only what is missing: a stage whose manifest is `done`
+Time limits and preemption: every job asks for `--signal=USR1@<signal_delay_s>` and
+`--requeue`; workers stop at a safe point on SIGUSR1 or SIGTERM and exit 75
+(lifecycle.EXIT_REQUEUE), and the job script then requeues its own job (`scontrol requeue`, at
+most `max_requeues` times), whose next start resumes from the part markers / checkpoints.
+
+Re-submitting the same command submits only what is missing: a unit whose manifest is `done`
 with the key computed now is skipped, one whose recorded job is still queued or running is
 reused as a dependency. Submitted job ids go to `<run_dir>/cluster/jobs.json` (read by
-`attninf-status`).
-
-Requeue safety comes from the stages themselves: finished score shards are skipped, pretraining
-resumes from its latest checkpoint, lm-eval answers finished requests from its cache.
+`attninf-status`); the job scripts stay in `<run_dir>/cluster/jobs/` (the manual path: sbatch
+one of them again by hand and it behaves the same).
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import logging
-import os
+import shlex
 import shutil
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from attninf import arms, manifest
+from attninf import lifecycle, manifest, plan
 from attninf.config import ConfigError, build, check
-from attninf.context import Incomplete, MissingInput
 from attninf.stages import ORDER, STAGES
 
 log = logging.getLogger("attninf")
@@ -49,7 +48,12 @@ FAILED_STATES = ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
                  "DEADLINE", "PREEMPTED")
 ACTIVE_STATES = ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "RESIZING",
                  "SUSPENDED", "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT")
-RESOURCE_KEYS = ("time_min", "nodes", "gpus_per_node", "cpus_per_task", "mem_gb")
+RESOURCE_KEYS = ("time_min", "gpus_per_node", "cpus_per_task", "mem_gb", "array_tasks")
+REPO = Path(__file__).resolve().parent.parent
+
+
+class DryRunRefused(ConfigError):
+    """The plan has problems; they were printed one per line with the plan."""
 
 
 class SubmitError(RuntimeError):
@@ -58,23 +62,27 @@ class SubmitError(RuntimeError):
 
 @dataclass
 class Resources:
+    """One job's request. Nodes and tasks come from the stage's shape, not from here."""
+
     time_min: int = 240
-    nodes: int = 1
     gpus_per_node: int = 0
     cpus_per_task: int = 1
     mem_gb: float = 0  # 0 = the site default (no --mem)
+    array_tasks: int = 1  # array stages: tasks of the array (each runs parts[r::n])
 
 
 @dataclass
 class ClusterConfig:
     kind: str = "local"
+    dry_run: bool = False  # print the plan, write RUN/cluster/plan.json, submit nothing
     partition: str | None = None
     account: str | None = None
     qos: str | None = None
     constraint: str | None = None
+    gpu: str = "H100-SXM"  # for the record; the cost model's peak comes from cost.gpu
+    gpu_memory_gb: float = 80.0  # one GPU's memory: the preflight's memory check
     resources: dict = field(default_factory=dict)   # defaults for every job
     stages: dict = field(default_factory=dict)      # per-stage overrides of `resources`
-    score_tasks: int = 1
     array_parallelism: int = 64
     max_requeues: int = 5
     signal_delay_s: int = 300
@@ -83,14 +91,19 @@ class ClusterConfig:
 
     def validate(self) -> None:
         check(self.kind in ("local", "slurm"), "kind", f"'{self.kind}' is not one of local | slurm")
-        check(int(self.score_tasks) >= 1, "score_tasks", f"{self.score_tasks} must be >= 1")
+        check(self.max_requeues >= 0, "max_requeues", "must be >= 0")
+        check(self.signal_delay_s >= 0, "signal_delay_s", "must be >= 0")
+        check(self.array_parallelism >= 1, "array_parallelism", "must be >= 1")
+        check(self.gpu_memory_gb >= 0, "gpu_memory_gb", "must be >= 0")
         for name in self.stages or {}:
             check(name in STAGES, "stages", f"unknown stage '{name}'; known: {ORDER}")
-        for name in list(self.stages or {}) + ["detect"]:  # each stage's merged resources
-            unknown = sorted(set({**(self.resources or {}), **((self.stages or {}).get(name) or {})})
-                             - set(RESOURCE_KEYS))
-            check(not unknown, f"stages.{name}" if name in (self.stages or {}) else "resources",
-                  f"unknown key(s) {unknown}; known: {list(RESOURCE_KEYS)}")
+        unknown = sorted(set(self.resources or {}) - set(RESOURCE_KEYS))
+        check(not unknown, "resources", f"unknown key(s) {unknown}; known: {list(RESOURCE_KEYS)}")
+        for name in self.stages or {}:  # each stage's merged resources
+            unknown = sorted(set((self.stages or {}).get(name) or {}) - set(RESOURCE_KEYS))
+            check(not unknown, f"stages.{name}", f"unknown key(s) {unknown}; known: {list(RESOURCE_KEYS)}")
+            r = self.for_stage(name)
+            check(int(r.array_tasks) >= 1, f"stages.{name}.array_tasks", f"{r.array_tasks} must be >= 1")
 
     def for_stage(self, name: str) -> Resources:
         merged = {**(self.resources or {}), **((self.stages or {}).get(name) or {})}
@@ -104,8 +117,6 @@ def cluster_config(cfg: DictConfig) -> ClusterConfig:
     return build(ClusterConfig, cfg.get("cluster"), "cluster")
 
 
-# --- what a run needs ------------------------------------------------------------------------
-
 def cluster_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "cluster"
 
@@ -114,72 +125,8 @@ def frozen_config(run_dir: Path) -> DictConfig:
     return OmegaConf.load(cluster_dir(run_dir) / "config.yaml")
 
 
-def plan(cfg: DictConfig, names: list[str], dirs: dict) -> dict[tuple[str, str | None], dict]:
-    """Key, folder and upstream of every (stage, arm) to run, computed before anything runs.
-
-    The key is the runner's (config sections + upstream keys), chained through stages that have
-    not run yet, so it equals the key the job will compute once its inputs exist.
-    """
-    from attninf.runner import stage_key
-
-    run_dir = Path(cfg.run_dir)
-    out: dict[tuple[str, str | None], dict] = {}
-    for name in names:
-        spec = STAGES[name]
-        for arm in spec.arms(cfg):
-            inputs, ups = {}, []
-            for u, ua in spec.needs(cfg, arm):
-                udir = dirs.get((u, ua), run_dir / u)
-                if (u, ua) in out:
-                    k = out[(u, ua)]["key"]
-                    ups.append((u, ua))
-                else:
-                    m = manifest.read(udir)
-                    if m is None or m.get("status") != "done":
-                        what = u + (f" (arm {ua})" if ua else "")
-                        raise MissingInput(
-                            f"stage '{name}' needs the outputs of '{what}' at {udir}, which has no "
-                            f"finished manifest: add '{u}' to stages=[...] (run_dir={run_dir})")
-                    k = m["key"]
-                inputs[f"{u}/{ua}" if ua else u] = {"path": str(udir), "key": k}
-            # A seeded arm's key is computed on its own config (pretrain.seed), as run_stage does.
-            key, sections = stage_key(arms.config_for(cfg, arm), name, arm, inputs)
-            out[(name, arm)] = {"key": key, "dir": dirs[(name, arm)], "inputs": inputs,
-                                "sections": sections, "upstream": ups}
-    return out
-
-
-def is_done(entry: dict) -> bool:
-    m = manifest.read(entry["dir"])
-    return bool(m) and m.get("status") == "done" and m.get("key") == entry["key"]
-
-
-def prepare_stage(cfg: DictConfig, name: str, arm: str | None, dirs: dict) -> Path:
-    """Freeze config + a `running` manifest into the stage folder (what attninf.worker reads).
-
-    Same rules as the runner: a folder holding another key is moved aside first; a folder with
-    this key is left as it is (its finished shards / checkpoints are what a requeue resumes from).
-    """
-    from attninf.runner import _lock
-
-    entry = plan(cfg, [name], dirs)[(name, arm)]
-    cfg = arms.config_for(cfg, arm)
-    out = entry["dir"]
-    with _lock(out):
-        old = manifest.read(out)
-        if old and old.get("key") == entry["key"]:
-            if not (out / "config.yaml").exists():
-                manifest.write_atomic(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-            return out
-        if old:
-            aside = out.with_name(f"{out.name}.old-{old.get('key', 'unknown')[:8]}")
-            shutil.rmtree(aside, ignore_errors=True)
-            out.rename(aside)
-            out.mkdir(parents=True)
-        manifest.write_atomic(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-        manifest.write(out, stage=name, arm=arm, key=entry["key"], status="running",
-                       config=entry["sections"], inputs=entry["inputs"], started=time.time())
-    return out
+def plan_units(cfg: DictConfig, names: list[str], dirs: dict) -> dict:
+    return lifecycle.plan_units(cfg, names, dirs)
 
 
 # --- Slurm -----------------------------------------------------------------------------------
@@ -188,7 +135,7 @@ def check_slurm() -> None:
     """One clear line when no Slurm answers, before anything is written or submitted."""
     if shutil.which("sbatch") is None or shutil.which("srun") is None:
         raise SubmitError("cluster=slurm: no Slurm here (sbatch/srun not on PATH); run on a Slurm "
-                          "login node, or use cluster=local")
+                          "login node, use cluster=local, or cluster.dry_run=true for the plan alone")
     try:
         p = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as e:
@@ -236,53 +183,66 @@ def _expand_tasks(spec: str) -> list[int]:
     return out
 
 
-def _slurm_message(err: BaseException) -> str:
-    text = str(err)
-    lines = [ln.strip() for ln in text.splitlines() if "error" in ln.lower()]
-    msg = "; ".join(dict.fromkeys(lines)) or " ".join(text.split())[:500]
-    return msg
-
-
-def _executor(cc: ClusterConfig, res: Resources, folder: Path, name: str, ntasks_per_node: int = 1):
-    import submitit
-
-    ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=cc.max_requeues,
-                                python=cc.python or sys.executable)
-    params: dict[str, Any] = dict(job_name=f"attninf-{name}", time=int(res.time_min), nodes=int(res.nodes),
-                                  ntasks_per_node=ntasks_per_node, cpus_per_task=int(res.cpus_per_task),
-                                  signal_delay_s=cc.signal_delay_s, array_parallelism=cc.array_parallelism,
-                                  setup=["export TOKENIZERS_PARALLELISM=false", *(cc.setup or [])])
-    if res.gpus_per_node:
-        params["gpus_per_node"] = int(res.gpus_per_node)
-    if res.mem_gb:
-        params["mem"] = f"{int(round(float(res.mem_gb) * 1024))}M"
+def job_script(job: plan.Job, cc: ClusterConfig, logs: Path) -> str:
+    """The sbatch script of one job: the request, then the lifecycle step, then the requeue rule."""
+    py = shlex.quote(cc.python or sys.executable)
+    out = shlex.quote(job.out)
+    name = "attninf-" + job.id.replace("[", "-").replace("]", "").replace(":", "-")
+    h = [f"#SBATCH --job-name={name}", f"#SBATCH --nodes={job.nodes}",
+         f"#SBATCH --ntasks-per-node={job.tasks_per_node}", f"#SBATCH --cpus-per-task={job.cpus_per_task}",
+         f"#SBATCH --time={job.time_min}", f"#SBATCH --signal=USR1@{cc.signal_delay_s}",
+         "#SBATCH --requeue", "#SBATCH --open-mode=append",
+         f"#SBATCH --output={logs}/{name}-%A_%a.out" if job.array else f"#SBATCH --output={logs}/{name}-%j.out"]
+    if job.gpus_per_node:
+        h.append(f"#SBATCH --gpus-per-node={job.gpus_per_node}")
+    if job.mem_gb:
+        h.append(f"#SBATCH --mem={int(round(job.mem_gb * 1024))}M")
+    if job.array:
+        h.append(f"#SBATCH --array=0-{job.array - 1}%{min(cc.array_parallelism, job.array)}")
     for k in ("partition", "qos", "account", "constraint"):
         if getattr(cc, k):
-            params[k] = getattr(cc, k)
-    ex.update_parameters(**params)
-    return ex
+            h.append(f"#SBATCH --{k}={getattr(cc, k)}")
+    worker = f"{py} -m attninf.worker {out}"
+    if job.step == "ranks":
+        spec = STAGES[job.stage]
+        stopped = shlex.quote(str(Path(job.out) / lifecycle.STOPPED))
+        body = (f"mkdir -p {out}/logs && rm -f {stopped}\n"
+                f"srun --kill-on-bad-exit=1 --cpu-bind=none --nodes={job.nodes} "
+                f"--ntasks-per-node={job.tasks_per_node} --output={out}/logs/rank-%t.log --open-mode=append "
+                f"{py} -m {spec.rank_module} {out}\n"
+                "rc=$?\n"
+                f"[ -f {stopped} ] && rc={lifecycle.EXIT_REQUEUE}  # the ranks stopped with a checkpoint\n"
+                f"if [ $rc -eq 0 ]; then srun --nodes=1 --ntasks=1 {worker} --step finish; rc=$?; fi\n"
+                "[ $rc -eq 0 ] && exit 0\n")
+    else:
+        body = f"srun --nodes=1 --ntasks=1 {worker} --step {job.step}\nrc=$?\n[ $rc -eq 0 ] && exit 0\n"
+    return "\n".join([
+        "#!/bin/bash",
+        f"# attninf job {job.id}: {job.step} step of {job.out}",
+        *h,
+        "set -u",
+        f"cd {shlex.quote(str(REPO))}",
+        f'export PYTHONPATH={shlex.quote(str(REPO))}${{PYTHONPATH:+:$PYTHONPATH}}',
+        "export TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} CUDA_DEVICE_MAX_CONNECTIONS=1",
+        *(cc.setup or []),
+        body.rstrip("\n"),
+        f"if [ $rc -eq {lifecycle.EXIT_REQUEUE} ] && [ \"${{SLURM_RESTART_COUNT:-0}}\" -lt {cc.max_requeues} ]; then",
+        '  echo "attninf: stopped at a safe point; requeueing job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0})"',
+        '  scontrol requeue "$SLURM_JOB_ID" && exit 0',
+        "fi",
+        "exit $rc",
+        ""])
 
 
-def _submit(ex, deps: list[str], fn, args_list: list[tuple], label: str) -> list:
-    import submitit
-
-    extra = {"requeue": True, "open-mode": "append"}
+def _sbatch(script: Path, deps: list[str], label: str) -> str:
+    cmd = ["sbatch", "--parsable"]
     if deps:
-        extra.update({"dependency": "afterok:" + ":".join(deps), "kill-on-invalid-dep": "yes"})
-    ex.update_parameters(additional_parameters=extra)
-    # submitit echoes sbatch's stderr before raising; keep it for the one-line message instead.
-    echoed = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(echoed):
-            if len(args_list) == 1:
-                return [ex.submit(fn, *args_list[0])]
-            return ex.map_array(fn, *zip(*args_list))
-    except (submitit.core.utils.FailedJobError, submitit.core.utils.FailedSubmissionError) as e:
-        raise SubmitError(f"cluster=slurm: sbatch refused the {label} job: {_slurm_message(e)}") from None
-    except subprocess.CalledProcessError as e:
-        out = e.output.decode() if isinstance(e.output, bytes) else str(e.output or e)
-        raise SubmitError(f"cluster=slurm: sbatch refused the {label} job: "
-                          f"{_slurm_message(Exception(out))}") from None
+        cmd += [f"--dependency=afterok:{':'.join(deps)}", "--kill-on-invalid-dep=yes"]
+    p = subprocess.run([*cmd, str(script)], capture_output=True, text=True)
+    if p.returncode != 0:
+        msg = "; ".join(ln.strip() for ln in (p.stderr or p.stdout).splitlines() if ln.strip())
+        raise SubmitError(f"cluster=slurm: sbatch refused the {label} job: {msg[:500]}")
+    return p.stdout.strip().split(";")[0]
 
 
 def read_jobs(run_dir: Path) -> list[dict]:
@@ -300,12 +260,12 @@ def latest_jobs(run_dir: Path) -> dict[tuple[str, str | None], dict]:
 
 
 def _job_active(job: dict) -> bool:
-    states = slurm_states([job["job_id"]])
+    states = slurm_states(job.get("job_ids") or [job["job_id"]])
     return any(s.get("JobState") in ACTIVE_STATES for s in states.values())
 
 
-def submit_pipeline(cfg: DictConfig) -> list[dict]:
-    """Submit every selected, unfinished (stage, arm) as Slurm jobs; return what was submitted."""
+def preflight(cfg: DictConfig) -> tuple[ClusterConfig, DictConfig, dict, list[plan.Job], list[str]]:
+    """Everything checked before anything is written or submitted: (cc, cfg, units, jobs, problems)."""
     from attninf.runner import selected_stages, stage_dirs, validate_sections
 
     cc = cluster_config(cfg)
@@ -315,149 +275,77 @@ def submit_pipeline(cfg: DictConfig) -> list[dict]:
     if str(run_dir) != cfg.run_dir:
         cfg = OmegaConf.merge(cfg, {"run_dir": str(run_dir)})  # jobs run from other working dirs
     dirs = stage_dirs(cfg, [], multirun=False)
-    entries = plan(cfg, names, dirs)
-    for name in names:  # validate every stage's resources before submitting anything
+    units = lifecycle.plan_units(cfg, names, dirs)
+    for name in names:
         cc.for_stage(name)
-    check_slurm()
+    todo = {k: u for k, u in units.items() if not lifecycle.is_done(u)}
+    jobs, problems = plan.job_graph(cfg, todo, cc)
+    return cc, cfg, todo, jobs, problems
+
+
+def submit_pipeline(cfg: DictConfig) -> list[dict]:
+    """Plan, check, (dry run: print and stop) prepare and submit every unfinished (stage, arm)."""
+    cc, cfg, units, jobs, problems = preflight(cfg)
+    run_dir = Path(cfg.run_dir)
     cdir = cluster_dir(run_dir)
+    if cc.dry_run:
+        print(plan.render(jobs, problems), flush=True)
+        cdir.mkdir(parents=True, exist_ok=True)
+        manifest.write_json(plan.plan_path(run_dir), plan.to_json(jobs, problems))
+        print(f"\nplan: {plan.plan_path(run_dir)} (dry run: nothing submitted)", flush=True)
+        if problems:
+            raise DryRunRefused(f"cluster.dry_run: {len(problems)} problem(s), each a `refused:` line above")
+        return []
+    if problems:
+        raise ConfigError("\n".join(problems))
+    check_slurm()
     cdir.mkdir(parents=True, exist_ok=True)
     manifest.write_atomic(cdir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     manifest.write_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    manifest.write_json(plan.plan_path(run_dir), plan.to_json(jobs, problems))
     history = read_jobs(run_dir)
     previous = latest_jobs(run_dir)
-    job_of: dict[tuple[str, str | None], str] = {}
+    slurm_id: dict[str, str] = {}  # plan id -> Slurm job id
+    reused: set[tuple[str, str | None]] = set()
     submitted: list[dict] = []
-    for (name, arm), entry in entries.items():
-        label = name + (f"[{arm}]" if arm else "")
-        if is_done(entry):
-            log.info("cluster: %-22s done, not submitted", label)
-            continue
+    logs = cdir / "logs"
+    logs.mkdir(exist_ok=True)
+    (cdir / "jobs").mkdir(exist_ok=True)
+    by_unit: dict[tuple[str, str | None], list[plan.Job]] = {}
+    for j in jobs:
+        by_unit.setdefault((j.stage, j.arm), []).append(j)
+    for (name, arm), ujobs in by_unit.items():
+        unit = units[(name, arm)]
         prev = previous.get((name, arm))
-        if prev and prev.get("key") == entry["key"] and _job_active(prev):
-            job_of[(name, arm)] = prev["job_id"]
-            log.info("cluster: %-22s already queued/running as job %s", label, prev["job_id"])
+        if prev and prev.get("key") == unit.key and _job_active(prev):
+            for j in ujobs:
+                slurm_id[j.id] = (prev.get("plan_ids_to_jobs") or {}).get(j.id, prev["job_id"])
+            reused.add((name, arm))
+            log.info("cluster: %-22s already queued/running as job %s", unit.label, prev["job_id"])
             continue
-        deps = [job_of[u] for u in entry["upstream"] if u in job_of]
-        res = cc.for_stage(name)
-        folder = cdir / "logs" / (name + (f"-{arm}" if arm else ""))
-        if name == "score" and cc.score_tasks > 1:
-            ex = _executor(cc, res, folder, name)
-            jobs = _submit(ex, deps, StageJob(), [(str(run_dir), name, arm, r, cc.score_tasks)
-                                                  for r in range(cc.score_tasks)], label)
-            job_id = jobs[0].job_id.split("_")[0]
-        else:
-            ntasks = int(cfg.pretrain.launch.nproc_per_node) if name == "pretrain" else 1
-            ex = _executor(cc, res, folder, name, ntasks_per_node=ntasks)
-            jobs = _submit(ex, deps, StageJob(), [(str(run_dir), name, arm, None, None)], label)
-            job_id = jobs[0].job_id
-        rec = {"stage": name, "arm": arm, "job_id": job_id, "tasks": [j.job_id for j in jobs],
-               "logs": [str(j.paths.stderr) for j in jobs], "folder": str(folder),
-               "dependency": deps, "key": entry["key"], "submitted": time.time()}
-        job_of[(name, arm)] = job_id
+        lifecycle.prepare(cfg, unit)
+        ids = []
+        for j in ujobs:
+            script = cdir / "jobs" / (j.id.replace("[", "-").replace("]", "").replace(":", "-") + ".sbatch")
+            manifest.write_atomic(script, job_script(j, cc, logs))
+            deps = [slurm_id[a] for a in j.after if a in slurm_id]
+            jid = _sbatch(script, deps, j.id)
+            slurm_id[j.id] = jid
+            ids.append(jid)
+            print(f"submitted {j.id:<34} job {jid}" + (f" ({j.array} array tasks)" if j.array else "")
+                  + (f" after {','.join(deps)}" if deps else ""), flush=True)
+        first = ujobs[0]
+        tasks = [f"{ids[0]}_{t}" for t in range(first.array)] if first.array else [ids[0]]
+        tasks += ids[1:]
+        rec = {"stage": name, "arm": arm, "job_id": ids[-1], "job_ids": ids, "tasks": tasks,
+               "plan_ids_to_jobs": dict(zip([j.id for j in ujobs], ids)),
+               "logs": str(logs), "scripts": str(cdir / "jobs"),
+               "dependency": sorted({slurm_id[a] for j in ujobs[:1] for a in j.after if a in slurm_id}),
+               "key": unit.key, "submitted": time.time()}
         history.append(rec)
         submitted.append(rec)
         manifest.write_json(cdir / "jobs.json", {"jobs": history})
-        print(f"submitted {label:<28} job {job_id}" + (f" ({len(jobs)} array tasks)" if len(jobs) > 1 else "")
-              + (f" after {','.join(deps)}" if deps else ""), flush=True)
     if not submitted:
         print("nothing to submit: every selected stage is done or already queued", flush=True)
     print(f"status: attninf-status {run_dir}   (--wait to block until the jobs end)", flush=True)
     return submitted
-
-
-# --- what runs inside a job --------------------------------------------------------------------
-
-def _checkpointable():
-    import submitit
-
-    return submitit.helpers.Checkpointable
-
-
-class StageJob(_checkpointable()):
-    """The callable every job runs. Checkpointable: on a time-limit signal submitit requeues it
-    with the same arguments, and the stage resumes from its own completion markers."""
-
-    def __call__(self, run_dir: str, name: str, arm: str | None, rank: int | None, world: int | None):
-        from attninf.runner import run_stage, setup_logging, stage_dirs
-
-        setup_logging()
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        cfg = frozen_config(Path(run_dir))
-        dirs = stage_dirs(cfg, [], multirun=False)
-        if name == "score" and world and world > 1:
-            return _score_task(cfg, dirs, rank, world)
-        if name == "pretrain":
-            return _pretrain_job(cfg, dirs, arm)
-        try:
-            run_stage(cfg, name, arm, dirs)
-        except Incomplete as e:
-            raise RuntimeError(f"{name}: stage not complete after its job: {e}") from None
-        return "done"
-
-
-def _score_task(cfg: DictConfig, dirs: dict, rank: int, world: int) -> str:
-    """Array task `rank`: score this task's shards, then close the stage if every shard exists."""
-    from attninf import worker
-    from attninf.runner import run_stage
-
-    stage_dir = prepare_stage(cfg, "score", None, dirs)
-    os.environ["ATTNINF_RANK"], os.environ["ATTNINF_WORLD_SIZE"] = str(rank), str(world)
-    worker.main([str(stage_dir)])
-    try:
-        run_stage(cfg, "score", None, dirs)  # skips present shards; raises Incomplete if some are missing
-    except Incomplete as e:
-        log.info("score task %d/%d: share done; %s", rank, world, e)
-        return "share done"
-    return "done"
-
-
-def _pretrain_job(cfg: DictConfig, dirs: dict, arm: str | None) -> str:
-    """One task per rank: task 0 prepares the folder, every task trains, task 0 exports + closes."""
-    import submitit
-
-    from attninf.runner import run_stage
-
-    env = submitit.JobEnvironment()
-    rank, world = env.global_rank, env.num_tasks
-    if world == 1:
-        run_stage(cfg, "pretrain", arm, dirs)
-        return "done"
-    out = dirs[("pretrain", arm)]
-    ready = out / f".ready-{env.job_id}-{os.environ.get('SLURM_RESTART_COUNT', '0')}"
-    if rank == 0:
-        prepare_stage(cfg, "pretrain", arm, dirs)
-        m = manifest.read(out)
-        if m and m.get("status") == "done":
-            ready.touch()
-            return "done"
-        mix = Path(m["inputs"]["mix"]["path"])
-        manifest.write_json(out / "job.json", {"arm": arm or "baseline", "mix_dir": str(mix.resolve())})
-        ready.touch()
-    else:
-        for _ in range(3600):
-            if ready.exists():
-                break
-            time.sleep(0.5)
-        else:
-            raise RuntimeError(f"pretrain task {rank}: task 0 did not prepare {out} within 30 min")
-        m = manifest.read(out)
-        if m and m.get("status") == "done":
-            return "done"
-    from pretrain import checkpoint
-    from pretrain.train import load_config
-
-    total = load_config(cfg.pretrain).total_steps()
-    if checkpoint.latest_step(out / "ckpt") != total:
-        penv = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(env.local_rank),
-                "LOCAL_WORLD_SIZE": str(max(world // max(env.num_nodes, 1), 1)),
-                "MASTER_ADDR": env.hostnames[0],
-                "MASTER_PORT": str(20000 + int(str(env.job_id).split("_")[0]) % 20000)}
-        with open(out / f"train-rank{rank}.log", "a") as fh:
-            rc = subprocess.run([sys.executable, "-m", "pretrain.launch", str(out)], env=penv,
-                                stdout=fh, stderr=subprocess.STDOUT).returncode
-        if rc != 0:
-            raise RuntimeError(f"pretrain rank {rank}: training exited with code {rc}; see "
-                               f"{out / f'train-rank{rank}.log'}")
-    if rank == 0:
-        run_stage(cfg, "pretrain", arm, dirs)  # finds the final checkpoint: export, figures, done
-    return "done"

@@ -192,7 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     from pretrain.train import load_config
 
     cfg = load_config(OmegaConf.load(stage / "config.yaml").get("pretrain"))
-    job = json.loads((stage / "job.json").read_text())
+    from pretrain.launch import stage_job
+
+    job = stage_job(stage)  # arm + mixture from the stage manifest (or a hand-made job.json)
     mix_dir = Path(job["mix_dir"])
     blend = json.loads((mix_dir / "blend.json").read_text())
 

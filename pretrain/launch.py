@@ -1,9 +1,15 @@
-"""Entry point of one training process: `python -m pretrain.launch <pretrain stage folder>`.
+"""One training rank: `python -m pretrain.launch <pretrain stage folder>`.
 
-Started by `pretrain.train.run` (one process on CPU, torchrun on one node), by torchrun under
-srun, or directly by srun with one task per GPU (slurm/pretrain.sbatch). It reads the frozen,
-resolved `config.yaml` and `job.json` from the stage folder (written by the `attninf` runner, never
-re-composed with Hydra, so all ranks agree and no rank writes Hydra output folders).
+The one launch path of the pretrain stage's ranks: the executors start exactly this command in
+every rank, srun on Slurm (one task per GPU) and attninf.dist.spawn_ranks on one machine; a
+manual `srun python -m pretrain.launch DIR` is the same. It reads the frozen, resolved
+`config.yaml` and the manifest (arm, the mix folder among its inputs) that the lifecycle's
+`prepare` wrote (never re-composed with Hydra, so all ranks agree and no rank writes Hydra
+output folders); a hand-made folder may give them as `job.json` ({"arm", "mix_dir"}) instead.
+
+Exit codes: 0 = trained to the last step; 75 (lifecycle.EXIT_REQUEUE) = stopped earlier with a
+checkpoint (SIGUSR1 before the time limit, SIGTERM on preemption or requeue, or
+exit_after_steps), so the job script requeues the job and the next start resumes.
 
 Rank and rendezvous (`rendezvous_env`): torchrun's RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT
 when present, else Slurm's SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID; MASTER_ADDR/MASTER_PORT as
@@ -53,9 +59,10 @@ def rendezvous_env(env: Mapping[str, str]) -> dict[str, str]:
         nodes = next((env[k] for k in ("SLURM_STEP_NUM_NODES", "SLURM_JOB_NUM_NODES", "SLURM_NNODES")
                       if k in env), None)
         if "SLURM_JOB_NODELIST" in env and nodes != "1":
-            hosts = subprocess.run(["scontrol", "show", "hostnames", env["SLURM_JOB_NODELIST"]],
+            nodelist = env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"]
+            hosts = subprocess.run(["scontrol", "show", "hostnames", nodelist],
                                    capture_output=True, text=True, check=True).stdout.split()
-            out["MASTER_ADDR"] = hosts[0]
+            out["MASTER_ADDR"] = node_address(hosts[0])
         else:
             out["MASTER_ADDR"] = "127.0.0.1"
     if "MASTER_PORT" not in env:
@@ -63,7 +70,47 @@ def rendezvous_env(env: Mapping[str, str]) -> dict[str, str]:
     return out
 
 
+def node_address(node: str) -> str:
+    """The address a Slurm node is reached at (NodeAddr): a node name need not resolve (two
+    slurmd on one host are `n1`, `n2` at 127.0.0.1); on most clusters it is the hostname."""
+    p = subprocess.run(["scontrol", "show", "node", "-o", node], capture_output=True, text=True)
+    for kv in p.stdout.split():
+        if kv.startswith("NodeAddr="):
+            return kv.split("=", 1)[1]
+    return node
+
+
+def _trained(stage: Path) -> bool:
+    """The last step's checkpoint and the training summary exist: nothing left for the ranks."""
+    from omegaconf import OmegaConf
+
+    from pretrain import checkpoint
+    from pretrain.train import load_config
+
+    summary = stage / "train_summary.json"
+    if not summary.exists() or not (stage / "config.yaml").exists():
+        return False
+    total = load_config(OmegaConf.load(stage / "config.yaml").get(stage_job(stage).get("stage", "pretrain"))).total_steps()
+    return checkpoint.latest_step(stage / "ckpt") == total and json.loads(summary.read_text()).get("finished", False)
+
+
+def stage_job(stage: Path) -> dict:
+    """{"arm", "mix_dir"} from the stage manifest (lifecycle.prepare), else a hand-made job.json."""
+    from attninf import manifest
+    from attninf.arms import base
+
+    m = manifest.read(stage)
+    inputs = (m or {}).get("inputs") or {}
+    if len(inputs) == 1:  # the stage's one input is its mixture (stages.py: needs)
+        (mix,) = inputs.values()
+        return {"arm": base(m.get("arm")) or "baseline", "mix_dir": mix["path"], "stage": m["stage"]}
+    return json.loads((stage / "job.json").read_text())
+
+
 def main(argv: list[str] | None = None) -> int:
+    from attninf.lifecycle import EXIT_REQUEUE, install_stop_handlers
+
+    install_stop_handlers()  # first: a stop request is honoured at the next step, after a checkpoint
     import torch
     from omegaconf import OmegaConf
 
@@ -71,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1:
         raise SystemExit("usage: python -m pretrain.launch <pretrain stage folder>")
     stage = Path(args[0])
+    if _trained(stage):  # a requeued job whose training ended before the stop: straight to finish
+        return 0
     os.environ.update(rendezvous_env(os.environ))
     rank = int(os.environ["RANK"])
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
@@ -82,8 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     from pretrain.train import load_config, train
 
     cfg_all = OmegaConf.load(stage / "config.yaml")
-    job = json.loads((stage / "job.json").read_text())
-    cfg = load_config(cfg_all.get("pretrain"))
+    job = stage_job(stage)
+    name = job.get("stage", "pretrain")  # the stage (= its config section) this rank trains for
+    cfg = load_config(cfg_all.get(name))
     mix_dir = Path(job["mix_dir"])
     blend = json.loads((mix_dir / "blend.json").read_text())
 
@@ -99,10 +149,10 @@ def main(argv: list[str] | None = None) -> int:
         w = cfg_all.get("wandb") or {}
         tracker = Tracker(mode=w.get("mode", "offline"), project=w.get("project", "attention-influence"),
                           group=w.get("group") or cfg_all.get("experiment_name"),
-                          name=f"pretrain/{job['arm']}", dir=stage / "wandb",
-                          config={"stage": "pretrain", "arm": job["arm"],
-                                  "pretrain": OmegaConf.to_container(cfg_all.get("pretrain"), resolve=True)},
-                          tags=["pretrain", job["arm"]])
+                          name=f"{name}/{job['arm']}", dir=stage / "wandb",
+                          config={"stage": name, "arm": job["arm"],
+                                  name: OmegaConf.to_container(cfg_all.get(name), resolve=True)},
+                          tags=[name, job["arm"]])
     try:
         summary = train(cfg, blend, mix_dir, job["arm"], stage,
                         log_fn=(lambda m, s: tracker.log({f"train/{k}" if "/" not in k else k: v
@@ -120,10 +170,16 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if tracker is not None:
             tracker.finish()
+    if rank == 0 and not summary["finished"]:
+        # Before the barrier: no rank exits (and no srun kills rank 0) until this marker exists,
+        # so the job script knows the ranks stopped for a requeue whatever srun's exit code says.
+        from attninf.lifecycle import mark_stopped
+
+        mark_stopped(stage, summary["last_step"])
     # Only on success: after a failure on one rank a barrier would hang the others.
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
-    return 0
+    return 0 if summary["finished"] else EXIT_REQUEUE
 
 
 if __name__ == "__main__":

@@ -97,13 +97,26 @@ def have_transformer_engine() -> bool:
         return False
 
 
-def layer_spec(use_te: bool | None = None):
-    """TE spec when available (and on CUDA), the local spec otherwise; RMSNorm explicit."""
+class SpecError(RuntimeError):
+    """The requested layer spec's library is missing (TransformerEngine on a GPU)."""
+
+
+def layer_spec(use_te: bool | None = None, allow_local: bool = True):
+    """TE spec on CUDA with TransformerEngine, the local spec otherwise; RMSNorm explicit.
+
+    On a GPU without TE the local spec is an error unless `allow_local` (pretrain.allow_local_spec):
+    it keeps the full attention matrix and runs no fused kernels (11% MFU measured on one H100,
+    out of memory at sequence 8192), a silent fallback that costs a run days.
+    """
     import torch
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
+    on_gpu = torch.cuda.is_available()
     if use_te is None:
-        use_te = have_transformer_engine() and torch.cuda.is_available()
+        use_te = have_transformer_engine() and on_gpu
+        if on_gpu and not use_te and not allow_local:
+            raise SpecError("pretrain: a GPU is present but transformer_engine is not importable; install "
+                            "it (pip install transformer-engine[pytorch]) or set pretrain.allow_local_spec=true")
     if use_te:
         return specs.get_gpt_layer_with_transformer_engine_spec()
     # The local spec defaults to LayerNorm unless told: LLaMA needs RMSNorm.
@@ -111,13 +124,22 @@ def layer_spec(use_te: bool | None = None):
 
 
 def transformer_config(shape: ModelShape, *, tp: int = 1, pp: int = 1, bf16: bool = False,
-                       sequence_parallel: bool = False, perform_initialization: bool = True):
-    """The Megatron TransformerConfig for this shape (pure; builds nothing big)."""
+                       gpu=None, perform_initialization: bool = True):
+    """The Megatron TransformerConfig for this shape (pure; builds nothing big).
+
+    `gpu` (pretrain.train.GPUConfig) carries the GPU settings: sequence parallel (with TP > 1),
+    the fusions, the attention backend and activation recompute. None = all off (the CPU path).
+    """
     import torch
     import torch.nn.functional as F
+    from megatron.core.transformer.enums import AttnBackend
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     on_gpu = torch.cuda.is_available()
+    g = gpu
+    recompute = {"none": {}, "selective": {"recompute_granularity": "selective"},
+                 "full": {"recompute_granularity": "full", "recompute_method": "uniform",
+                          "recompute_num_layers": 1}}[getattr(g, "recompute", "none")]
     return TransformerConfig(
         num_layers=shape.num_layers, hidden_size=shape.hidden_size,
         ffn_hidden_size=shape.ffn_hidden_size, num_attention_heads=shape.num_attention_heads,
@@ -128,26 +150,32 @@ def transformer_config(shape: ModelShape, *, tp: int = 1, pp: int = 1, bf16: boo
         hidden_dropout=0.0, attention_dropout=0.0,  # LLaMA: no dropout (also keeps runs exact)
         init_method_std=shape.init_method_std,
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-        sequence_parallel=sequence_parallel and tp > 1,
+        sequence_parallel=bool(getattr(g, "sequence_parallel", False)) and tp > 1,
         bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
         pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
-        # Apex/CUDA-extension fusions are off: they need kernels a plain install lacks (TE brings its own).
-        bias_activation_fusion=False, masked_softmax_fusion=False, bias_dropout_fusion=False,
-        apply_rope_fusion=False, persist_layer_norm=False, gradient_accumulation_fusion=False,
+        # Off by default: APEX/CUDA-extension kernels a plain install lacks (TE brings its own).
+        bias_activation_fusion=bool(getattr(g, "bias_activation_fusion", False)),
+        masked_softmax_fusion=bool(getattr(g, "masked_softmax_fusion", False)),
+        bias_dropout_fusion=bool(getattr(g, "bias_dropout_fusion", False)),
+        apply_rope_fusion=bool(getattr(g, "apply_rope_fusion", False)), persist_layer_norm=False,
+        gradient_accumulation_fusion=bool(getattr(g, "gradient_accumulation_fusion", False)),
+        attention_backend=AttnBackend[getattr(g, "attention_backend", "auto")],
         perform_initialization=perform_initialization,
         use_cpu_initialization=not on_gpu,
+        **recompute,
     )
 
 
 def build_gpt(shape: ModelShape, vocab_size: int, *, tp: int = 1, pp: int = 1, bf16: bool = False,
-              pre_process: bool = True, post_process: bool = True, use_te: bool | None = None):
+              pre_process: bool = True, post_process: bool = True, use_te: bool | None = None,
+              gpu=None, allow_local_spec: bool = True):
     """A Megatron GPTModel (one pipeline stage; pre/post_process say which ends it holds)."""
     from megatron.core.models.gpt.gpt_model import GPTModel
 
     import torch
 
-    cfg = transformer_config(shape, tp=tp, pp=pp, bf16=bf16)
-    model = GPTModel(config=cfg, transformer_layer_spec=layer_spec(use_te), vocab_size=vocab_size,
+    cfg = transformer_config(shape, tp=tp, pp=pp, bf16=bf16, gpu=gpu)
+    model = GPTModel(config=cfg, transformer_layer_spec=layer_spec(use_te, allow_local_spec), vocab_size=vocab_size,
                     max_sequence_length=shape.seq_length, pre_process=pre_process,
                     post_process=post_process,
                     share_embeddings_and_output_weights=not shape.untie_embeddings,
@@ -156,6 +184,44 @@ def build_gpt(shape: ModelShape, vocab_size: int, *, tp: int = 1, pp: int = 1, b
     if torch.cuda.is_available():  # as Megatron's get_model: build, then move to this rank's GPU
         model.cuda(torch.cuda.current_device())
     return model
+
+
+def memory_per_gpu(cfg, vocab_size: int, flash: bool = True) -> dict[str, float]:
+    """Bytes per GPU of one training rank (pretrain.train.PretrainConfig), the preflight's estimate.
+
+    - weights: bf16 (2 B/param) or fp32 (4), this rank's 1/(TP x PP) of the parameters;
+    - gradients: fp32 buffers (grad_reduce_in_fp32, 4 B/param);
+    - optimizer: fp32 main weights + Adam's two moments (12 B/param under bf16, 8 under fp32),
+      divided over the data-parallel ranks with the distributed optimizer (ZeRO-1);
+    - activations (Korthikanti et al. 2022, per layer per microbatch, bytes): s*b*h*(34 + 5*a*s/h)
+      with TP splitting the 24 tensor-parallel bytes (and, with sequence parallel, the other 10
+      too); flash attention or selective recompute drop the 5*a*s/h attention-matrix term; full
+      recompute keeps 2*s*b*h per layer. The first pipeline stage holds PP microbatches in flight
+      (1F1B), so L/PP layers x PP = L layers' worth; plus fp32 logits for the loss (2 copies of
+      s*b*V/TP).
+    Estimates for a plan, not a measurement: allocator fragmentation and NCCL buffers add a few GB.
+    """
+    from pretrain.model import count_parameters as _count
+
+    m = cfg.model
+    tp, pp, dp = cfg.tensor_parallel, cfg.pipeline_parallel, cfg.dp()
+    bf16 = cfg.precision != "fp32"
+    n = _count(m, padded_vocab_size(vocab_size, m.make_vocab_size_divisible_by, tp))["total"] / (tp * pp)
+    weights = n * (2 if bf16 else 4)
+    grads = n * 4
+    opt = n * (12 if bf16 else 8) / (dp if cfg.optim.use_distributed_optimizer else 1)
+    s, b, h, a, L = m.seq_length, cfg.micro_batch_size, m.hidden_size, m.num_attention_heads, m.num_layers
+    g = cfg.gpu
+    sp = g.sequence_parallel and tp > 1
+    attn_matrix = 0.0 if (flash or g.recompute == "selective") else 5.0 * a * s / h / tp
+    per_layer = s * b * h * ((10.0 / tp if sp else 10.0) + 24.0 / tp + attn_matrix)
+    if g.recompute == "full":
+        per_layer = 2.0 * s * b * h / (tp if sp else 1)
+    acts = per_layer * L  # (L / PP) layers x PP microbatches in flight on the first stage
+    logits = 2.0 * s * b * padded_vocab_size(vocab_size, m.make_vocab_size_divisible_by, tp) / tp * 4
+    total = weights + grads + opt + acts + logits
+    return {"weights": weights, "gradients": grads, "optimizer": opt, "activations": acts,
+            "logits": logits, "total": total}
 
 
 def verify_tokens(vocab: int, seq: int, n: int = 2, seed: int = 0):

@@ -1,23 +1,18 @@
 """Stage `pretrain` (one per arm): Megatron-Core training of the LLaMA-shaped model under WSD.
 
-Two halves:
+Three parts, one per lifecycle step (attninf/lifecycle.py; the stage is a `ranks` shape):
 
-- `run(ctx)`, the stage edge, in the runner's process: validates the config, writes `job.json`
-  (arm + mixture location) next to the frozen `config.yaml`, launches the training processes,
-  then exports the final (and pre-decay) checkpoint to HF and draws the figure. It never imports
-  Megatron itself: Megatron's CPU compatibility layer is process-global and dist_checkpointing
-  spawns helper processes, so training lives in its own processes (`python -m pretrain.launch`,
-  one per GPU under torchrun/srun, one on CPU). The runner's process is never the one spawning.
-- `train(...)`, the loop, inside each training process: Megatron's GPTModel, DDP, optimizer,
+- `shape(cfg)`: one job of `launch.nodes x launch.tasks_per_node` ranks; the executors start
+  `python -m pretrain.launch <stage folder>` in each (srun on Slurm, local processes here).
+  Megatron's CPU compatibility layer is process-global and dist_checkpointing spawns helper
+  processes, so training never runs in the executor's own process.
+- `train(...)`, the loop, inside each rank: Megatron's GPTModel, DDP, optimizer,
   OptimizerParamScheduler (WSD), forward-backward schedule (gradient accumulation and pipeline
-  parallelism), blended GPT datasets, distributed checkpoints.
-
-`pretrain.launch.mode`: `local` (default) launches here, `nproc_per_node` processes on this
-machine, or, when this process is one task of a multi-task srun step (`srun --ntasks=N python -m
-attninf.worker <stage folder>`), one rank per task, after which task 0 exports and writes the
-summary; `external` only prepares the stage folder and raises Incomplete with the sbatch command
-to run (multi-node Slurm, slurm/pretrain.sbatch); re-running the pipeline afterwards finds the
-finished checkpoints, exports them and completes the stage.
+  parallelism), blended GPT datasets, distributed checkpoints. On SIGUSR1 (Slurm's time-limit
+  warning) or SIGTERM (preemption, requeue) every rank agrees on the step to stop at, saves a
+  checkpoint there and exits for a requeue.
+- `finish(ctx)`, once every rank exited 0: HF export of the final (and pre-decay) checkpoint,
+  figures and the summary.
 
 Data order is a pure function of (seed, step): global batch s is samples [s*GBS, (s+1)*GBS) of the
 blended dataset, sliced by data-parallel rank. Together with no dropout this makes a resumed run
@@ -37,7 +32,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 from attninf.config import build, check
-from attninf.dist import free_port
 from pretrain.model import ModelShape
 from pretrain.schedule import WSDConfig
 
@@ -66,13 +60,51 @@ class OptimConfig:
 
 @dataclass
 class LaunchConfig:
-    mode: str = "local"  # local | external (Slurm: see slurm/README.md)
-    nproc_per_node: int = 1  # local mode: processes (GPUs) on this machine
-    master_port: int | None = None  # local mode: null = a free port
+    """The ranks' layout: one job of nodes x tasks_per_node processes (one per GPU on a GPU node).
+
+    The executors start exactly these ranks (attninf/stages.py `ranks` shape): locally as
+    processes on this machine, on Slurm as one srun step. Operational: not part of the stage key.
+    """
+
+    nodes: int = 1
+    tasks_per_node: int = 1
+    master_port: int | None = None  # local ranks: null = a free port (Slurm: 20000 + job id % 20000)
 
     def validate(self) -> None:
-        check(self.mode in ("local", "external"), "mode", "local | external")
-        check(self.nproc_per_node >= 1, "nproc_per_node", "must be >= 1")
+        check(self.nodes >= 1, "nodes", "must be >= 1")
+        check(self.tasks_per_node >= 1, "tasks_per_node", "must be >= 1")
+
+    @property
+    def world(self) -> int:
+        return self.nodes * self.tasks_per_node
+
+
+@dataclass
+class GPUConfig:
+    """Megatron-Core's GPU performance settings (`pretrain.gpu`); the field's choices in the paper
+    presets, off by default because the CPU path (gloo, local spec) has none of them.
+
+    Each reaches Megatron's own config: TransformerConfig (sequence_parallel, fusions,
+    attention_backend, recompute), DistributedDataParallelConfig (overlap_grad_reduce,
+    overlap_param_gather) and OptimizerConfig (overlap_param_gather).
+    """
+
+    sequence_parallel: bool = False  # with TP > 1: layer norms and dropout split over the sequence
+    overlap_grad_reduce: bool = False  # gradient all-reduce / reduce-scatter overlapped with backward
+    overlap_param_gather: bool = False  # distributed optimizer: parameter all-gather overlapped with forward
+    bias_activation_fusion: bool = False  # fused SwiGLU (bias_swiglu kernel)
+    apply_rope_fusion: bool = False  # fused rotary embedding
+    bias_dropout_fusion: bool = False
+    masked_softmax_fusion: bool = False
+    gradient_accumulation_fusion: bool = False  # needs TE or APEX's fused weight-gradient kernels
+    attention_backend: str = "auto"  # auto | flash | fused | unfused | local (Megatron's AttnBackend)
+    recompute: str = "none"  # none | selective (attention core) | full (every layer's activations)
+
+    def validate(self) -> None:
+        check(self.attention_backend in ("auto", "flash", "fused", "unfused", "local"), "attention_backend",
+              f"'{self.attention_backend}' is not one of auto | flash | fused | unfused | local")
+        check(self.recompute in ("none", "selective", "full"), "recompute",
+              f"'{self.recompute}' is not one of none | selective | full")
 
 
 @dataclass
@@ -81,6 +113,10 @@ class PretrainConfig:
     schedule: WSDConfig = field(default_factory=WSDConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    gpu: GPUConfig = field(default_factory=GPUConfig)
+    # On a GPU the TransformerEngine layer spec is required (the local spec keeps the full
+    # attention matrix: 11% MFU on one H100, out of memory at sequence 8192); true allows it.
+    allow_local_spec: bool = False
     # Budget: train_iters, or train_tokens / (global_batch_size * seq_length) when iters is null.
     train_iters: int | None = 60
     train_tokens: int | None = None
@@ -88,6 +124,8 @@ class PretrainConfig:
     micro_batch_size: int = 4  # sequences per forward; accumulation = GBS / (MBS * DP)
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
+    # null = world size / (TP x PP); set, nodes x tasks_per_node must equal TP x PP x DP exactly
+    data_parallel: int | None = None
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     seed: int = 1234
     # Train every arm once per seed (arm `<arm>@seed<S>`, its own folders; attninf/arms.py).
@@ -106,7 +144,12 @@ class PretrainConfig:
     peak_tflops: float = 989.0  # per-GPU dense bf16 peak for MFU (H100 SXM); H200 same
     data_cache: str | None = None  # Megatron dataset index cache; null = <stage>/data_cache
 
-    def validate(self) -> None:  # model, schedule, optim, launch: build() validates them first
+    # How a run proceeds, never what it computes: left out of the stage key (attninf/typed.py), so
+    # changing one mid-run resumes from the checkpoint instead of starting over.
+    OPERATIONAL = ("launch", "save_interval", "keep_last", "log_interval", "eval_interval",
+                   "exit_after_steps", "save_on_exit", "data_cache", "peak_tflops")
+
+    def validate(self) -> None:  # model, schedule, optim, launch, gpu: build() validates them first
         check(self.train_iters is not None or self.train_tokens is not None, "train_iters",
               "set train_iters or train_tokens")
         check(self.global_batch_size % self.micro_batch_size == 0, "global_batch_size",
@@ -116,6 +159,27 @@ class PretrainConfig:
               "parallel sizes must be >= 1")
         check(self.model.num_layers % self.pipeline_parallel == 0, "pipeline_parallel",
               f"model.num_layers={self.model.num_layers} is not divisible by it")
+        tp, pp, world = self.tensor_parallel, self.pipeline_parallel, self.launch.world
+        where = f"launch.nodes x launch.tasks_per_node = {self.launch.nodes} x {self.launch.tasks_per_node} = {world}"
+        if self.data_parallel is not None:
+            check(self.data_parallel >= 1, "data_parallel", "must be >= 1")
+            check(world == tp * pp * self.data_parallel, "launch",
+                  f"{where} ranks, but tensor_parallel x pipeline_parallel x data_parallel = "
+                  f"{tp} x {pp} x {self.data_parallel} = {tp * pp * self.data_parallel}")
+        else:
+            check(world % (tp * pp) == 0, "launch", f"{where} ranks is not a multiple of "
+                  f"tensor_parallel x pipeline_parallel = {tp * pp}")
+        dp = self.dp()
+        check(self.global_batch_size % (self.micro_batch_size * dp) == 0, "global_batch_size",
+              f"{self.global_batch_size} is not a multiple of micro_batch_size x data-parallel size = "
+              f"{self.micro_batch_size} x {dp}")
+        check(not self.gpu.sequence_parallel or tp > 1, "gpu.sequence_parallel",
+              "needs tensor_parallel > 1 (it splits the tensor-parallel region over the sequence)")
+        check(not self.gpu.overlap_param_gather or self.optim.use_distributed_optimizer,
+              "gpu.overlap_param_gather", "needs optim.use_distributed_optimizer=true")
+
+    def dp(self) -> int:
+        return self.data_parallel or max(self.launch.world // (self.tensor_parallel * self.pipeline_parallel), 1)
 
     def total_steps(self) -> int:
         if self.train_iters is not None:
@@ -291,6 +355,30 @@ def _init_parallel(cfg: PretrainConfig) -> _Parallel:
     return _Parallel(rank, world, tp, pp, dp, dp_rank, gbs // (mbs * dp))
 
 
+def ddp_config(cfg: PretrainConfig, on_gpu: bool):
+    """Megatron's DDP config: fp32 gradient reduction, overlap and the distributed optimizer as set
+    (the distributed optimizer and its overlaps only on GPU: its resume is broken on CPU)."""
+    from megatron.core.distributed import DistributedDataParallelConfig
+
+    dist = cfg.optim.use_distributed_optimizer and on_gpu
+    return DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=cfg.gpu.overlap_grad_reduce,
+        overlap_param_gather=cfg.gpu.overlap_param_gather and dist, use_distributed_optimizer=dist)
+
+
+def optimizer_config(cfg: PretrainConfig, bf16: bool, on_gpu: bool, min_lr: float):
+    """Megatron's OptimizerConfig: Adam with this run's hyperparameters and layout settings."""
+    import torch
+    from megatron.core.optimizer import OptimizerConfig
+
+    dist = cfg.optim.use_distributed_optimizer and on_gpu
+    return OptimizerConfig(
+        optimizer="adam", lr=cfg.optim.lr, min_lr=min_lr, weight_decay=cfg.optim.weight_decay,
+        adam_beta1=cfg.optim.adam_beta1, adam_beta2=cfg.optim.adam_beta2, adam_eps=cfg.optim.adam_eps,
+        clip_grad=cfg.optim.clip_grad, bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        use_distributed_optimizer=dist, overlap_param_gather=cfg.gpu.overlap_param_gather and dist)
+
+
 def _build_model(cfg: PretrainConfig, blend: dict, par: _Parallel, bf16: bool, on_gpu: bool):
     """GPTModel (this rank's TP/PP shard) wrapped in DDP; returns (ddp, padded vocab size).
 
@@ -299,24 +387,27 @@ def _build_model(cfg: PretrainConfig, blend: dict, par: _Parallel, bf16: bool, o
     divisor), as Megatron's own training does.
     """
     from megatron.core import parallel_state as ps
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.distributed import DistributedDataParallel, finalize_model_grads
 
     from pretrain.model import build_gpt, padded_vocab_size
 
     vocab = cfg.model.vocab_size or blend["tokenizer"]["vocab_size"]
     vocab = padded_vocab_size(vocab, cfg.model.make_vocab_size_divisible_by, par.tp)
     model = build_gpt(cfg.model, vocab, tp=par.tp, pp=par.pp, bf16=bf16,
-                      pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
+                      pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
+                      gpu=cfg.gpu, allow_local_spec=cfg.allow_local_spec)
     if bf16:
         from megatron.core.transformer.module import Float16Module
 
         model = Float16Module(model.config, model)
     mcfg = model.config
-    ddp = DistributedDataParallel(mcfg, DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-        use_distributed_optimizer=cfg.optim.use_distributed_optimizer and on_gpu), model)
+    ddp = DistributedDataParallel(mcfg, ddp_config(cfg, on_gpu), model)
     mcfg.finalize_model_grads_func = finalize_model_grads
     mcfg.no_sync_func = ddp.no_sync
+    if ddp.ddp_config.overlap_grad_reduce:  # as Megatron's training loop wires the overlap
+        mcfg.grad_sync_func = ddp.start_grad_sync
+    if ddp.ddp_config.overlap_param_gather:
+        mcfg.param_sync_func = ddp.start_param_sync
     return ddp, vocab
 
 
@@ -326,18 +417,13 @@ def _build_optimizer(cfg: PretrainConfig, ddp, total: int, bf16: bool, on_gpu: b
     The scheduler takes its shape from the config, never from a checkpoint, so a run resumed with
     a different decay branch (pre-decay export, then another decay) follows the config.
     """
-    import torch
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer import get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     from pretrain import schedule
 
     kw = schedule.megatron_kwargs(cfg.schedule, total, cfg.optim.lr)
-    opt = get_megatron_optimizer(OptimizerConfig(
-        optimizer="adam", lr=cfg.optim.lr, min_lr=kw["min_lr"], weight_decay=cfg.optim.weight_decay,
-        adam_beta1=cfg.optim.adam_beta1, adam_beta2=cfg.optim.adam_beta2, adam_eps=cfg.optim.adam_eps,
-        clip_grad=cfg.optim.clip_grad, bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
-        use_distributed_optimizer=cfg.optim.use_distributed_optimizer and on_gpu), [ddp])
+    opt = get_megatron_optimizer(optimizer_config(cfg, bf16, on_gpu, kw["min_lr"]), [ddp])
     sched = OptimizerParamScheduler(opt, start_wd=cfg.optim.weight_decay, end_wd=cfg.optim.weight_decay,
                                     wd_incr_steps=total, wd_incr_style="constant",
                                     # the config, not the checkpoint, defines the schedule (decay branches)
@@ -495,6 +581,31 @@ def _save_if_due(loop: _Loop, out: Path, step: int, total: int, steps_this_run: 
     return bool(stopping)
 
 
+def _stop_agreed(on_gpu: bool) -> bool:
+    """Did any rank get a stop signal? One all-reduce (MAX) per step, so every rank stops at the
+    same step: the checkpoint save is collective and must be entered by all of them."""
+    import torch
+
+    from attninf.lifecycle import stop_requested
+
+    dev = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    t = torch.tensor([1 if stop_requested() else 0], dtype=torch.int32, device=dev)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _save_for_requeue(loop: _Loop, out: Path, step: int, phases) -> None:
+    """Checkpoint at `step` unless this step was just saved; the requeued job resumes from it."""
+    from pretrain import checkpoint
+
+    cfg = loop.cfg
+    if checkpoint.latest_step(out / "ckpt") != step:
+        checkpoint.save(out / "ckpt", step, loop.ddp, loop.opt, loop.sched, step * cfg.global_batch_size,
+                        keep_last=cfg.keep_last, protect=(cfg.total_steps(),))
+    if loop.par.rank == 0:
+        log.info("stop requested: checkpoint at step %d saved; exiting for a requeue", step)
+
+
 def train(cfg: PretrainConfig, blend: dict, mix_dir: Path, arm: str, out: Path,
           log_fn: Callable[[dict, int], None] | None = None) -> dict:
     """Train (or resume) one arm. Called in every training process after init_process_group.
@@ -540,6 +651,9 @@ def train(cfg: PretrainConfig, blend: dict, mix_dir: Path, arm: str, out: Path,
         if cfg.eval_interval and (step % cfg.eval_interval == 0 or step == total):
             last_val = _evaluate(loop, valid_ds, step)
         if _save_if_due(loop, out, step, total, steps_this_run, phases):
+            break
+        if step < total and _stop_agreed(on_gpu):
+            _save_for_requeue(loop, out, step, phases)
             break
     wall = time.perf_counter() - t_run
     if step >= total and cfg.export_hf and par.world > 1 and par.pp == 1:
@@ -588,97 +702,79 @@ def _env() -> dict:
     return env
 
 
-def _stream(cmd: list[str], log_path: Path, env: dict) -> int:
-    """Run cmd, teeing its output to log_path (the user sees training progress live)."""
-    with open(log_path, "a") as fh:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            fh.write(line)
-            fh.flush()
-            if "Warning" not in line and "warnings.warn" not in line:
-                sys.stderr.write(line)
-        return proc.wait()
-
-
-def launch_local(stage_dir: Path, nproc: int, port: int | None = None) -> None:
-    """Train in fresh processes: `python -m pretrain.launch` (1 process) or torchrun (several)."""
-    env = _env()
-    port = port or free_port()
-    if nproc == 1:
-        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        cmd = [sys.executable, "-m", "pretrain.launch", str(stage_dir)]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "pretrain.launch", str(stage_dir)]
-    rc = _stream(cmd, stage_dir / "train.log", env)
-    if rc != 0:
-        raise RuntimeError(f"pretrain: training exited with code {rc}; see {stage_dir / 'train.log'}")
-
-
-def srun_task() -> tuple[int, int] | None:
-    """(task, ntasks) when this process is one task of a multi-task srun step, else None.
-
-    SLURM_STEP_NUM_TASKS is set by srun for its step only (not in the batch script itself), and a
-    torchrun child has RANK: neither of those counts as a task that must train as one rank.
-    """
-    env = os.environ
-    if "RANK" in env or "SLURM_PROCID" not in env:
-        return None
-    n = int(env.get("SLURM_STEP_NUM_TASKS", "1"))
-    return (int(env["SLURM_PROCID"]), n) if n > 1 else None
-
-
-def launch_srun_task(stage_dir: Path, task: int) -> None:
-    """This srun task trains as one rank: a fresh `python -m pretrain.launch` with srun's variables."""
-    log_path = stage_dir / ("train.log" if task == 0 else f"train.task{task}.log")
-    rc = _stream([sys.executable, "-m", "pretrain.launch", str(stage_dir)], log_path, _env())
-    if rc != 0:
-        raise RuntimeError(f"pretrain: training (srun task {task}) exited with code {rc}; see {log_path}")
-
-
 def export_stage(stage_dir: Path) -> None:
-    rc = _stream([sys.executable, "-m", "pretrain.export", str(stage_dir)], stage_dir / "export.log", _env())
+    log_path = stage_dir / "export.log"
+    with open(log_path, "a") as fh:
+        rc = subprocess.run([sys.executable, "-m", "pretrain.export", str(stage_dir)], env=_env(),
+                            stdout=fh, stderr=subprocess.STDOUT).returncode
     if rc != 0:
-        raise RuntimeError(f"pretrain: export exited with code {rc}; see {stage_dir / 'export.log'}")
+        raise RuntimeError(f"pretrain: export exited with code {rc}; see {log_path}")
 
 
-def run(ctx) -> dict[str, Any]:
+def shape(cfg) -> "Any":
+    """The stage's parallel shape: one job of launch.nodes x launch.tasks_per_node ranks.
+
+    Building the config checks nodes x tasks = TP x PP x DP (PretrainConfig.validate), so a
+    layout that cannot train is one config error before anything starts or is submitted.
+    """
+    from attninf.stages import Shape
+
+    pc = load_config(cfg.get("pretrain"))
+    return Shape("ranks", pc.launch.nodes, pc.launch.tasks_per_node)
+
+
+def preflight(cfg, arm, resources) -> tuple[dict, list[str]]:
+    """Memory per GPU of this layout against the GPU's, and the layer spec's library on a GPU job.
+
+    `resources` is the job's request (attninf/submit.py Resources) or None on this machine: with
+    no GPU requested nothing here applies (the CPU path uses the local spec by design).
+    """
+    import importlib.util
+
+    from pretrain.model import memory_per_gpu
+
+    pc = load_config(cfg.get("pretrain"))
+    gpus = int(getattr(resources, "gpus_per_node", 0) or 0)
+    facts: dict = {}
+    problems: list[str] = []
+    if not gpus:
+        return facts, problems
+    vocab = pc.model.vocab_size or int(((cfg.get("cost") or {}).get("train_vocab")) or 49152)
+    gib = float(getattr(resources, "gpu_memory_gb", 0) or 0)
+    te = importlib.util.find_spec("transformer_engine") is not None
+    # flash/fused attention never holds the s x s matrix (TE's kernels; checked just below)
+    mem = memory_per_gpu(pc, vocab, flash=pc.gpu.attention_backend in ("auto", "flash", "fused"))
+    facts["memory_per_gpu"] = {**{k: round(v / 2**30, 2) for k, v in mem.items()}, "gpu_gib": gib}
+    if gib and mem["total"] > gib * 2**30:
+        parts = ", ".join(f"{k} {v / 2**30:.1f}" for k, v in mem.items() if k != "total")
+        problems.append(f"pretrain: {mem['total'] / 2**30:.1f} GiB per GPU ({parts}) is over the GPU's "
+                        f"{gib:g} GiB; raise tensor/pipeline parallelism, set pretrain.gpu.recompute, or "
+                        "lower micro_batch_size")
+    if not te and not pc.allow_local_spec:
+        problems.append("pretrain: the TransformerEngine layer spec is required on GPUs and "
+                        "transformer_engine is not importable here; install it "
+                        "(pip install transformer-engine[pytorch]) or set pretrain.allow_local_spec=true")
+    return facts, problems
+
+
+def finish(ctx) -> dict[str, Any]:
+    """After every rank exited 0: HF export of the final (and pre-decay) checkpoint, figure, summary."""
+    from attninf.arms import base
     from attninf.context import Incomplete
     from attninf.manifest import write_json
     from pretrain import checkpoint, figures
     from pretrain.mix import effective_epochs
 
-    from attninf.arms import base
-
-    cfg = load_config(ctx.section("pretrain"))
+    cfg = ctx.config("pretrain") if ctx.typed is not None else load_config(ctx.section("pretrain"))
     arm = base(ctx.arm) or "baseline"  # a seeded arm trains on its arm's mixture
     mix_dir = ctx.upstream("mix")
     blend = json.loads((mix_dir / "blend.json").read_text())
-    if arm not in blend["arms"]:
-        raise ValueError(f"pretrain: arm '{arm}' is not in {mix_dir / 'blend.json'} (arms there: "
-                         f"{sorted(blend['arms'])}); re-run the mix stage with this arm")
     out: Path = ctx.out
-    write_json(out / "job.json", {"arm": arm, "mix_dir": str(Path(mix_dir).resolve())})
     total = cfg.total_steps()
     ckpt_root = out / "ckpt"
     if checkpoint.latest_step(ckpt_root) != total:
-        if cfg.launch.mode == "external":
-            raise Incomplete(
-                f"pretrain[{arm}]: prepared {out}; submit the training job, e.g. "
-                f"`sbatch slurm/pretrain.sbatch {out}`, then re-run this pipeline to export and finish")
-        task = srun_task()
-        if task is not None:  # `srun --ntasks=N python -m attninf.worker <stage>`: one rank per task
-            launch_srun_task(out, task[0])
-        else:
-            launch_local(out, cfg.launch.nproc_per_node, cfg.launch.master_port)
-        if checkpoint.latest_step(ckpt_root) != total:
-            raise Incomplete(f"pretrain[{arm}]: stopped before step {total} (exit_after_steps); "
-                             f"re-run to resume from {ckpt_root}")
-    task = srun_task()
-    if task is not None and task[0] != 0:
-        raise Incomplete(f"pretrain[{arm}]: srun task {task[0]} of {task[1]} trained; task 0 exports")
+        raise Incomplete(f"pretrain[{arm}]: the latest checkpoint is step {checkpoint.latest_step(ckpt_root)}, "
+                         f"not {total}; re-run to resume from {ckpt_root}")
     if cfg.export_hf and not (out / "hf" / "config.json").exists():
         export_stage(out)
     rows = read_metrics(out / "metrics.jsonl")

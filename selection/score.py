@@ -17,9 +17,9 @@ zero_loss_base), never a row: DuckDB would rank a NaN score first.
 The parquet's presence is the completion marker, so a worker killed at any moment leaves either
 a whole shard or nothing, and a re-run recomputes exactly the missing shards: no document is
 lost or duplicated, and rows come out identical (same shard -> same batches -> same kernels).
-Every worker streams the whole corpus but tokenises and scores only its own shards; when it has
-done its share and other shards are still missing it raises Incomplete, and the run that finds
-every shard present writes the summary. Reading local jsonl/parquet is cheap next to scoring
+The executors (attninf/lifecycle.py) see one part per shard (`parts`): an array task scores
+its share with `run_parts` (streaming the corpus up to its last shard, tokenising only its own)
+and `finish` merges the shard stats once every part is marked. Reading local jsonl/parquet is cheap next to scoring
 (~1,000x fewer operations per byte); streaming a hub corpus of the paper's size once per worker
 is not, so at that scale export the hub configs to local parquet first (corpus=parquet).
 
@@ -292,14 +292,16 @@ def model_config(ctx, cfg: ScoreConfig):
     return mc
 
 
-def run(ctx) -> dict:
-    cfg = build(ScoreConfig, ctx.cfg.get("score"), "score")
-    ccfg = build(CorpusConfig, ctx.cfg.get("corpus"), "corpus")
-    out: Path = ctx.out
-    rank, world = rank_world()
-    state: dict = {}
+class _Scorer:
+    """The selector and its heads, loaded on the first shard that needs them (never for a
+    re-run whose shards all exist)."""
 
-    def ensure_model():
+    def __init__(self, ctx, cfg: ScoreConfig, rank: int, world: int):
+        self.ctx, self.cfg, self.rank, self.world = ctx, cfg, rank, world
+        self.state: dict = {}
+
+    def get(self):
+        state, cfg, ctx = self.state, self.cfg, self.ctx
         if "scorer" not in state:
             from selection import masking, scoring
             from selection.heads import HeadsConfig, heads_for_stage
@@ -318,44 +320,94 @@ def run(ctx) -> dict:
                              "device": str(device), "heads": len(heads),
                              "batch_tokens": cfg.batch_budget(device.type),
                              "first_masked_layer": state["scorer"].split}
-            log.info("score: rank %d/%d, %s", rank, world, state["info"])
-        return state["scorer"], state["tok"]
+            log.info("score: rank %d/%d, %s", self.rank, self.world, state["info"])
+        return state["scorer"], state["tok"], state["info"]
 
-    total = _count_rows(ccfg)
-    prog = Progress(total=(total + world - 1) // world if total else None, desc=f"score[{rank}/{world}]",
-                    tracker=ctx.tracker, prefix="score", disable=not cfg.progress,
-                    path=out / f"progress-{rank}.json")
-    n_shards = 0
-    done_here = 0
-    # The runner wrote this run's key into the `running` manifest; every shard records it, so a
+
+def parts(ctx) -> list[str]:
+    """The stage's parts for an executor: one per shard (`shard-00007`), from an exact row count.
+
+    Counting streams the corpus once without tokenising (cheap next to scoring). A hub corpus
+    (corpus.kind=hf) has no count without downloading it: one part, `all`, scores every shard.
+    """
+    cfg = build(ScoreConfig, ctx.cfg.get("score"), "score")
+    ccfg = build(CorpusConfig, ctx.cfg.get("corpus"), "corpus")
+    if ccfg.kind == "hf":
+        return ["all"]
+    rows = sum(1 for _ in iter_documents(ccfg, with_skips=True))
+    return [shard_name(i) for i in range((rows + cfg.shard_size - 1) // cfg.shard_size)]
+
+
+def run_parts(ctx, names: list[str], rank: int | None = None, world: int | None = None):
+    """Score the shards named (`all` = every shard); yield each name once its shard is on disk.
+
+    A shard already present, intact and made under this key is yielded without re-scoring.
+    (rank, world) only label the progress file and the shard stats (default: rank_world()).
+    """
+    if rank is None or world is None:
+        rank, world = rank_world()
+    cfg = build(ScoreConfig, ctx.cfg.get("score"), "score")
+    ccfg = build(CorpusConfig, ctx.cfg.get("corpus"), "corpus")
+    out: Path = ctx.out
+    every = "all" in names
+    wanted = set(names)
+    scorer = _Scorer(ctx, cfg, rank, world)
+    total = None if every else len(wanted) * cfg.shard_size
+    prog = Progress(total=total, desc=f"score[{rank}/{world}]", tracker=ctx.tracker, prefix="score",
+                    disable=not cfg.progress, path=out / f"progress-{rank}.json")
+    # The executor wrote this run's key into the `running` manifest; every shard records it, so a
     # shard made under another config is never reused, even when the old manifest was torn.
     key = (manifest.read(out) or {}).get("key")
+    left = len(wanted)
     with prog:
         for i, block in iter_shards(iter_documents(ccfg, with_skips=True), cfg.shard_size):
-            n_shards = i + 1
-            if i % world != rank:
+            name = shard_name(i)
+            if not every and name not in wanted:
                 continue
-            if (out / f"{shard_name(i)}.parquet").exists():
+            if (out / f"{name}.parquet").exists():
                 why = shard_problem(out, i, key, len(block))
                 if why is None:
                     prog.total = None if prog.total is None else max(prog.total - len(block), 0)
+                    if not every:
+                        yield name
+                        left -= 1
+                        if left == 0:
+                            return
                     continue
                 log.warning("score: %s; re-scoring it", why)
-                (out / f"{shard_name(i)}.parquet").unlink(missing_ok=True)
+                (out / f"{name}.parquet").unlink(missing_ok=True)
             check_unique_ids(block)
-            scorer, tok = ensure_model()
-            cols, stats = score_shard(block, tokenizer=tok, scorer=scorer, cfg=cfg, progress=prog)
-            stats.update(shard=i, rank=rank, world=world, key=key, **state["info"])
+            model, tok, info = scorer.get()
+            cols, stats = score_shard(block, tokenizer=tok, scorer=model, cfg=cfg, progress=prog)
+            stats.update(shard=i, rank=rank, world=world, key=key, **info)
             write_shard(out, i, cols, stats)
-            done_here += 1
-    # Other ranks' shards count only when intact and made under this key.
+            if not every:
+                yield name
+                left -= 1
+                if left == 0:  # the rest of the stream is other tasks' shards
+                    return
+    if every:
+        yield "all"
+
+
+def _n_shards(ctx) -> int:
+    names = ctx.parts if ctx.parts is not None else parts(ctx)
+    if names == ["all"]:
+        return len(list(ctx.out.glob("shard-*.stats.json")))
+    return len(names)
+
+
+def finish(ctx) -> dict:
+    """Every shard present: the plan select verifies (rows and digest per shard) and the summary."""
+    cfg = build(ScoreConfig, ctx.cfg.get("score"), "score")
+    ccfg = build(CorpusConfig, ctx.cfg.get("corpus"), "corpus")
+    out: Path = ctx.out
+    key = (manifest.read(out) or {}).get("key")
+    n_shards = _n_shards(ctx)
     missing = [i for i in range(n_shards) if shard_problem(out, i, key) is not None]
     if missing:
-        manifest.write_json(out / "plan.json", {"shards": n_shards, "shard_size": cfg.shard_size,
-                                                "key": key})
-        raise Incomplete(f"score: rank {rank}/{world} scored {done_here} shard(s); {len(missing)} of "
-                         f"{n_shards} still missing (e.g. {shard_name(missing[0])})")
-    # The plan is what select verifies: every shard, its rows and digest, under this key.
+        raise Incomplete(f"score: {len(missing)} of {n_shards} shards missing or not intact "
+                         f"(e.g. {shard_problem(out, missing[0], key)})")
     files = []
     for i in range(n_shards):
         st = json.loads((out / f"{shard_name(i)}.stats.json").read_text())
@@ -367,6 +419,23 @@ def run(ctx) -> dict:
     check_skips(summary, cfg, ccfg)
     ctx.tracker.summary({f"score/{k}": v for k, v in summary.items() if not isinstance(v, dict)})
     return summary
+
+
+def run(ctx) -> dict:
+    """This worker's share (`parts[rank::world]`, attninf.dist.rank_world), then finish when every
+    shard exists; Incomplete while other workers' shards are missing (torchrun / manual fan-out)."""
+    rank, world = rank_world()
+    names = parts(ctx)
+    for _ in run_parts(ctx, names[rank::world] if names != ["all"] else names, rank, world):
+        pass
+    ctx.parts = names
+    key = (manifest.read(ctx.out) or {}).get("key")
+    n = _n_shards(ctx)
+    missing = [i for i in range(n) if shard_problem(ctx.out, i, key) is not None]
+    if missing:
+        raise Incomplete(f"score: rank {rank}/{world} did its share; {len(missing)} of {n} shards "
+                         f"still missing (e.g. {shard_name(missing[0])})")
+    return finish(ctx)
 
 
 # --- integrity: shards carry the stage key and their digest; readers check both -------------

@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# A real one-node Slurm on this machine, for the `slurm` tests and for trying the cluster path:
+# A real Slurm of one or two nodes on this machine, for the `slurm` tests and for trying the
+# cluster path:
 #
-#   slurm/local_cluster.sh up      # install slurm-wlm + munge if missing (root), configure, start
+#   slurm/local_cluster.sh up [N]  # install slurm-wlm + munge if missing (root), configure, start N nodes (1 or 2)
 #   slurm/local_cluster.sh status  # sinfo + the daemons this script started
 #   slurm/local_cluster.sh down    # stop exactly the daemons `up` started (by pid)
 #
 # `up` writes /etc/slurm/slurm.conf for this host (CPUs and memory detected; a conf this script did
 # not write is left alone and `up` refuses), starts munged (unless one already answers),
-# slurmctld and slurmd, and waits until the node is idle. Spool, logs and pid files live in one
+# slurmctld and one slurmd per node, and waits until every node is idle. Nodes are n1..nN, each a
+# slurmd with its own port (17001, 17002) at 127.0.0.1: two nodes on one host are a real
+# two-node cluster for srun/sbatch (ranks 0,1 on n1 and 2,3 on n2 with --ntasks-per-node=2;
+# SLURMD_NODENAME tells them apart), though both claim the same cores. Spool, logs and pid files live in one
 # state folder: $ATTNINF_SLURM_STATE (default ${XDG_STATE_HOME:-~/.local/state}/attninf-slurm).
 # No accounting database: finished jobs stay visible in `scontrol show job` for MinJobAge
 # (2 h) and every finished job is one line in $STATE/log/jobcomp.log.
@@ -32,14 +36,16 @@ write_conf() {
   if [[ -f $CONF ]] && ! grep -qF "$MARK" "$CONF"; then
     die "$CONF exists and was not written by this script; not touching it"
   fi
-  local cpus mem_mb
+  local cpus mem_mb n=$1 nodes i
   cpus=$(nproc)
-  mem_mb=$(awk '/MemTotal/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)  # leave the OS 10%
-  mkdir -p /etc/slurm "$STATE"/{ctld,slurmd,log}
+  mem_mb=$(awk -v n="$n" '/MemTotal/ {print int($2 / 1024 * 0.9 / n)}' /proc/meminfo)  # leave the OS 10%
+  mkdir -p /etc/slurm "$STATE"/{ctld,log}
+  nodes=$(seq -s, -f 'n%g' 1 "$n")
+  for i in $(seq 1 "$n"); do mkdir -p "$STATE/slurmd/n$i"; done
   cat > "$CONF" <<EOF
-$MARK (state: $STATE)
+$MARK (state: $STATE, $n node(s))
 ClusterName=local
-SlurmctldHost=$HOST
+SlurmctldHost=$HOST(127.0.0.1)
 SlurmUser=root
 AuthType=auth/munge
 ProctrackType=proctrack/linuxproc
@@ -48,11 +54,12 @@ SchedulerType=sched/backfill
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 StateSaveLocation=$STATE/ctld
-SlurmdSpoolDir=$STATE/slurmd
+SlurmdSpoolDir=$STATE/slurmd/%n
 SlurmctldPidFile=$STATE/slurmctld.pid
-SlurmdPidFile=$STATE/slurmd.pid
+SlurmdPidFile=$STATE/slurmd-%n.pid
 SlurmctldLogFile=$STATE/log/slurmctld.log
-SlurmdLogFile=$STATE/log/slurmd.log
+SlurmdLogFile=$STATE/log/slurmd-%n.log
+MailProg=/bin/true
 ReturnToService=2
 MpiDefault=none
 MinJobAge=7200
@@ -60,8 +67,10 @@ KillWait=10
 JobRequeue=1
 JobCompType=jobcomp/filetxt
 JobCompLoc=$STATE/log/jobcomp.log
-NodeName=$HOST CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
-PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
+$(for i in $(seq 1 "$n"); do
+  echo "NodeName=n$i NodeHostname=$HOST NodeAddr=127.0.0.1 Port=$((17000 + i)) CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN"
+done)
+PartitionName=debug Nodes=$nodes Default=YES MaxTime=INFINITE State=UP
 EOF
 }
 
@@ -80,24 +89,28 @@ start_munge() {
 
 alive() { [[ -f $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
+slurmd_pids() { ls "$STATE"/slurmd-n*.pid 2>/dev/null || true; }
+
 up() {
-  [[ $(id -u) -eq 0 ]] || die "run as root (the daemons run as root on this one-node cluster)"
+  local n=${1:-1} i state
+  [[ $n == 1 || $n == 2 ]] || die "nodes: 1 or 2, not '$n'"
+  [[ $(id -u) -eq 0 ]] || die "run as root (the daemons run as root on this local cluster)"
   install_if_missing
-  if alive "$STATE/slurmctld.pid" && alive "$STATE/slurmd.pid"; then
-    echo "local_cluster: already up (pids $(cat "$STATE/slurmctld.pid") $(cat "$STATE/slurmd.pid"))"
+  if alive "$STATE/slurmctld.pid" && [[ -n $(slurmd_pids) ]]; then
+    echo "local_cluster: already up (slurmctld pid $(cat "$STATE/slurmctld.pid")); 'down' first to change it"
     return
   fi
-  write_conf
+  write_conf "$n"
   start_munge
   /usr/sbin/slurmctld -i   # -i: ignore stale state of an earlier run of this folder
   for _ in $(seq 100); do scontrol ping 2>/dev/null | grep -q UP && break; sleep 0.2; done
-  /usr/sbin/slurmd
+  for i in $(seq 1 "$n"); do /usr/sbin/slurmd -N "n$i"; done
   for _ in $(seq 150); do
-    state=$(sinfo -h -n "$HOST" -o %T 2>/dev/null || true)
-    [[ $state == idle* ]] && { echo "local_cluster: up, node $HOST idle ($(nproc) CPUs); state in $STATE"; return; }
+    state=$(sinfo -h -o '%t %D' 2>/dev/null | tr '\n' ' ' || true)
+    [[ $state == "idle $n " ]] && { echo "local_cluster: up, $n node(s) idle ($(nproc) CPUs each); state in $STATE"; return; }
     sleep 0.2
   done
-  die "node $HOST did not become idle (state '${state:-?}'); see $STATE/log/"
+  die "nodes did not become idle (sinfo: '${state:-?}'); see $STATE/log/"
 }
 
 stop_pid() {  # $1 = pid file, $2 = name
@@ -113,21 +126,22 @@ stop_pid() {  # $1 = pid file, $2 = name
 }
 
 down() {
-  stop_pid "$STATE/slurmd.pid" slurmd
+  local f
+  for f in $(slurmd_pids) "$STATE/slurmd.pid"; do stop_pid "$f" "slurmd $(basename "$f" .pid)"; done
   stop_pid "$STATE/slurmctld.pid" slurmctld
   stop_pid "$STATE/munged.pid" munged
 }
 
 status() {
-  for d in slurmctld slurmd munged; do
+  for d in slurmctld slurmd-n1 slurmd-n2 munged; do
     if alive "$STATE/$d.pid"; then echo "$d: pid $(cat "$STATE/$d.pid")"; else echo "$d: not running (from here)"; fi
   done
   sinfo 2>/dev/null || true
 }
 
 case "${1:-}" in
-  up) up ;;
+  up) up "${2:-1}" ;;
   down) down ;;
   status) status ;;
-  *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
+  *) echo "usage: $0 up [1|2] | down | status" >&2; exit 2 ;;
 esac

@@ -108,3 +108,12 @@ def make_docs(n_per_domain=60, seed=0):
             docs.append(Doc(f"{dom}:{i}", dom, " ".join(rng.choice(_PRETRAIN_WORDS, size=k))))
     docs.append(Doc("web:empty", "web", "", skip="empty"))
     return docs
+
+
+# --- training ranks (tests/pretrain) ------------------------------------------------------------
+
+def launch_ranks(stage: Path, n: int, nodes: int = 1) -> str:
+    """The pretrain stage's ranks as the local executor starts them: n per node, nodes 'nodes'."""
+    from attninf.dist import spawn_ranks
+
+    return spawn_ranks("pretrain.launch", stage, nodes, n)

@@ -1,13 +1,17 @@
-"""The cluster path on a live Slurm (marker `slurm`; `make test-cluster` starts a one-node Slurm with
-slurm/local_cluster.sh and stops it afterwards).
+"""The cluster path on a live two-node Slurm (marker `slurm`; `make test-cluster` starts two slurmd
+on this machine with slurm/local_cluster.sh up 2 and stops them afterwards).
 
-- `+experiment=smoke cluster=slurm_onenode`: every stage is a Slurm job (scoring an array of 2
-  tasks, each arm's pretraining one job of 2 srun tasks = DP 2 over gloo), `attninf-status --wait`
-  exits 0, and the artifacts equal a local run of the same config and world size: score rows,
-  selection, per-step losses and eval results identical;
+- `+experiment=smoke cluster=slurm_onenode` with pretraining on 2 nodes x 2 tasks (TP2 inside a
+  node, DP2 across the nodes, gloo): every stage is a Slurm job (scoring an array of 2 tasks plus
+  a finish job, each arm's pretraining one job of 4 srun tasks on n1 and n2), `attninf-status
+  --wait` exits 0 and shows both nodes, and the artifacts equal a local run of the same config
+  (4 local ranks): score rows, selection, per-step losses and eval results identical;
 - a re-submission of the finished run submits nothing;
-- preemption: `scontrol requeue` of a running score array task (after its first shard) and of a
-  running pretrain job (after a checkpoint): the final artifacts are again identical;
+- time limits and preemption, on a run whose pretrain jobs have a one-minute limit: an array task
+  requeued after its first shard; `scontrol requeue` of the two-node baseline job after a
+  checkpoint (SIGTERM: the ranks save at the next step); SIGUSR1 (the time-limit warning) sent to
+  the attention_influence job before its first periodic save: the ranks save, exit 75, the job
+  script requeues its own job. Every arm ends with losses identical to the uninterrupted run;
 - a ratio sweep through Hydra's submitit Slurm launcher runs as Slurm jobs and shares one scoring;
 - an unknown partition is refused with Slurm's own message, in one line, exit 2.
 """
@@ -19,6 +23,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -29,25 +34,29 @@ import pytest
 pytestmark = pytest.mark.slurm
 
 ARMS = ["baseline", "attention_influence", "random"]
-# DP=2: two ranks per arm, locally via torchrun, on Slurm as one job with two srun tasks.
-SMOKE = ["+experiment=smoke", "pretrain.launch.nproc_per_node=2"]
+# 2 nodes x 2 tasks = TP2 x DP2: locally 4 processes, on Slurm one job of 4 srun tasks on n1, n2.
+SMOKE = ["+experiment=smoke", "pretrain.launch.nodes=2", "pretrain.launch.tasks_per_node=2",
+         "pretrain.tensor_parallel=2"]
 CLUSTER = ["cluster=slurm_onenode"]
 
 
-def _slurm_answers() -> bool:
+def _slurm_nodes() -> int:
     if shutil.which("scontrol") is None:
-        return False
+        return 0
     p = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=60)
-    return " is UP" in p.stdout
+    if " is UP" not in p.stdout:
+        return 0
+    return len(subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True).stdout.split())
 
 
 @pytest.fixture(scope="module")
 def slurm():
-    if not _slurm_answers():
-        pytest.skip("no Slurm answers: run `make test-cluster` (slurm/local_cluster.sh up)")
+    n = _slurm_nodes()
+    if n < 2:
+        pytest.skip("no two-node Slurm answers: run `make test-cluster` (slurm/local_cluster.sh up 2)")
 
 
-def cli(args, env, cwd, check=True, timeout=900):
+def cli(args, env, cwd, check=True, timeout=1200):
     p = subprocess.run([sys.executable, "-m", "attninf.cli", *args], env=env, cwd=cwd,
                        capture_output=True, text=True, timeout=timeout)
     if check:
@@ -55,7 +64,7 @@ def cli(args, env, cwd, check=True, timeout=900):
     return p
 
 
-def status(run, env, *extra, timeout=1500):
+def status(run, env, *extra, timeout=1800):
     return subprocess.run([sys.executable, "-m", "attninf.status", str(run), *extra], env=env,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -93,7 +102,7 @@ def scores(run: Path) -> list[dict]:
 
 def losses(run: Path, arm: str) -> list[tuple]:
     rows = [json.loads(ln) for ln in (run / "pretrain" / arm / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    return [(r["step"], r["loss"], r["grad_norm"]) for r in rows if "loss" in r]
 
 
 def eval_results(run: Path, arm: str) -> dict:
@@ -113,7 +122,7 @@ def assert_same_artifacts(a: Path, b: Path, stages=("score", "select", "pretrain
             assert eval_results(a, arm) == eval_results(b, arm), arm
 
 
-def test_smoke_as_slurm_jobs_equals_the_local_run(cluster_run, local_run):
+def test_smoke_as_slurm_jobs_on_two_nodes_equals_the_local_run(cluster_run, local_run):
     run, submit, st, wall = cluster_run
     assert st.returncode == 0, st.stdout + st.stderr
     lines = st.stdout.splitlines()[1:]
@@ -122,21 +131,27 @@ def test_smoke_as_slurm_jobs_equals_the_local_run(cluster_run, local_run):
     js = jobs(run)
     assert set(js) == {(s, None) for s in ("detect", "mirror", "score", "select", "mix", "eval_masked", "report")} \
         | {(s, a) for s in ("pretrain", "eval") for a in ARMS}
-    assert len(js[("score", None)]["tasks"]) == 2  # an array of 2 tasks
-    assert {f["ArrayTaskId"] for f in job_fields(js[("score", None)]["job_id"])} == {"0", "1"}
+    assert len(js[("score", None)]["tasks"]) == 3  # an array of 2 tasks, then the finish job
+    array_id = js[("score", None)]["job_ids"][0]
+    assert {f["ArrayTaskId"] for f in job_fields(array_id)} == {"0", "1"}
     owners = {json.loads(p.read_text())["rank"] for p in (run / "score").glob("shard-*.stats.json")}
     assert owners == {0, 1}  # both array tasks scored
     for arm in ARMS:
         (f,) = job_fields(js[("pretrain", arm)]["job_id"])
-        assert f["NumTasks"] == "2" and f["JobState"] == "COMPLETED", f
-        assert (run / "pretrain" / arm / "train-rank1.log").exists()
+        assert (f["NumNodes"], f["NumTasks"], f["NodeList"], f["JobState"]) == ("2", "4", "n[1-2]", "COMPLETED"), f
+        row = next(ln for ln in lines if ln.startswith(f"pretrain[{arm}]"))
+        assert "n[1-2]" in row.split()  # attninf-status shows both nodes
+        t = json.loads((run / "pretrain" / arm / "train_summary.json").read_text())
+        assert (t["world"], t["tp"], t["dp"]) == (4, 2, 2)
+        assert (run / "pretrain" / arm / "logs" / "rank-3.log").exists()
     for (stage, arm), j in js.items():
-        assert all(f["JobState"] == "COMPLETED" for f in job_fields(j["job_id"])), (stage, arm)
-    # afterok chain: select waited for the score array, report for every eval
+        for jid in j["job_ids"]:
+            assert all(f["JobState"] == "COMPLETED" for f in job_fields(jid)), (stage, arm)
+    # afterok chain: the score finish waited for the array, select for the finish, report for every eval
     assert js[("select", None)]["dependency"] == [js[("score", None)]["job_id"]]
     assert set(js[("report", None)]["dependency"]) >= {js[("eval", a)]["job_id"] for a in ARMS}
     assert_same_artifacts(run, local_run[0])
-    for stage in ("detect", "score", "select", "mix"):  # same keys: the same experiment, computed twice
+    for stage in ("detect", "score", "select", "mix", "pretrain/baseline"):  # same keys, computed twice
         assert json.loads((run / stage / "manifest.json").read_text())["key"] == \
             json.loads((local_run[0] / stage / "manifest.json").read_text())["key"]
 
@@ -158,7 +173,7 @@ def test_resubmitting_a_finished_run_submits_nothing(cluster_run, env, corpus):
     assert (run / "report/report.md").read_text() == report
 
 
-def _wait_for(pred, timeout=600, what=""):
+def _wait_for(pred, timeout=900, what=""):
     t0 = time.time()
     while time.time() - t0 < timeout:
         v = pred()
@@ -168,42 +183,83 @@ def _wait_for(pred, timeout=600, what=""):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def _requeue(job_id: str) -> None:
-    subprocess.run(["scontrol", "requeue", job_id], check=True, capture_output=True, text=True)
-    # A requeued job is held back for a while (BeginTime); let it start again at once.
-    _wait_for(lambda: job_fields(job_id) and job_fields(job_id)[0]["JobState"] == "PENDING", 60, "PENDING")
-    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+class StartRequeuedAtOnce(threading.Thread):
+    """A requeued job waits ~2 minutes (Reason=BeginTime) before Slurm starts it again; the test
+    sets StartTime=now for every such job instead of waiting."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.stop = threading.Event()
+
+    def run(self):
+        seen: dict[str, float] = {}
+        while not self.stop.is_set():
+            out = subprocess.run(["squeue", "-h", "-t", "PD", "-o", "%i %r"], capture_output=True, text=True).stdout
+            for ln in out.splitlines():
+                jid, _, reason = ln.partition(" ")
+                if reason.strip() != "BeginTime":
+                    continue
+                # not at once: a job started again before its last steps are cleaned up is killed
+                # ("Job credential revoked"), which is what the delay protects against
+                if time.time() - seen.setdefault(jid, time.time()) > 10:
+                    subprocess.run(["scontrol", "update", f"JobId={jid}", "StartTime=now"], capture_output=True)
+                    seen.pop(jid)
+            time.sleep(1)
 
 
-def test_requeued_score_task_and_pretrain_job_change_nothing(slurm, tmp_path, env, corpus, local_run):
-    """Requeue one score array task after its first shard, and the baseline pretraining after its
-    first checkpoint (save_interval=2: checkpoints at steps 2 and 4; the math is unchanged)."""
+def _trained_steps(stage: Path) -> int:
+    p = stage / "metrics.jsonl"
+    if not p.exists():
+        return 0
+    return max([json.loads(ln)["step"] for ln in p.read_text().splitlines() if '"loss"' in ln] or [0])
+
+
+def test_time_limit_signal_and_requeues_change_nothing(slurm, tmp_path, env, corpus, local_run):
+    """Pretrain jobs with a one-minute limit (save_interval=4: the math is unchanged). Requeue one
+    score array task after its first shard, `scontrol requeue` the two-node baseline job after its
+    first checkpoint, and send SIGUSR1 (Slurm's time-limit warning) to the attention_influence job
+    after its first step, before any periodic save; every job ends COMPLETED and the artifacts
+    equal the uninterrupted local run."""
     run = tmp_path / "run"
-    cli([*SMOKE, *CLUSTER, f"run_dir={run}", corpus, "stages=[detect,score,select,mix,pretrain]",
-         "pretrain.save_interval=2"], env, tmp_path)
-    js = jobs(run)
-    score_dir, pre = run / "score", run / "pretrain" / "baseline"
-    # rank 1 owns shards 1 and 3: requeue it once shard 1 exists and shard 3 does not
-    task = js[("score", None)]["tasks"][1]
-    _wait_for(lambda: (score_dir / "shard-00001.parquet").exists(), what="shard 1")
-    first = (score_dir / "shard-00001.parquet").stat()
-    requeued_mid_task = not (score_dir / "shard-00003.parquet").exists()
-    _requeue(task)
-    pid = js[("pretrain", "baseline")]["job_id"]
-    def mid_training():
-        latest = pre / "ckpt" / "latest"
-        return latest.exists() and int(latest.read_text()) in (2, 4)
+    starter = StartRequeuedAtOnce()
+    starter.start()
+    try:
+        cli([*SMOKE, *CLUSTER, f"run_dir={run}", corpus, "stages=[detect,score,select,mix,pretrain]",
+             "pretrain.save_interval=4", "cluster.stages.pretrain.time_min=1",
+             "cluster.max_requeues=10"], env, tmp_path)  # a loaded machine may need several one-minute attempts
+        js = jobs(run)
+        score_dir = run / "score"
+        # task 1 owns shards 1 and 3: requeue it once shard 1 exists and shard 3 does not
+        task = js[("score", None)]["tasks"][1]
+        _wait_for(lambda: (score_dir / "parts" / "shard-00001.done").exists(), what="shard 1")
+        first = (score_dir / "shard-00001.parquet").stat()
+        requeued_mid_task = not (score_dir / "parts" / "shard-00003.done").exists()
+        subprocess.run(["scontrol", "requeue", task], check=True, capture_output=True)
+        base, ai = run / "pretrain" / "baseline", run / "pretrain" / "attention_influence"
+        base_job, ai_job = js[("pretrain", "baseline")]["job_id"], js[("pretrain", "attention_influence")]["job_id"]
 
-    _wait_for(mid_training, timeout=900, what="a pretrain checkpoint before the last step")
-    _requeue(pid)
-    st = status(run, env, "--wait", "--poll", "2")
+        def mid_training():
+            latest = base / "ckpt" / "latest"
+            return latest.exists() and int(latest.read_text()) == 4 and _trained_steps(base) < 6
+
+        _wait_for(mid_training, what="the baseline's checkpoint at step 4 before its last step")
+        subprocess.run(["scontrol", "requeue", base_job], check=True, capture_output=True)
+        _wait_for(lambda: 1 <= _trained_steps(ai) < 4, what="attention_influence's first step")
+        subprocess.run(["scancel", "--signal=USR1", ai_job], check=True, capture_output=True)
+        st = status(run, env, "--wait", "--poll", "2")
+    finally:
+        starter.stop.set()
+    print(f"\n{st.stdout}")
     assert st.returncode == 0, st.stdout + st.stderr
     assert requeued_mid_task, "shard 3 was finished before the requeue: the check proved nothing"
-    assert int(job_fields(task)[0]["Restarts"]) == 1 and int(job_fields(pid)[0]["Restarts"]) == 1
+    assert int(job_fields(task)[0]["Restarts"]) == 1
     again = (score_dir / "shard-00001.parquet").stat()
     assert (again.st_ino, again.st_mtime_ns) == (first.st_ino, first.st_mtime_ns)  # not rescored
-    log = (pre / "train-rank0.log").read_text()
-    assert "resumed from" in log, log[-3000:]
+    for stage, jid in ((base, base_job), (ai, ai_job)):
+        assert int(job_fields(jid)[0]["Restarts"]) >= 1, jid
+        log = (stage / "logs" / "rank-0.log").read_text()
+        assert "saved; exiting for a requeue" in log and "resumed from" in log, log[-3000:]
+    assert "received SIGUSR1" in (ai / "logs" / "rank-0.log").read_text()
     assert_same_artifacts(run, local_run[0], stages=("score", "select", "pretrain"))
 
 

@@ -15,7 +15,8 @@ from omegaconf import OmegaConf
 from attninf import status
 from attninf.config import ConfigError
 from attninf.runner import run_pipeline
-from attninf.submit import _expand_tasks, cluster_config, plan
+from attninf.lifecycle import plan_units
+from attninf.submit import _expand_tasks, cluster_config
 from tests import toy_stages
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -49,8 +50,8 @@ def test_cluster_config_is_validated_at_the_edge():
         cluster_config(OmegaConf.create({"cluster": {"kind": "slurm", "stages": {"scor": {}}}}))
     with pytest.raises(ConfigError, match="cluster.kind"):
         cluster_config(OmegaConf.create({"cluster": {"kind": "pbs"}}))
-    with pytest.raises(ConfigError, match=r"^cluster.score_tasks: 0 must be >= 1"):
-        cluster_config(OmegaConf.create({"cluster": {"kind": "slurm", "score_tasks": 0}}))
+    with pytest.raises(ConfigError, match=r"^cluster.stages.score.array_tasks: 0 must be >= 1"):
+        cluster_config(OmegaConf.create({"cluster": {"kind": "slurm", "stages": {"score": {"array_tasks": 0}}}}))
     with pytest.raises(ConfigError, match=r"^unknown config key\(s\) cluster.partitions;"):
         cluster_config(OmegaConf.create({"cluster": {"partitions": "gpu"}}))
     cc = cluster_config(OmegaConf.create({"cluster": {"kind": "slurm", "resources": {"cpus_per_task": 2, "mem_gb": 8},
@@ -81,11 +82,11 @@ def test_plan_keys_equal_the_keys_a_local_run_writes(tmp_path, toy):
     from attninf.runner import stage_dirs
 
     cfg = _cfg(tmp_path)
-    planned = plan(cfg, ["detect", "score"], stage_dirs(cfg, [], False))
+    planned = plan_units(cfg, ["detect", "score"], stage_dirs(cfg, [], False))
     run_pipeline(cfg)
     for name in ("detect", "score"):
         m = json.loads((tmp_path / "run" / name / "manifest.json").read_text())
-        assert planned[(name, None)]["key"] == m["key"], name
+        assert planned[(name, None)].key == m["key"], name
 
 
 def test_status_of_a_local_run_from_manifests(tmp_path, toy, capsys):

@@ -124,7 +124,15 @@ def test_pretrain_config_validates():
     for section, message in [({"optim": {"lr": 0.0}}, r"^pretrain.optim.lr: must be > 0"),
                              ({"optim": {"adam_beta2": 1.0}}, r"^pretrain.optim.adam_beta1: betas must be in \[0, 1\)"),
                              ({"optim": {"momentum": 0.9}}, r"^unknown config key\(s\) pretrain.optim.momentum;"),
-                             ({"launch": {"mode": "ssh"}}, r"^pretrain.launch.mode: local \| external"),
+                             ({"launch": {"nodes": 0}}, r"^pretrain.launch.nodes: must be >= 1"),
+                             ({"launch": {"nodes": 2, "tasks_per_node": 2}, "tensor_parallel": 2,
+                               "data_parallel": 3, "global_batch_size": 12, "micro_batch_size": 2},
+                              r"^pretrain.launch: launch.nodes x launch.tasks_per_node = 2 x 2 = 4 ranks, but "
+                              r"tensor_parallel x pipeline_parallel x data_parallel = 2 x 1 x 3 = 6"),
+                             ({"launch": {"nodes": 1, "tasks_per_node": 3}, "tensor_parallel": 2},
+                              r"^pretrain.launch: .* = 3 ranks is not a multiple of tensor_parallel x pipeline_parallel = 2"),
+                             ({"gpu": {"sequence_parallel": True}}, r"^pretrain.gpu.sequence_parallel: needs tensor_parallel > 1"),
+                             ({"gpu": {"recompute": "some"}}, r"^pretrain.gpu.recompute: 'some' is not one of"),
                              ({"schedule": {"min_lr_ratio": 2.0}}, r"^pretrain.schedule.min_lr_ratio: must be in"),
                              ({"model": {"seq_length": 0}}, r"^pretrain.model.seq_length: must be > 0")]:
         with pytest.raises(ConfigError, match=message):
@@ -306,3 +314,52 @@ def test_plot_loss_curves(tmp_path):
     out = plot_loss_curves(files, tmp_path / "loss.png")
     assert out.exists() and out.stat().st_size > 5000
     assert os.path.getsize(out) > 0
+
+
+def test_gpu_settings_reach_megatrons_configs():
+    """pretrain.gpu.* keys as the paper presets set them arrive in Megatron-Core's own
+    TransformerConfig, DistributedDataParallelConfig and OptimizerConfig (built on CPU)."""
+    from pretrain.model import transformer_config
+    from pretrain.train import ddp_config, load_config, optimizer_config
+
+    cfg = load_config({"tensor_parallel": 2, "launch": {"tasks_per_node": 2},
+                       "optim": {"use_distributed_optimizer": True},
+                       "gpu": {"sequence_parallel": True, "overlap_grad_reduce": True, "overlap_param_gather": True,
+                               "bias_activation_fusion": True, "bias_dropout_fusion": True,
+                               "masked_softmax_fusion": True, "gradient_accumulation_fusion": True,
+                               "attention_backend": "flash", "recompute": "selective"}})
+    tc = transformer_config(cfg.model, tp=2, gpu=cfg.gpu)
+    assert (tc.sequence_parallel, tc.bias_activation_fusion, tc.bias_dropout_fusion, tc.masked_softmax_fusion,
+            tc.gradient_accumulation_fusion, tc.attention_backend.name, tc.recompute_granularity) == \
+        (True, True, True, True, True, "flash", "selective")
+    full = transformer_config(cfg.model, gpu=load_config({"gpu": {"recompute": "full"}}).gpu)
+    assert (full.recompute_granularity, full.recompute_method, full.recompute_num_layers) == ("full", "uniform", 1)
+    off = transformer_config(cfg.model, tp=1, gpu=cfg.gpu)
+    assert off.sequence_parallel is False  # sequence parallel only with TP > 1
+    # rope fusion reaches TransformerConfig too, which refuses it without TransformerEngine here
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match="apply_rope_fusion is not available"):
+            transformer_config(cfg.model, gpu=load_config({"gpu": {"apply_rope_fusion": True}}).gpu)
+    ddp = ddp_config(cfg, on_gpu=True)
+    assert (ddp.overlap_grad_reduce, ddp.overlap_param_gather, ddp.use_distributed_optimizer,
+            ddp.grad_reduce_in_fp32) == (True, True, True, True)
+    assert ddp_config(cfg, on_gpu=False).use_distributed_optimizer is False  # broken resume on CPU
+    opt = optimizer_config(cfg, bf16=True, on_gpu=True, min_lr=4e-5)
+    assert (opt.use_distributed_optimizer, opt.overlap_param_gather, opt.bf16, opt.min_lr) == (True, True, True, 4e-5)
+
+
+def test_a_gpu_without_transformer_engine_needs_allow_local_spec(monkeypatch):
+    """The layer spec's rule on a GPU, exercised on CPU by saying CUDA is there and TE is not."""
+    import torch
+
+    from pretrain import model
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(model, "have_transformer_engine", lambda: False)
+    with pytest.raises(model.SpecError, match="transformer_engine is not importable; install it .* or set "
+                                              "pretrain.allow_local_spec=true"):
+        model.layer_spec(allow_local=False)
+    spec = model.layer_spec(allow_local=True)
+    assert "TE" not in type(spec.submodules.self_attention.submodules.linear_qkv).__name__

@@ -1,7 +1,7 @@
 """Megatron-Core pretraining with 2 ranks over gloo (CPU): DP=2, TP=2 and PP=2 against one rank.
 
-Every run is the real stage path: `pretrain.train.launch_local` starts torchrun with 2 processes of
-`python -m pretrain.launch`, and `python -m pretrain.export` reshards the checkpoint into one HF
+Every run is the real stage path: the local executor's `attninf.dist.spawn_ranks` starts 2 processes
+of `python -m pretrain.launch`, and `python -m pretrain.export` reshards the checkpoint into one HF
 model. One tiny mixture; the global batch is 8 sequences of 64 tokens in microbatches of 2, so:
 
 - ref: 1 rank, 4 microbatches accumulated per step (the single-rank reference curve);
@@ -148,7 +148,7 @@ def mix(tmp_path_factory, tiny_tokenizer, env1):
 
 @pytest.fixture(scope="module")
 def ref(mix):
-    from pretrain.train import launch_local
+    from tests.helpers import launch_ranks as launch_local
 
     root, m = mix
     stage = _stage(root, "ref", m)
@@ -157,7 +157,8 @@ def ref(mix):
 
 
 def _killed_and_resumed(root: Path, m: Path, name: str, timer: Timer, **layout):
-    from pretrain.train import export_stage, launch_local
+    from pretrain.train import export_stage
+    from tests.helpers import launch_ranks as launch_local
 
     stage = _stage(root, name, m, export_hf=True, **KILL, **layout)
     timer.run(f"{name} first run (killed after 7)", launch_local, stage, 2)
@@ -267,7 +268,7 @@ def test_dp2_under_srun_variables_equals_dp1(tmp_path, tiny_tokenizer, env1):
     """Default suite: 2 ranks started as srun starts them; 4 steps equal the 1-rank curve within TOL."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from pretrain.train import launch_local
+    from tests.helpers import launch_ranks as launch_local
 
     m = _mix(tmp_path, tiny_tokenizer)
     short = {"train_iters": 4, "eval_interval": 4, "save_interval": 0}
@@ -286,7 +287,7 @@ def test_dp2_under_srun_variables_equals_dp1(tmp_path, tiny_tokenizer, env1):
 
 @pytest.mark.slow
 def test_dp2_tp2_pp2_against_one_rank(mix, ref, tmp_path):
-    from pretrain.train import launch_local
+    from tests.helpers import launch_ranks as launch_local
 
     root, m = mix
     timer = Timer()
@@ -324,52 +325,25 @@ def test_dp2_tp2_pp2_against_one_rank(mix, ref, tmp_path):
                 assert v == 0.0, (name, v)  # the schedule is layout-free
 
 
-_STAGE_TASK = """
-import sys
-from pathlib import Path
-from omegaconf import OmegaConf
-from attninf.context import Incomplete, StageContext
-from pretrain.train import run
-stage, mix = Path(sys.argv[1]), Path(sys.argv[2])
-ctx = StageContext(name="pretrain", arm="attention_influence", run_dir=stage.parent, out=stage,
-                   cfg=OmegaConf.load(stage / "config.yaml"), dirs={("mix", None): mix})
-try:
-    print("SUMMARY", run(ctx)["loss_last"])
-except Incomplete as e:
-    print("INCOMPLETE", e)
-"""
-
-
 @pytest.mark.slow
 def test_stage_as_two_srun_tasks(tmp_path, tiny_tokenizer, env1):
-    """What `srun --ntasks=2 python -m attninf.worker <stage>` runs: the stage edge in each task.
-
-    Each task trains as one rank (TP=2); task 0 then exports (resharding the TP shards, checked
-    against the TP=2 model's logits) and writes summary.json; task 1 ends with Incomplete.
-    """
-    import subprocess
-    import sys
-
+    """What a Slurm ranks job runs: `srun --ntasks=2 python -m pretrain.launch <stage>` (TP=2),
+    then the stage's finish in one process: the export reshards the TP shards (checked against
+    the TP=2 model's logits) and writes summary.json."""
     from attninf import manifest
-    from pretrain.train import _env
+    from attninf.context import StageContext
+    from pretrain.train import finish
 
     m = _mix(tmp_path, tiny_tokenizer)
     manifest.write(m, stage="mix", arm=None, key="test", status="done", config={}, inputs={})
     stage = _stage(tmp_path, "stage", m, train_iters=4, eval_interval=4, save_interval=0,
                    export_hf=True, tensor_parallel=2)
-    (stage / "job.json").unlink()  # run() writes it
-    env = {k: v for k, v in _env().items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                          "MASTER_PORT")}
-    env.update(SLURM_JOB_ID=str(os.getpid() % 15000 + 3), SLURM_STEP_NUM_TASKS="2", SLURM_NTASKS="2",
-               SLURM_STEP_NUM_NODES="1", SLURM_JOB_NODELIST="localhost", PYTHONPATH=str(ROOT))
-    procs = [subprocess.Popen([sys.executable, "-c", _STAGE_TASK, str(stage), str(m)], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True,
-                              env={**env, "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i)}) for i in range(2)]
-    outs = [p.communicate(timeout=900)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], [o[-2000:] for o in outs]
-    assert "SUMMARY" in outs[0] and "INCOMPLETE" in outs[1] and "task 1 of 2" in outs[1]
-    s = json.loads((stage / "summary.json").read_text())
+    _srun_like(stage, 2, tmp_path / "tp2.log")
+    ctx = StageContext(name="pretrain", arm="attention_influence", run_dir=stage.parent, out=stage,
+                       cfg=OmegaConf.load(stage / "config.yaml"), dirs={("mix", None): m})
+    s = finish(ctx)
     assert s["steps"] == 4 and (stage / "hf" / "config.json").exists()
+    assert json.loads((stage / "summary.json").read_text())["loss_last"] == s["loss_last"]
     t = json.loads((stage / "train_summary.json").read_text())
     assert (t["world"], t["tp"], t["dp"]) == (2, 2, 1)
     assert json.loads((stage / "hf" / "export.json").read_text())["max_abs_logit_diff_training_layout"] < 1e-4

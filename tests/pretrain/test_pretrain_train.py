@@ -55,7 +55,7 @@ def runs(tmp_path_factory, tiny_tokenizer):
     import pyarrow.parquet as pq
 
     from pretrain.mix import MixConfig, build_mix
-    from pretrain.train import launch_local
+    from tests.helpers import launch_ranks as launch_local
 
     root = tmp_path_factory.mktemp("pretrain")
     tiny_tokenizer.save_pretrained(root / "tok")

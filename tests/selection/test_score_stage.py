@@ -72,7 +72,7 @@ def test_ranks_share_shards_and_last_one_finishes(tmp_path, tiny_model_dir, monk
     cfg.stages = ["score"]
     monkeypatch.setenv("ATTNINF_WORLD_SIZE", "2")
     monkeypatch.setenv("ATTNINF_RANK", "0")
-    with pytest.raises(Incomplete, match="rank 0/2"):
+    with pytest.raises(Incomplete, match="worker 0/2 did its share; 2 of 4 parts still missing"):
         run_pipeline(cfg)
     sd = tmp_path / "run/score"
     assert sorted(p.name for p in sd.glob("shard-*.parquet")) == ["shard-00000.parquet", "shard-00002.parquet"]

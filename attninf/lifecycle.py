@@ -1,0 +1,293 @@
+"""One stage lifecycle, two executors: prepare -> run parts -> finish.
+
+The local runner (attninf/runner.py) and the Slurm submitter (attninf/submit.py) both drive a
+stage through these functions; neither names a stage, both read its declared shape
+(attninf/stages.py):
+
+- `plan_units`: the key, folder and inputs of every (stage, arm) before anything runs. The key
+  hashes the stage's config sections minus their operational keys (intervals, launch; see
+  `typed.operational`), the arm, and the upstream keys, chained through stages that have not
+  run yet, so a submission knows every job's key in advance.
+- `prepare`: a folder holding a finished manifest with this key is done (skip); one holding
+  another key is moved aside (`<stage>.old-<key>`); otherwise the resolved config is frozen
+  into `config.yaml` beside a `running` manifest, which is all a worker anywhere needs.
+- parts: an array stage lists its parts; any executor runs any subset of them (an array task
+  takes `parts[r::n]`); each finished part gets a marker `parts/<name>.done` holding the key,
+  written atomically (temp file + rename). No lock is held while parts run: two workers that
+  race on one part write identical files, and a marker under another key does not count.
+  A ranks stage is one part, `ranks`, marked when every rank exited 0.
+- `complete`: the stage's finish ran; the manifest says `done` with its outputs.
+
+Stopping for a requeue: the worker installs `install_stop_handlers` (SIGUSR1 = Slurm's
+time-limit warning, SIGTERM = preemption or `scontrol requeue`); an array stops at the next part
+boundary, a training rank at the next step (after a checkpoint), and the process exits with
+`EXIT_REQUEUE` so the job script requeues the job.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from attninf import arms, manifest
+from attninf.config import digest, to_plain
+from attninf.context import MissingInput, StageContext
+from attninf.stages import STAGES
+
+log = logging.getLogger("attninf")
+
+EXIT_REQUEUE = 75  # EX_TEMPFAIL: stopped at a safe point, requeue me
+PARTS = "parts"
+RANKS_PART = "ranks"
+
+
+@dataclass
+class Unit:
+    """One (stage, arm) of a run: what it is called, where it lives, what makes it what it is."""
+
+    name: str
+    arm: str | None
+    out: Path
+    key: str
+    sections: dict
+    inputs: dict[str, dict]
+    upstream: list[tuple[str, str | None]] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return self.name + (f"[{self.arm}]" if self.arm else "")
+
+
+def stage_key(cfg: DictConfig, name: str, arm: str | None, inputs: dict[str, dict]) -> tuple[str, dict]:
+    """(key, sections): what the stage computes from; operational keys never enter it."""
+    from attninf.typed import identity
+
+    spec = STAGES[name]
+    sections = {s: identity(s, to_plain(cfg.get(s))) for s in spec.sections}
+    if arm is not None:
+        sections["arm"] = {"name": arm, **(to_plain(cfg.arms[arms.base(arm)]) or {})}
+    key = digest({"stage": name, "arm": arm, "config": sections,
+                  "inputs": {k: v["key"] for k, v in sorted(inputs.items())}})
+    return key, sections
+
+
+def plan_units(cfg: DictConfig, names: list[str], dirs: dict) -> dict[tuple[str, str | None], Unit]:
+    """Every (stage, arm) of `names`, keyed as it will be once its inputs exist.
+
+    An upstream outside `names` must be finished already (MissingInput names what to add);
+    one inside is chained by its planned key.
+    """
+    out: dict[tuple[str, str | None], Unit] = {}
+    for name in names:
+        for arm in STAGES[name].arms(cfg):
+            out[(name, arm)] = plan_unit(cfg, name, arm, dirs, out)
+    return out
+
+
+def plan_unit(cfg: DictConfig, name: str, arm: str | None, dirs: dict,
+              planned: dict[tuple[str, str | None], Unit] | None = None) -> Unit:
+    run_dir = Path(cfg.run_dir)
+    planned = planned or {}
+    inputs, ups = {}, []
+    for u, ua in STAGES[name].needs(cfg, arm):
+        udir = dirs.get((u, ua), run_dir / u)
+        if (u, ua) in planned:
+            k = planned[(u, ua)].key
+            ups.append((u, ua))
+        else:
+            m = manifest.read(udir)
+            if m is None or m.get("status") != "done":
+                what = u + (f" (arm {ua})" if ua else "")
+                raise MissingInput(
+                    f"stage '{name}' needs the outputs of '{what}' at {udir}, which has no "
+                    f"finished manifest: add '{u}' to stages=[...] (run_dir={run_dir})")
+            k = m["key"]
+        inputs[f"{u}/{ua}" if ua else u] = {"path": str(udir), "key": k}
+    # A seeded arm's key is computed on its own config (pretrain.seed).
+    key, sections = stage_key(arms.config_for(cfg, arm), name, arm, inputs)
+    return Unit(name, arm, dirs[(name, arm)], key, sections, inputs, ups)
+
+
+def is_done(unit: Unit) -> bool:
+    m = manifest.read(unit.out)
+    return bool(m) and m.get("status") == "done" and m.get("key") == unit.key
+
+
+def prepare(cfg: DictConfig, unit: Unit, force: bool = False) -> dict | None:
+    """Make the folder ready for workers; return the finished manifest when there is nothing to do."""
+    import importlib
+
+    spec = STAGES[unit.name]
+    out = unit.out
+    out.mkdir(parents=True, exist_ok=True)
+    old = manifest.read(out)
+    if old and old.get("key") == unit.key and old.get("status") == "done" and not force:
+        problem = None
+        if spec.verify:
+            mod, _, attr = spec.verify.partition(":")
+            problem = getattr(importlib.import_module(mod), attr)(out)
+        if problem is None:
+            return old
+        log.warning("%s: %s; re-running it (intact parts are kept)", unit.label, problem)
+        clear_part(out, None)  # markers may name what the check found missing
+    if old and old.get("key") != unit.key:
+        aside = out.with_name(f"{out.name}.old-{old.get('key', 'unknown')[:8]}")
+        shutil.rmtree(aside, ignore_errors=True)
+        out.rename(aside)
+        log.info("%s: config or inputs changed; previous outputs moved to %s", unit.label, aside)
+        out.mkdir(parents=True)
+    elif old and old.get("status") in ("running", "partial", "failed"):
+        log.info("resume %-20s from an unfinished run (key %s)", unit.label, unit.key)
+    # Workers launched elsewhere (srun, array tasks, ranks) read exactly this config.
+    manifest.write_atomic(out / "config.yaml", OmegaConf.to_yaml(arms.config_for(cfg, unit.arm), resolve=True))
+    started = (old or {}).get("started") if (old or {}).get("key") == unit.key else None
+    record(unit, "running", started=started or time.time())
+    return None
+
+
+def record(unit: Unit, status: str, **extra) -> dict:
+    m = manifest.read(unit.out) or {}
+    extra.setdefault("started", m.get("started"))
+    return manifest.write(unit.out, stage=unit.name, arm=unit.arm, key=unit.key, status=status,
+                          config=unit.sections, inputs=unit.inputs, **extra)
+
+
+def complete(unit: Unit, outputs: Any, wall_s: float) -> dict:
+    return record(unit, "done", outputs=outputs, wall_s=wall_s)
+
+
+def unit_of(stage_dir: Path) -> tuple[Unit, DictConfig]:
+    """The unit a worker serves, from the folder `prepare` wrote (no Hydra, no planning)."""
+    m = manifest.read(stage_dir)
+    if m is None or not (stage_dir / "config.yaml").exists():
+        raise MissingInput(f"{stage_dir}: no manifest.json/config.yaml; start the stage with `attninf` first")
+    cfg = OmegaConf.load(stage_dir / "config.yaml")
+    return Unit(m["stage"], m.get("arm"), Path(stage_dir), m["key"], m.get("config") or {},
+                m.get("inputs") or {}), cfg
+
+
+def check_inputs(unit: Unit) -> None:
+    """Every input is finished under the key this unit was planned with (else: MissingInput)."""
+    for k, v in unit.inputs.items():
+        m = manifest.read(Path(v["path"]))
+        if m is None or m.get("status") != "done" or m.get("key") != v["key"]:
+            raise MissingInput(f"{unit.label}: its input '{k}' at {v['path']} is not finished under key "
+                               f"{v['key']} (found {(m or {}).get('status')}, key {(m or {}).get('key')})")
+
+
+def context(cfg: DictConfig, unit: Unit, dirs: dict | None = None, tracker=None,
+            typed: dict | None = None) -> StageContext:
+    from attninf.tracking import NullTracker
+
+    dirs = dict(dirs or {})
+    dirs[(unit.name, unit.arm)] = unit.out
+    for k, v in unit.inputs.items():
+        stage, _, arm = k.partition("/")
+        dirs[(stage, arm or None)] = Path(v["path"])
+    return StageContext(name=unit.name, arm=unit.arm, run_dir=Path(cfg.run_dir), out=unit.out,
+                        cfg=arms.config_for(cfg, unit.arm), dirs=dirs, tracker=tracker or NullTracker(),
+                        typed=typed)
+
+
+# --- parts ----------------------------------------------------------------------------------
+
+def _marker(out: Path, part: str) -> Path:
+    return out / PARTS / f"{part}.done"
+
+
+def mark_part(unit: Unit, part: str, **info) -> None:
+    (unit.out / PARTS).mkdir(exist_ok=True)
+    manifest.write_json(_marker(unit.out, part), {"key": unit.key, "host": os.uname().nodename,
+                                                  "pid": os.getpid(), "time": time.time(), **info})
+
+
+def part_done(unit: Unit, part: str) -> bool:
+    m = manifest.read(unit.out / PARTS, f"{part}.done")
+    return bool(m) and m.get("key") == unit.key
+
+
+def clear_part(out: Path, part: str | None) -> None:
+    """Forget one part's marker (or all of them with None)."""
+    if part is None:
+        shutil.rmtree(out / PARTS, ignore_errors=True)
+    else:
+        _marker(out, part).unlink(missing_ok=True)
+
+
+def part_list(ctx: StageContext, unit: Unit) -> list[str]:
+    """The stage's parts, fixed at the first call (`parts/index.json`): every task splits one list."""
+    idx = manifest.read(unit.out / PARTS, "index.json")
+    if idx and idx.get("key") == unit.key:
+        return list(idx["parts"])
+    names = [str(p) for p in STAGES[unit.name].call("parts")(ctx)]
+    if len(set(names)) != len(names) or any("/" in n for n in names):
+        raise ValueError(f"{unit.label}: parts must be unique names without '/', got {names[:5]}...")
+    (unit.out / PARTS).mkdir(exist_ok=True)
+    manifest.write_json(unit.out / PARTS / "index.json", {"key": unit.key, "parts": names})
+    return names
+
+
+def run_parts(ctx: StageContext, unit: Unit, names: list[str]) -> list[str]:
+    """Run the unmarked parts among `names`; mark each as the stage reports it finished.
+
+    Stops at a part boundary when a stop was requested (raises Interrupted).
+    """
+    todo = [n for n in names if not part_done(unit, n)]
+    if not todo:
+        return []
+    done = []
+    for name in STAGES[unit.name].call("run_parts")(ctx, todo):
+        mark_part(unit, name)
+        done.append(name)
+        if stop_requested():
+            raise Interrupted(f"{unit.label}: stopped after part {name} ({len(done)} of {len(todo)} here)")
+    return done
+
+
+STOPPED = ".stopped"  # a ranks stage's marker: its ranks stopped early with their work saved
+
+
+def mark_stopped(out: Path, at: Any) -> None:
+    """Written by rank 0 when the ranks stop for a requeue (a signal, exit_after_steps): with
+    srun --kill-on-bad-exit the step's exit code may be a kill's, this file is not."""
+    manifest.write_json(Path(out) / STOPPED, {"at": at, "time": time.time(), "host": os.uname().nodename})
+
+
+def missing_parts(unit: Unit, names: list[str]) -> list[str]:
+    return [n for n in names if not part_done(unit, n)]
+
+
+# --- stopping for a requeue -----------------------------------------------------------------
+
+class Interrupted(RuntimeError):
+    """A stop was requested (time-limit signal, preemption); work so far is saved."""
+
+
+_STOP = {"signal": None}
+
+
+def stop_requested() -> bool:
+    return _STOP["signal"] is not None
+
+
+def install_stop_handlers(immediate: bool = False) -> None:
+    """SIGUSR1 (Slurm's warning before the time limit) and SIGTERM (preemption, requeue) set a
+    flag that parts and training steps check; `immediate` raises Interrupted at once instead
+    (a one-process stage has no safe point to reach: it restarts on requeue)."""
+
+    def handler(signum, frame):
+        _STOP["signal"] = signum
+        log.warning("received %s: stopping at the next safe point for a requeue", signal.Signals(signum).name)
+        if immediate:
+            raise Interrupted(f"stopped by {signal.Signals(signum).name}")
+
+    for s in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(s, handler)
