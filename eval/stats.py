@@ -7,7 +7,9 @@ whose subtasks carry weights w_s - size-weighted for MMLU, so c_i = 1/N there to
 
 One seed per arm:
 - Interval: percentile bootstrap of the delta, items resampled with replacement within their
-  subtask (stratum), seeded.
+  subtask (stratum), seeded; n_g - 1 draws from a stratum of n_g items (S - 1 of S seeds), which
+  makes the bootstrap variance of a mean unbiased (n of n gives (n - 1)/n of it: half with the
+  demo's 2 items per MMLU subject).
 - p-value (two-sided): exact McNemar (a binomial test on the discordant items) when the metric
   is 0/1 and every item has the same weight; otherwise the paired sign-flip permutation test on
   the weighted differences (exact enumeration for <= 16 non-zero differences, else seeded Monte
@@ -24,8 +26,8 @@ shared item effect down by about 1/S and gives intervals far too narrow (400 ite
 item-effect sd 0.5, noise sd 0.1: sd 0.0114 against 0.025). Hence:
 - Interval: crossed bootstrap. Per replicate, one item draw per stratum, applied to every
   seed, and the seeds drawn with replacement. Its variance is, exactly (the plug-in closed
-  form, `crossed_bootstrap_variance`), V_items / n + V_seeds / S + V_interaction / (n S) per
-  stratum: it counts the interaction about three times over (a known, conservative property of
+  form, `crossed_bootstrap_variance`), V_items / (n - 1) + V_seeds / (S - 1) + V_interaction /
+  ((n - 1)(S - 1)) per stratum: it counts the interaction about three times over (a known, conservative property of
   the "pigeonhole" bootstrap, Owen 2007), which matters only when the interaction dominates.
 - Variance, p-value and MDE: the two-way random-effects decomposition (`crossed_variance`),
   Var(delta) = sigma_item^2 / n + sigma_seed^2 / S + sigma_noise^2 / (n S), estimated without
@@ -155,12 +157,20 @@ def _boot_deltas(d: np.ndarray, c: np.ndarray, groups: list[np.ndarray], n_resam
     out = np.zeros(n_resamples)
     for idx in groups:
         x = (c[idx] * d[idx]) * idx.size  # stratum total = size * mean of c*d over its items
+        k = _draws(idx.size)
         step = max(1, _CHUNK // idx.size)
         for start in range(0, n_resamples, step):
             m = min(step, n_resamples - start)
-            pick = rng.integers(0, idx.size, size=(m, idx.size))
+            pick = rng.integers(0, idx.size, size=(m, k))
             out[start:start + m] += x[pick].mean(axis=1)
     return out
+
+
+def _draws(n: int) -> int:
+    """Draws per replicate from n units: n - 1 (n >= 2). The mean of n - 1 draws with replacement
+    has variance s^2 / n, the unbiased one; n draws give (n - 1)/n of it, half with 2 items per
+    subtask (the demo's MMLU) or 2 seeds (Rao & Wu's rescaled bootstrap, McCarthy & Snowden)."""
+    return max(1, n - 1)
 
 
 @dataclass
@@ -212,8 +222,9 @@ def paired(a, b, strata=None, stratum_weights: dict | None = None, n_resamples: 
 
 
 def _seed_weights(S: int, m: int, rng: np.random.Generator) -> np.ndarray:
-    """[m, S]: how often each seed is drawn (with replacement) in each replicate, / S."""
-    return rng.multinomial(S, np.full(S, 1.0 / S), size=m) / S
+    """[m, S]: how often each seed is drawn (S - 1 draws with replacement) per replicate, / draws."""
+    k = _draws(S)
+    return rng.multinomial(k, np.full(S, 1.0 / S), size=m) / k
 
 
 def crossed_bootstrap(D: np.ndarray, c: np.ndarray, groups: list[np.ndarray], n_resamples: int,
@@ -228,7 +239,7 @@ def crossed_bootstrap(D: np.ndarray, c: np.ndarray, groups: list[np.ndarray], n_
         step = max(1, _CHUNK // (idx.size * S))
         for start in range(0, n_resamples, step):
             m = min(step, n_resamples - start)
-            pick = rng.integers(0, idx.size, size=(m, idx.size))  # the same items for every seed
+            pick = rng.integers(0, idx.size, size=(m, _draws(idx.size)))  # the same items for every seed
             per_seed[:, start:start + m] += x[:, pick].mean(axis=2)
     w = _seed_weights(S, n_resamples, rng)
     return np.einsum("rs,sr->r", w, per_seed)
@@ -251,13 +262,14 @@ def _two_way(D: np.ndarray, c: np.ndarray, groups: list[np.ndarray]):
 
 
 def crossed_bootstrap_variance(D, c, groups) -> float:
-    """The crossed bootstrap's variance in closed form (exact expectation over its resampling):
-    sum_g mean(r_g^2) / n_g + mean(Q^2) / S + sum_g mean(e_g^2) / (n_g S), Q = sum_g q_g."""
+    """The crossed bootstrap's variance in closed form (exact expectation over its resampling,
+    k_g = n_g - 1 item draws, k_S = S - 1 seed draws):
+    sum_g mean(r_g^2) / k_g + mean(Q^2) / k_S + sum_g mean(e_g^2) / (k_g k_S), Q = sum_g q_g."""
     D = np.atleast_2d(np.asarray(D, dtype=float))
-    S = D.shape[0]
+    kS = _draws(D.shape[0])
     Q, parts = _two_way(D, np.asarray(c, dtype=float), groups)
-    return float(sum(np.mean(r ** 2) / ng + np.mean(e ** 2) / (ng * S) for ng, r, e in parts)
-                 + np.mean(Q ** 2) / S)
+    return float(sum(np.mean(r ** 2) / _draws(ng) + np.mean(e ** 2) / (_draws(ng) * kS) for ng, r, e in parts)
+                 + np.mean(Q ** 2) / kS)
 
 
 @dataclass

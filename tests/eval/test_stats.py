@@ -218,3 +218,17 @@ def test_multi_seed_p_and_mde_count_seed_variance():
     assert naive < 0.001 < r.p_value
     z = stats.paired_seeds(np.zeros((2, 5)), np.zeros((2, 5)), n_resamples=200)
     assert z.delta == 0 and z.p_value == 1.0
+
+
+def test_two_items_per_subtask_bootstrap_variance_is_unbiased():
+    # the demo's MMLU: 57 subtasks x 2 items. n of n draws would give (n-1)/n = half the variance;
+    # n-1 draws give sum_g w_g^2 s_g^2 / n_g with the unbiased s_g^2, whose expectation is Var(delta)
+    rng = np.random.default_rng(9)
+    G, N = 200, 400
+    strata = np.repeat(np.arange(G), 2).tolist()
+    d = rng.normal(0, 1.0, N)
+    boot = stats._boot_deltas(d, np.full(N, 1 / N), stats._strata(N, strata), 20000, np.random.default_rng(1))
+    pairs = d.reshape(G, 2)
+    closed = sum((2 / N) ** 2 * p.var(ddof=1) / 2 for p in pairs)
+    assert float(boot.var(ddof=1)) == pytest.approx(closed, rel=0.04)
+    assert closed == pytest.approx(1.0 / N, rel=0.15)  # and its expectation is the delta's variance
