@@ -10,9 +10,13 @@ layer of the model's own shape in both types and keeps the answer:
 - on CUDA, bf16 (fp16 on GPUs without bf16); on other accelerators, fp32;
 - on CPU, bf16 only when it is at least BF16_MIN_SPEEDUP x fp32 at that shape: bf16 costs
   precision (selection.scoring states the tolerance), so a tie or a small win goes to fp32;
-- the measurement (a fraction of a second; one bf16 call when bf16 is hopeless) is cached per
-  machine (CPU model and ISA flags, oneDNN's cap, threads), torch version and shape, so every
-  stage of a run and every later run on that machine choose alike without measuring again.
+- the measurement (a fraction of a second; two bf16 calls when bf16 is hopeless) is cached per
+  machine (CPU model and ISA flags, oneDNN's and ATen's caps), torch version and shape, so every
+  stage of a run and every later run on that machine choose alike without measuring again. The
+  thread count is recorded but not part of the key: a Slurm task with one CPU and a local run
+  with two must run one run's models in one dtype, or their artifacts differ;
+- layers narrower than MIN_SHAPE are timed at MIN_SHAPE: a tiny test model's GEMMs are call
+  overhead, their timing noise, and their precision choice should be the machine's.
 
 An explicit dtype (`float32`, `bfloat16`, `float16`) always wins. The choice with its measured
 rates is recorded next to each stage's outputs (`Precision.record`).
@@ -38,6 +42,7 @@ CHOICES = ("auto", *DTYPES)
 
 BF16_MIN_SPEEDUP = 1.25   # bf16 must beat fp32 by this factor to be worth its rounding
 ROWS = 256                # rows of the timed GEMM: a scorer batch's order of magnitude
+MIN_SHAPE = (ROWS, 512, 1024)  # the smallest (rows, in, out) timed (SmolLM2-135M: 576 x 1536)
 _FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 
@@ -73,7 +78,7 @@ def linear_shape(config) -> tuple[int, int, int]:
     """(rows, in, out) of the model's widest linear layer (the MLP's up projection)."""
     hidden = int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0) or 512)
     inter = int(getattr(config, "intermediate_size", 0) or 4 * hidden)
-    return ROWS, hidden, inter
+    return ROWS, max(hidden, MIN_SHAPE[1]), max(inter, MIN_SHAPE[2])
 
 
 def resolve(dtype: str, device: torch.device, shape: tuple[int, int, int],
@@ -99,8 +104,9 @@ def resolve(dtype: str, device: torch.device, shape: tuple[int, int, int],
 def measure(shape: tuple[int, int, int]) -> Precision:
     """Time F.linear at `shape` in fp32 and bf16 on all torch threads; pick by BF16_MIN_SPEEDUP.
 
-    fp32 first (best of a few calls). bf16 is warmed up on a few rows (oneDNN builds its kernel)
-    and timed once: where it is hopeless (emulated) that one call decides, so the slowest
+    fp32 first (best of a few calls). bf16 is warmed up at the full shape (oneDNN builds its
+    kernel for the shape and thread count on the first call, which can take longer than the
+    GEMM) and timed once: where it is hopeless (emulated) that call decides, so the slowest
     machines pay about a second once; otherwise both are timed interleaved, best of five.
     """
     rows, k, n = shape
@@ -120,7 +126,7 @@ def measure(shape: tuple[int, int, int]) -> Precision:
     with torch.inference_mode():
         best(x32, w32, 2)                       # warm-up
         t32 = best(x32, w32, 5)
-        torch.nn.functional.linear(x16[:8], w16)  # warm-up on a few rows
+        torch.nn.functional.linear(x16, w16)      # warm-up: oneDNN's kernel for this shape
         t16 = best(x16, w16, 1)
         if t16 < 4 * t32:                         # close enough to matter: time it properly
             for _ in range(5):
@@ -136,7 +142,7 @@ def choose(fp32_gflops: float, bf16_gflops: float) -> str:
 
 
 def _machine_key(shape: tuple[int, int, int]) -> str:
-    """What makes a measurement reusable: CPU model and ISA flags, caps, threads, torch, shape."""
+    """What makes a measurement reusable: CPU model and ISA flags, caps, torch, shape (not threads)."""
     model, flags = platform.processor(), set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -149,8 +155,7 @@ def _machine_key(shape: tuple[int, int, int]) -> str:
         pass
     parts = [model, ",".join(f for f in _FLAGS if f in flags), torch.__version__,
              torch.backends.cpu.get_cpu_capability(), os.environ.get("ONEDNN_MAX_CPU_ISA", ""),
-             os.environ.get("ATEN_CPU_CAPABILITY", ""), str(torch.get_num_threads()),
-             "x".join(map(str, shape))]
+             os.environ.get("ATEN_CPU_CAPABILITY", ""), "x".join(map(str, shape))]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 

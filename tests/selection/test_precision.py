@@ -15,7 +15,7 @@ import torch
 from selection import precision
 from selection.precision import BF16_MIN_SPEEDUP, Precision, choose, resolve
 
-SHAPE = (precision.ROWS, 64, 128)
+SHAPE = precision.MIN_SHAPE
 
 
 def test_explicit_dtype_wins_without_measuring(tmp_path):
@@ -53,10 +53,30 @@ def test_measurement_is_real_cached_and_consistent(tmp_path):
     assert again.cached and (again.dtype, again.fp32_gflops, again.bf16_gflops) == (
         first.dtype, first.fp32_gflops, first.bf16_gflops)
     # another shape is another entry; a torn cache is re-measured, not an error
-    other = resolve("auto", torch.device("cpu"), (precision.ROWS, 32, 64), cache)
+    other = resolve("auto", torch.device("cpu"), (precision.ROWS, 576, 1536), cache)
     assert not other.cached and len(json.loads(cache.read_text())) == 2
     cache.write_text("{not json")
     assert not resolve("auto", torch.device("cpu"), SHAPE, cache).cached
+
+
+def test_one_choice_whatever_the_thread_count(tmp_path):
+    """A one-CPU Slurm task and a two-thread local run of one run must pick alike (cached)."""
+    cache = tmp_path / "p.json"
+    threads = torch.get_num_threads()
+    first = resolve("auto", torch.device("cpu"), SHAPE, cache)
+    try:
+        torch.set_num_threads(1 if threads > 1 else 2)
+        other = resolve("auto", torch.device("cpu"), SHAPE, cache)
+    finally:
+        torch.set_num_threads(threads)
+    assert other.cached and other.dtype == first.dtype
+
+
+def test_tiny_layers_are_timed_at_the_floor():
+    from types import SimpleNamespace
+
+    assert precision.linear_shape(SimpleNamespace(hidden_size=64, intermediate_size=128)) == precision.MIN_SHAPE
+    assert precision.linear_shape(SimpleNamespace(hidden_size=2048, intermediate_size=8192)) == (precision.ROWS, 2048, 8192)
 
 
 def test_record_and_describe():
