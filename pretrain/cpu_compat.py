@@ -16,6 +16,12 @@ training code runs on a GPU cluster with the real kernels. The trade-off: the mo
 every torch call (a few microseconds each), irrelevant next to a training step but a reason to
 never enable it in a process that does not train.
 
+Import cost: Megatron wraps its fused kernels (bias-GeLU, SwiGLU, rope) in `torch.compile` when
+its modules are imported, which imports TorchDynamo into every rank whether or not a fusion is
+ever used; on CPU the fusions are off (pretrain.*_fusion keys), so `enable()` imports
+megatron.core with Megatron's own no-op fuser instead (`megatron.core.jit.noop_decorator`, what
+Megatron itself uses where torch is too old). A fused function that does run executes eagerly.
+
 Random numbers: Megatron forks a CUDA RNG for tensor-parallel init; on CPU call
 `model_parallel_cuda_manual_seed(seed, inference_rng_tracker=True)` (see `seed_all`), whose
 tracker never touches CUDA generators.
@@ -77,12 +83,35 @@ def enable() -> bool:
         return False
     if _ENABLED:
         return True
+    _import_megatron_without_compile()
     torch.cuda.current_device = lambda: torch.device("cpu")  # type: ignore[assignment]
     torch.cuda.synchronize = lambda *a, **k: None  # type: ignore[assignment]
     _MODE = _CpuAsCuda()
     _MODE.__enter__()
     _ENABLED = True
     return True
+
+
+def _import_megatron_without_compile() -> None:
+    """Import megatron.core while `torch.compile` is the identity, so `megatron.core.jit.jit_fuser`
+    (bound to torch.compile when megatron.core.jit is first imported) is a no-op and TorchDynamo
+    is never imported; then make that explicit with Megatron's `disable_jit_fuser`. Nothing to do
+    once megatron.core is imported (its fusers are bound already)."""
+    import sys
+
+    if "megatron.core" in sys.modules:
+        return
+    real = torch.compile
+
+    def identity(model=None, **kwargs):
+        return model if model is not None else (lambda fn: fn)
+
+    torch.compile = identity  # type: ignore[assignment]
+    try:
+        from megatron.core import jit
+    finally:
+        torch.compile = real  # type: ignore[assignment]
+    jit.disable_jit_fuser()
 
 
 def active() -> bool:
