@@ -35,8 +35,10 @@ data/demo_corpus/manifest.json: | setup
 demo: setup data/demo_corpus/manifest.json
 	HF_ALLOW_CODE_EVAL=1 $(BIN)/attninf +experiment=demo
 
+# One pytest-xdist worker per core, a test file per worker at a time (module fixtures such as the
+# smoke pipeline run once): most of the suite is process start-up and Python, not arithmetic.
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n logical --dist loadfile
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow

@@ -16,6 +16,12 @@ import pytest
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# `make test` runs the suite on as many pytest-xdist workers as there are cores; each worker (and
+# every CLI it starts, through the environment) then gets its share of the cores, so torch's
+# OpenMP threads do not oversubscribe them (spinning threads on a busy core cost more than they add).
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _workers > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
 
 from selection.tiny_models import make_tiny_llama, make_tokenizer  # noqa: F401  (tests import them from here)
 from tests.helpers import ROOT

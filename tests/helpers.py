@@ -7,6 +7,8 @@ imports another.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +18,14 @@ from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
+
+
+def attninf(args: list[str], env: dict, cwd: Path, **kw) -> subprocess.CompletedProcess:
+    """`python -m attninf.cli ARGS` as a user runs it; fails the test with the output's tail."""
+    p = subprocess.run([sys.executable, "-m", "attninf.cli", *args], env=env, cwd=cwd,
+                       capture_output=True, text=True, timeout=kw.pop("timeout", 900), **kw)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    return p
 
 
 # --- the score and select stages (tests/selection/test_score_stage.py, tests/attninf/test_integrity.py)
