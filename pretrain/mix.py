@@ -15,7 +15,7 @@ null = "add the subset once more" (weight = its token count, as the paper), or a
 (0, 1): the subset gets f of all sampled tokens and the corpus keeps its internal proportions.
 
 At paper size (244M documents, 241B tokens) the stage runs as an array over corpus parts
-(pretrain.corpus_parts: file + parquet row groups, defined by the data, not by the task count):
+(selection.corpus_parts: file + parquet row groups, defined by the data, not by the task count):
 each task tokenises its parts (a process pool locally), each part writes its datasets, a stats
 file and a completion marker; the task that finds every part done merges each domain's parts into
 one dataset, copies the subsets out of them with a DuckDB join (pretrain.subsets) and writes
@@ -303,28 +303,12 @@ def _usable(docs, skipped: dict[str, int]):
 # --- the array over corpus parts: plan, run_part, finish ------------------------------------------
 
 def plan(ccfg, out: Path, part_rows: int) -> list:
-    """The corpus's parts (pretrain.corpus_parts), kept in `plan.json` and reused while the corpus
+    """The corpus's parts (selection.corpus_parts), kept in `plan.json` and reused while the corpus
     files and the part size are unchanged, so every task, and a run resumed with another task
     count, sees the same parts. Once parts are done, a changed corpus is an error, not a replan."""
-    from attninf.manifest import write_json
-    from pretrain.corpus_parts import Part, files_fingerprint, parts_json, plan_parts
+    from selection.corpus_parts import stored_plan
 
-    path = out / "plan.json"
-    key = {"part_rows": part_rows, "corpus": {k: v for k, v in asdict(ccfg).items() if k != "sources"}}
-    files = files_fingerprint(ccfg)
-    old = _read_json(path)
-    if old is not None:
-        if old.get("key") == key and old.get("files") == files:
-            return [Part.from_json(d) for d in old["parts"]]
-        if any((out / "parts").glob("*.done")):
-            changed = next((f"{a[0]}" for a, b in zip(old.get("files", []), files) if a != b), None) or \
-                "the file list or the part settings"
-            raise ValueError(f"mix: the corpus changed since {path} was planned ({changed}); its finished "
-                             f"parts would not match: restore the corpus or remove {out} to start over")
-    parts = plan_parts(ccfg, part_rows)
-    write_json(path, {"key": key, "files": files, "parts": parts_json(parts),
-                      "rows": sum(p.rows or 0 for p in parts), "bytes": sum(p.bytes for p in parts)})
-    return parts
+    return stored_plan(ccfg, out / "plan.json", part_rows, lambda: any((out / "parts").glob("*.done")), "mix")
 
 
 def part_done(out: Path, part_id: str) -> bool:
@@ -343,7 +327,7 @@ def run_part(part, ccfg, out: Path, encode, eod: int, vocab: int, valid_fraction
 
     from attninf.manifest import write_atomic, write_json
     from pretrain import indexed
-    from pretrain.corpus_parts import ByteCounter, read_part
+    from selection.corpus_parts import ByteCounter, read_part
 
     t0, c0 = time.perf_counter(), time.process_time()
     io = ByteCounter()
@@ -421,9 +405,9 @@ def build_mix_parts(ccfg, out: Path, tok_dir: Path, eod: int, vocab: int, tok_na
                     arms: dict[str, dict], selected_path: Path | None, progress=None, rank: int = 0,
                     world: int = 1) -> dict[str, Any]:
     """The stage on local corpus files: plan, this task's parts (a contiguous run of ~1/world of
-    the corpus bytes, pretrain.corpus_parts.assign), then - in whichever task finds every part
+    the corpus bytes, selection.corpus_parts.assign), then - in whichever task finds every part
     done - `finish`. Others stop with Incomplete."""
-    from pretrain.corpus_parts import assign
+    from selection.corpus_parts import assign
 
     methods = sorted({a.get("selection") for a in arms.values() if a.get("selection")})
     if methods:

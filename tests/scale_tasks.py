@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from attninf.config import build
     from pretrain import mix
-    from pretrain.corpus_parts import assign
+    from selection.corpus_parts import assign
     from selection.corpora import CorpusConfig
 
     from transformers import AutoTokenizer

@@ -49,7 +49,7 @@ def _ccfg(paths, **kw):
                                   {"domains": ["web", "math"], "unknown_domain": "skip"}])
 @pytest.mark.parametrize("part_rows", [1, 13, 1000])
 def test_parts_read_exactly_the_stream(tmp_path, caps, part_rows):
-    from pretrain.corpus_parts import plan_parts, read_part
+    from selection.corpus_parts import plan_parts, read_part
     from selection.corpora import iter_documents
 
     cfg = _ccfg(_corpus(tmp_path / "c"), **caps)
@@ -63,7 +63,7 @@ def test_parts_read_exactly_the_stream(tmp_path, caps, part_rows):
 
 
 def test_unknown_domain_in_a_part_names_file_and_row(tmp_path):
-    from pretrain.corpus_parts import plan_parts, read_part
+    from selection.corpus_parts import plan_parts, read_part
     from selection.corpora import CorpusError
 
     cfg = _ccfg(_corpus(tmp_path / "c"), domains=["web", "code"])
@@ -223,7 +223,7 @@ def test_more_tasks_than_parts_is_an_error_before_compute(tmp_path, tiny_tokeniz
 
 
 def test_assign_is_contiguous_balanced_and_covers_every_part():
-    from pretrain.corpus_parts import Part, assign
+    from selection.corpus_parts import Part, assign
 
     rng = np.random.default_rng(0)
     parts = [Part(f"p{i:05d}", f"f{i // 3}", "parquet", None, (0, 1), 0, 10, int(b))
