@@ -156,16 +156,18 @@ def plan_parts(cfg: CorpusConfig, part_rows: int) -> list[Part]:
 
 def _cap(parts: list[Part], cfg: CorpusConfig) -> list[Part]:
     """The counting pass of a capped corpus: counters at each part's start; parts after the caps
-    are reached are dropped."""
+    are reached, and parts whose every row is over its domain's cap (they give no document, not
+    even a skip), are dropped, and the kept parts are numbered again in order."""
     state = {"per_domain": {}, "n": 0}
     kept = []
     for p in parts:
         if _exhausted(state, cfg):
             break
         p.start = json.loads(json.dumps(state))
-        kept.append(p)
-        for _ in read_part(p, cfg, state=state):
-            pass
+        if sum(1 for _ in read_part(p, cfg, state=state)):
+            kept.append(p)
+    for i, p in enumerate(kept):
+        p.id = f"p{i:05d}"
     return kept
 
 
