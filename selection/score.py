@@ -380,8 +380,8 @@ def run_parts(ctx, names: list[str], rank: int | None = None, world: int | None 
             _score_and_write(out, i, block, scorer, cfg, prog, key, rank, world,
                              part={"file": part.file, "row_groups": part.row_groups, "first_row": part.first_row,
                                    "rows": part.rows, "planned_bytes": part.bytes},
-                             io={"files_opened": io.files, "bytes_read": io.bytes, "bytes_requested": io.requested,
-                                 "read_s": round(read_s, 4)})
+                             files_opened=io.files, bytes_read=io.bytes, bytes_requested=io.requested,
+                             read_s=round(read_s, 4))
             yield name
 
 
