@@ -141,7 +141,7 @@ def score_shard(docs: list[Document], *, tokenizer, scorer, cfg: ScoreConfig, pr
     """Score one shard: (columns dict in corpus order, stats). Skips are counted with a reason."""
     from selection import scoring
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     skipped: dict[str, int] = {}
     examples: dict[str, list[str]] = {}
 
@@ -200,6 +200,7 @@ def score_shard(docs: list[Document], *, tokenizer, scorer, cfg: ScoreConfig, pr
         "tokens_full": int(sum(cols["n_tokens_full"])),
         "truncated": int(sum(1 for k in keep if k[2] > len(k[1]))),
         "wall_s": time.perf_counter() - t0,
+        "cpu_s": time.process_time() - c0,  # this process's CPU (all its threads): a rate that load does not skew
     }
     return cols, stats
 
