@@ -81,7 +81,9 @@ def test_ranks_share_shards_and_last_one_finishes(tmp_path, tiny_model_dir, monk
     sd = tmp_path / "run/score"
     # a contiguous half of the parts (by bytes): the first file's two row ranges
     assert sorted(p.name for p in sd.glob("shard-*.parquet")) == ["shard-00000.parquet", "shard-00001.parquet"]
-    assert {json.loads(p.read_text())["part"]["file"] for p in sd.glob("shard-*.stats.json")} == {paths[0]}
+    stats = [json.loads(p.read_text()) for p in sd.glob("shard-*.stats.json")]
+    assert {st["part"]["file"] for st in stats} == {paths[0]}  # task 0 opened only the first file
+    assert all(st["files_opened"] == 1 and st["rank"] == 0 for st in stats)
     monkeypatch.setenv("ATTNINF_RANK", "1")
     run_pipeline(cfg)
     assert json.loads((sd / "manifest.json").read_text())["status"] == "done"
