@@ -13,7 +13,7 @@ each task opened (<= 1/N of the corpus plus one file), blend entries per arm, pe
 select and of the mix tasks and finish (merge + subset join), tokens/s per process of scoring
 and tokenisation, wall time per training step, identical artifacts after the resumes.
 
-Scoring is the one step run on a stated fraction: the tiny selector scores ~500 synthetic
+Scoring is the one step run on a stated fraction: the tiny selector scores a few hundred synthetic
 documents per CPU-second here (~640 at 64 tokens), so the 1M documents would take ~26 CPU-minutes. On the
 1M-document corpus each of the 8 tasks scores the first SCORE_PARTS_PER_TASK parts of its
 contiguous share (the printed table extrapolates its rate to the whole corpus); the stage then
