@@ -1,9 +1,10 @@
 """Which worker am I? One answer for torchrun ranks, Slurm array tasks and a plain process.
 
-Sharded stages (scoring, tokenisation) take `(rank, world_size)` from here and process the shards
-with `shard_index % world_size == rank`; nothing else coordinates them, so any mix of launchers
-works and a re-run only needs the same world size to reproduce the same assignment (and even a
-different one is safe: finished shards are skipped by their completion markers).
+Array stages (scoring, tokenisation) take `(rank, world_size)` from here; the executors then hand
+the task a contiguous run of the stage's parts (attninf.lifecycle.share, one rule for the local
+runner, Slurm array tasks and the manual fan-out ATTNINF_RANK / ATTNINF_WORLD_SIZE). Nothing else
+coordinates them, so any mix of launchers works, and a re-run with another world size is safe:
+parts are defined by the data and finished ones are skipped by their completion markers.
 """
 
 from __future__ import annotations

@@ -11,8 +11,9 @@ stage through these functions; neither names a stage, both read its declared sha
 - `prepare`: a folder holding a finished manifest with this key is done (skip); one holding
   another key is moved aside (`<stage>.old-<key>`); otherwise the resolved config is frozen
   into `config.yaml` beside a `running` manifest, which is all a worker anywhere needs.
-- parts: an array stage lists its parts; any executor runs any subset of them (an array task
-  takes `parts[r::n]`); each finished part gets a marker `parts/<name>.done` holding the key,
+- parts: an array stage lists its parts; any executor runs any subset of them (array task r
+  of n takes `share(parts, r, n, weights)`: a contiguous run of the list, balanced by the
+  weights the stage gave with its parts, e.g. bytes); each finished part gets a marker `parts/<name>.done` holding the key,
   written atomically (temp file + rename). No lock is held while parts run: two workers that
   race on one part write identical files, and a marker under another key does not count.
   A ranks stage is one part, `ranks`, marked when every rank exited 0.
@@ -223,16 +224,55 @@ def clear_part(out: Path, part: str | None) -> None:
 
 
 def part_list(ctx: StageContext, unit: Unit) -> list[str]:
-    """The stage's parts, fixed at the first call (`parts/index.json`): every task splits one list."""
+    """The stage's parts, fixed at the first call (`parts/index.json`): every task splits one list.
+
+    A stage's `parts(ctx)` returns names, or (name, weight) pairs: the weight (e.g. the part's
+    bytes) balances the tasks' shares (`share`) and is kept in the index beside the names."""
     idx = manifest.read(unit.out / PARTS, "index.json")
     if idx and idx.get("key") == unit.key:
         return list(idx["parts"])
-    names = [str(p) for p in STAGES[unit.name].call("parts")(ctx)]
+    listed = list(STAGES[unit.name].call("parts")(ctx))
+    pairs = [(str(p[0]), float(p[1])) if isinstance(p, (tuple, list)) else (str(p), None) for p in listed]
+    names = [n for n, _ in pairs]
     if len(set(names)) != len(names) or any("/" in n for n in names):
         raise ValueError(f"{unit.label}: parts must be unique names without '/', got {names[:5]}...")
+    index = {"key": unit.key, "parts": names}
+    if any(w is not None for _, w in pairs):
+        index["weights"] = [w if w is not None else 0.0 for _, w in pairs]
     (unit.out / PARTS).mkdir(exist_ok=True)
-    manifest.write_json(unit.out / PARTS / "index.json", {"key": unit.key, "parts": names})
+    manifest.write_json(unit.out / PARTS / "index.json", index)
     return names
+
+
+def share(names: list[str], rank: int, world: int, weights: list[float] | None = None) -> list[str]:
+    """Task `rank` of `world`'s parts: a contiguous run of `names` holding ~1/world of the weight.
+
+    The one split every executor uses (the local runner, Slurm array tasks, the manual fan-out
+    ATTNINF_RANK / ATTNINF_WORLD_SIZE of attninf.dist). Contiguous, not round-robin: a stage lists
+    its parts in data order (file, then row group), so a task opens ~1/world of the files and
+    shares at most the files at its two ends. A part belongs to the task whose weight range holds
+    its midpoint (a task's share is then within half a part of 1/world); equal weights (none
+    given) give blocks of len(names)/world. Any world size
+    works on the same list: finished parts keep their markers whoever ran them."""
+    n = len(names)
+    w = [float(x) for x in weights] if weights is not None else [1.0] * n
+    if len(w) != n:
+        raise ValueError(f"share: {n} parts but {len(w)} weights")
+    total = sum(w)
+    mine, start = [], 0.0
+    for i, name in enumerate(names):
+        owner = min(world - 1, int((start + w[i] / 2) * world // total)) if total > 0 else i * world // max(n, 1)
+        if owner == rank:
+            mine.append(name)
+        start += w[i]
+    return mine
+
+
+def task_parts(ctx: StageContext, unit: Unit, rank: int, world: int) -> tuple[list[str], list[str]]:
+    """(every part, this task's share): the list fixed in `parts/index.json`, split by `share`."""
+    names = part_list(ctx, unit)
+    idx = manifest.read(unit.out / PARTS, "index.json") or {}
+    return names, share(names, rank, world, idx.get("weights"))
 
 
 def run_parts(ctx: StageContext, unit: Unit, names: list[str]) -> list[str]:

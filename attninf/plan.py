@@ -4,7 +4,7 @@
 shape, never its name:
 
 - process: one job of one task;
-- array: an array job of `array_tasks` tasks (each runs `parts[r::n]`), then a one-task finish
+- array: an array job of `array_tasks` tasks (each runs a contiguous run of the parts, lifecycle.share), then a one-task finish
   job that depends on it;
 - ranks: one job of nodes x tasks_per_node tasks (the ranks, then finish on the first node).
 

@@ -116,8 +116,8 @@ def execute(ctx: StageContext, unit: lifecycle.Unit) -> Any:
         # This process's share: all of it, unless it is one of several workers (a manual fan-out,
         # torchrun ranks, an array task that started the stage; attninf.dist.rank_world).
         rank, world = rank_world()
-        names = lifecycle.part_list(ctx, unit)
-        lifecycle.run_parts(ctx, unit, names[rank::world])
+        names, mine = lifecycle.task_parts(ctx, unit, rank, world)
+        lifecycle.run_parts(ctx, unit, mine)
         missing = lifecycle.missing_parts(unit, names)
         if missing:
             raise Incomplete(f"{unit.label}: worker {rank}/{world} did its share; {len(missing)} of "

@@ -157,7 +157,9 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in [
     StageSpec("select", "selection.select:run", ("select",), lambda cfg, arm: [("score", None)]),
     StageSpec("mix", "pretrain.mix:run", ("corpus", "mix", "arms", "tokenizer"),
               lambda cfg, arm: [("select", None)] if any(
-                  (a or {}).get("selection") for a in (cfg.get("arms") or {}).values()) else []),
+                  (a or {}).get("selection") for a in (cfg.get("arms") or {}).values()) else [],
+              shape="attninf.stages:array_shape", parts="pretrain.mix:stage_parts",
+              run_parts="pretrain.mix:stage_run_parts", finish="pretrain.mix:stage_finish"),
     StageSpec("pretrain", "pretrain.train:finish", ("pretrain",), lambda cfg, arm: [("mix", None)],
               per_arm=lambda cfg: bool(_arms(cfg)), shape="pretrain.train:shape",
               rank_module="pretrain.launch", finish="pretrain.train:finish",

@@ -68,7 +68,7 @@ class Resources:
     gpus_per_node: int = 0
     cpus_per_task: int = 1
     mem_gb: float = 0  # 0 = the site default (no --mem)
-    array_tasks: int = 1  # array stages: tasks of the array (each runs parts[r::n])
+    array_tasks: int = 1  # array stages: tasks of the array (each runs a contiguous ~1/n of the parts, lifecycle.share)
 
 
 @dataclass

@@ -8,8 +8,9 @@ folder instead of composing again (Hydra in every rank would fight over output f
   python -m attninf.worker RUN/score --step finish   # every part marked: merge, manifest `done`
   python -m attninf.worker RUN/detect --step process # a one-process stage, start to `done`
 
-An array task's share is `parts[r::n]`, r and n from attninf.dist.rank_world (the Slurm array
-task, or ATTNINF_RANK / ATTNINF_WORLD_SIZE for a manual fan-out). A ranks stage's ranks are not
+An array task's share is a contiguous run of the parts (attninf.lifecycle.share, balanced by the
+weights the stage gave), r and n from attninf.dist.rank_world (the Slurm array task, or
+ATTNINF_RANK / ATTNINF_WORLD_SIZE for a manual fan-out). A ranks stage's ranks are not
 started here: the executor runs `python -m <rank module> <folder>` in every rank (srun, or
 attninf.dist.spawn_ranks), then `--step finish`, which marks the ranks part done first.
 
@@ -49,8 +50,7 @@ def run_step(stage_dir: Path, step: str | None = None) -> int:
             raise ConfigError(f"{unit.label}: --step parts needs an array stage (this one is {shape.kind})")
         lifecycle.install_stop_handlers()
         rank, world = rank_world()
-        names = lifecycle.part_list(ctx, unit)
-        mine = names[rank::world]
+        names, mine = lifecycle.task_parts(ctx, unit, rank, world)
         done = lifecycle.run_parts(ctx, unit, mine)
         log.info("%s: task %d/%d ran %d of its %d part(s)", unit.label, rank, world, len(done), len(mine))
         return 0

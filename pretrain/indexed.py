@@ -1,7 +1,7 @@
 """Tokenised data: documents -> Megatron indexed datasets (.bin/.idx), merged per domain.
 
 Layout under a folder (normally `<run>/mix/`; a corpus read from files names its shards after the
-parts of pretrain.corpus_parts, `p00017`, and keeps their markers in `parts/`):
+parts of selection.corpus_parts, `p00017`, and keeps their markers in `parts/`):
 
     corpus/<domain>/shard-00000.{bin,idx}        training documents of one shard, EOD appended
     corpus/<domain>/shard-00000.valid.{bin,idx}  held-out documents of that shard (never trained on)

@@ -15,15 +15,18 @@ null = "add the subset once more" (weight = its token count, as the paper), or a
 (0, 1): the subset gets f of all sampled tokens and the corpus keeps its internal proportions.
 
 At paper size (244M documents, 241B tokens) the stage runs as an array over corpus parts
-(pretrain.corpus_parts: file + parquet row groups, defined by the data, not by the task count):
+(selection.corpus_parts: file + parquet row groups, defined by the data, not by the task count):
 each task tokenises its parts (a process pool locally), each part writes its datasets, a stats
 file and a completion marker; the task that finds every part done merges each domain's parts into
 one dataset, copies the subsets out of them with a DuckDB join (pretrain.subsets) and writes
 blend.json, reading part stats, never the corpus text again. A blend therefore lists one dataset
 per domain plus the subset, whatever the part count, and is checked against megatron-core's limits
 (`check_blend_limits`) before anything is tokenised and again before blend.json is written.
-The work is plain functions (`plan`, `run_part`, `finish`) so an executor can run them as an
-array; `run` drives them from the stage with the manual fan-out of attninf.dist.
+The stage registry declares mix an array (attninf/stages.py): `stage_parts` lists the plan's
+parts with their bytes, `stage_run_parts` tokenises any subset of them (the executors give each
+task a contiguous run of ~1/N of the bytes, attninf.lifecycle.share), `stage_finish` merges once
+every part is marked. The work underneath is plain functions (`plan`, `run_part`, `finish`);
+`run` drives them in one process with the manual fan-out of attninf.dist.
 
 Outputs (paths in blend.json are relative to the mix folder so a run directory can move):
     plan.json                                        the parts (file, row groups, bytes), corpus fingerprint
@@ -214,48 +217,185 @@ def _select_methods() -> tuple[str, ...]:
     return METHODS
 
 
-def run(ctx) -> dict[str, Any]:
-    from attninf.dist import rank_world
-    from attninf.progress import Progress
+@dataclass
+class _Stage:
+    """What every step of the stage needs, from its context (typed config, tokenizer, selection)."""
 
+    mcfg: MixConfig
+    tcfg: TokenizerConfig
+    ccfg: Any
+    arms: dict
+    out: Path
+    tok_dir: Path
+    eod: int
+    vocab: int
+    sel_path: Path | None
+
+
+def _stage(ctx) -> _Stage:
     logging.getLogger("megatron").setLevel(logging.WARNING)  # it logs every index it opens at INFO
     mcfg = build(MixConfig, ctx.section("mix"), "mix")
     tcfg = build(TokenizerConfig, ctx.section("tokenizer"), "tokenizer")
+    from selection.corpora import CorpusConfig  # lazy: owned by the scoring stage
+
+    ccfg = build(CorpusConfig, ctx.section("corpus"), "corpus")
     out: Path = ctx.out
     arms = {k: dict(v or {}) for k, v in (ctx.cfg.get("arms") or {}).items()} or {"baseline": {}}
-
-    # 1. Tokenizer, saved with the data (the pretrain export ships it with the model).
-    tok_dir = out / "tokenizer"
-    if not (tok_dir / "tokenizer_config.json").exists():
-        from selection.models import load_tokenizer
-
-        tok = load_tokenizer(tcfg.path)
-        tok.save_pretrained(tok_dir)
+    tok_dir = _save_tokenizer(out / "tokenizer", tcfg.path)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tok_dir)
     eod = tcfg.eod if tcfg.eod is not None else tok.eos_token_id
     if eod is None:
         raise ValueError(f"tokenizer {tcfg.path}: no eos_token_id; set tokenizer.eod")
-    vocab = len(tok)
-
-    # 2. Corpus -> parts -> per-domain datasets, subsets, blends.
-    from selection.corpora import CorpusConfig, iter_documents  # lazy: owned by the scoring stage
-
-    ccfg = build(CorpusConfig, ctx.section("corpus"), "corpus")
     methods = sorted({a.get("selection") for a in arms.values() if a.get("selection")})
     sel_path = ctx.upstream("select") / "selected.parquet" if methods else None
-    rank, world = rank_world()
+    return _Stage(mcfg, tcfg, ccfg, arms, out, tok_dir, int(eod), len(tok), sel_path)
+
+
+def _save_tokenizer(tok_dir: Path, path: str) -> Path:
+    """The tokenizer, saved with the data (the pretrain export ships it with the model); written
+    to a temporary folder and renamed, so array tasks starting together never read half of it."""
+    import shutil
+
+    if (tok_dir / "tokenizer_config.json").exists():
+        return tok_dir
+    from selection.models import load_tokenizer
+
+    tmp = tok_dir.with_name(f".{tok_dir.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    load_tokenizer(path).save_pretrained(tmp)
+    try:
+        os.rename(tmp, tok_dir)
+    except OSError:  # another task renamed its copy first: same files
+        shutil.rmtree(tmp, ignore_errors=True)
+    return tok_dir
+
+
+# --- the stage as an array (attninf/stages.py): parts, run_parts, finish --------------------------
+
+STREAM = "stream.json"  # a hub stream's one part: its shard prefixes and skipped rows
+
+
+def stage_parts(ctx) -> list:
+    """The stage's parts for an executor: the corpus plan's parts with their bytes (the weight
+    that balances the tasks' shares), after the checks that need no tokenising: the selection
+    file has every arm's method, and the planned blends fit megatron-core's limits. A hub
+    stream (corpus.kind=hf) is one part, `all` (ingest it first for the parallel path)."""
+    st = _stage(ctx)
+    methods = sorted({a.get("selection") for a in st.arms.values() if a.get("selection")})
+    if methods:
+        _check_selection(st.sel_path, methods, st.arms)
+    n_dom = planned_domains(st.ccfg)
+    if n_dom is not None:
+        check_blend_limits(_arm_entries(st.arms, n_dom), n_dom, max_map_count())
+    if st.ccfg.kind == "hf":
+        log.warning("mix: corpus.kind=hf is one part ('all'): one process tokenises the whole stream; "
+                    "ingest it to local parquet first (python -m tools.ingest) to mix it as an array")
+        return ["all"]
+    return [(p.id, p.bytes) for p in plan(st.ccfg, st.out, st.mcfg.shard_docs)]
+
+
+def stage_run_parts(ctx, names: list[str]):
+    """Tokenise the parts named (a process pool of `mix.workers`); yield each id once its
+    datasets, stats and marker are written (`all`: the whole hub stream, then its shard list)."""
+    from attninf.progress import Progress
+
+    st = _stage(ctx)
+    workers = st.mcfg.workers or min(8, os.cpu_count() or 1)
     with Progress(None, "tokenise corpus", ctx.tracker, unit="doc", prefix="mix") as prog:
-        if ccfg.kind == "hf":  # a hub stream has no files to split (ingest it for the parallel path)
-            summary = build_mix(iter_documents(ccfg), out, tok_dir, int(eod), vocab, tcfg.path, mcfg, arms,
-                                sel_path, progress=prog, rank=rank, world=world)
-        else:
-            summary = build_mix_parts(ccfg, out, tok_dir, int(eod), vocab, tcfg.path, mcfg, arms, sel_path,
-                                      progress=prog, rank=rank, world=world)
+        if "all" in names:
+            from attninf.manifest import write_json
+            from selection.corpora import iter_documents
+
+            every, skipped = _tokenise_stream(iter_documents(st.ccfg), st.out, st.tok_dir, st.eod, st.vocab,
+                                              st.mcfg, workers, prog)
+            write_json(st.out / STREAM, {"prefixes": [os.path.relpath(p, st.out) for p in every],
+                                         "skipped": skipped})
+            yield "all"
+            return
+        by_id = {p.id: p for p in plan(st.ccfg, st.out, st.mcfg.shard_docs)}
+        unknown = [n for n in names if n not in by_id]
+        if unknown:
+            raise ValueError(f"mix: parts {unknown[:3]} are not in {st.out / 'plan.json'}; the corpus or "
+                             "mix.shard_docs changed since the parts were listed")
+        mine = [by_id[n] for n in names]
+        done = {p.id for p in mine if part_done(st.out, p.id)}
+        for pid in (p.id for p in mine if p.id in done):
+            yield pid
+        for stats in iter_run_parts([p for p in mine if p.id not in done], st.ccfg, st.out, str(st.tok_dir),
+                                    st.eod, st.vocab, st.mcfg.valid_fraction, workers, prog):
+            yield stats["part"]
+
+
+def stage_finish(ctx) -> dict[str, Any]:
+    """Every part marked: merge per domain, copy the subsets, write blend.json (`finish`), from
+    the parts' stats and tokenised data, never the corpus text."""
+    st = _stage(ctx)
+    if st.ccfg.kind == "hf":
+        from pretrain import indexed
+
+        stream = _read_json(st.out / STREAM)
+        if stream is None:
+            from attninf.context import Incomplete
+
+            raise Incomplete(f"mix: {st.out / STREAM} is missing: the stream's part 'all' has not run")
+        outputs = []
+        for rel in sorted(stream["prefixes"]):
+            pfx = str(st.out / rel)
+            r = indexed.read_shard_result(pfx)
+            outputs.append({"domain": Path(pfx).parent.name, "prefix": pfx, "docs": r.docs, "tokens": r.tokens,
+                            "valid_docs": r.valid_docs, "valid_tokens": r.valid_tokens})
+        summary = finish(outputs, st.out, st.tok_dir, st.eod, st.vocab, st.tcfg.path, st.mcfg, st.arms,
+                         st.sel_path, stream["skipped"])
+    else:
+        parts = plan(st.ccfg, st.out, st.mcfg.shard_docs)
+        stats = [read_part_stats(st.out, p.id) for p in parts]
+        missing = [p.id for p, x in zip(parts, stats) if x is None]
+        if missing:
+            from attninf.context import Incomplete
+
+            raise Incomplete(f"mix: {len(missing)} of {len(parts)} parts are not done (e.g. {missing[:3]}): "
+                             "blend.json is written when every part is done")
+        summary = finish(part_outputs(stats, st.out), st.out, st.tok_dir, st.eod, st.vocab, st.tcfg.path, st.mcfg,
+                         st.arms, st.sel_path, _sum_counts(x["skipped"] for x in stats), n_parts=len(parts))
     log.info("mix: %s", summary)
     ctx.tracker.summary({"mix/corpus_tokens": summary["corpus_tokens"]})
     return summary
+
+
+def run(ctx) -> dict[str, Any]:
+    """The stage in one process with the manual fan-out of attninf.dist (ATTNINF_RANK /
+    ATTNINF_WORLD_SIZE): this worker's share, then `finish` in whichever worker finds every part
+    done. The executors run the array functions above instead (attninf/stages.py)."""
+    from attninf.dist import rank_world
+    from attninf.progress import Progress
+    from selection.corpora import iter_documents
+
+    st = _stage(ctx)
+    rank, world = rank_world()
+    args = (st.out, st.tok_dir, st.eod, st.vocab, st.tcfg.path, st.mcfg, st.arms, st.sel_path)
+    with Progress(None, "tokenise corpus", ctx.tracker, unit="doc", prefix="mix") as prog:
+        if st.ccfg.kind == "hf":  # a hub stream has no files to split (ingest it for the parallel path)
+            summary = build_mix(iter_documents(st.ccfg), *args, progress=prog, rank=rank, world=world)
+        else:
+            summary = build_mix_parts(st.ccfg, *args, progress=prog, rank=rank, world=world)
+    log.info("mix: %s", summary)
+    ctx.tracker.summary({"mix/corpus_tokens": summary["corpus_tokens"]})
+    return summary
+
+
+def _tokenise_stream(docs, out: Path, tok_dir: Path, eod: int, vocab: int, mcfg: MixConfig, workers: int,
+                     progress, rank: int = 0, world: int = 1) -> tuple[list[str], dict[str, int]]:
+    """A stream cut into shards of `shard_docs` per domain: (every shard's prefix, skipped rows)."""
+    from pretrain import indexed
+
+    skipped: dict[str, int] = {}
+    every: list[str] = []
+    indexed.tokenize_corpus(_usable(docs, skipped), out / "corpus", str(tok_dir), eod, vocab,
+                            shard_docs=mcfg.shard_docs, valid_fraction=mcfg.valid_fraction, workers=workers,
+                            rank=rank, world=world, progress=progress, all_prefixes=every)
+    return every, skipped
 
 
 def build_mix(docs, out: Path, tok_dir: Path, eod: int, vocab: int, tok_name: str, mcfg: MixConfig,
@@ -269,12 +409,8 @@ def build_mix(docs, out: Path, tok_dir: Path, eod: int, vocab: int, tok_name: st
     methods = sorted({a.get("selection") for a in arms.values() if a.get("selection")})
     if methods:
         _check_selection(selected_path, methods, arms)
-    skipped: dict[str, int] = {}
     workers = mcfg.workers or min(8, os.cpu_count() or 1)
-    every: list[str] = []
-    indexed.tokenize_corpus(_usable(docs, skipped), out / "corpus", str(tok_dir), eod, vocab,
-                            shard_docs=mcfg.shard_docs, valid_fraction=mcfg.valid_fraction, workers=workers,
-                            rank=rank, world=world, progress=progress, all_prefixes=every)
+    every, skipped = _tokenise_stream(docs, out, tok_dir, eod, vocab, mcfg, workers, progress, rank, world)
     missing = [p for p in every if not indexed.shard_done(p)]
     if missing:
         from attninf.context import Incomplete
@@ -303,28 +439,12 @@ def _usable(docs, skipped: dict[str, int]):
 # --- the array over corpus parts: plan, run_part, finish ------------------------------------------
 
 def plan(ccfg, out: Path, part_rows: int) -> list:
-    """The corpus's parts (pretrain.corpus_parts), kept in `plan.json` and reused while the corpus
+    """The corpus's parts (selection.corpus_parts), kept in `plan.json` and reused while the corpus
     files and the part size are unchanged, so every task, and a run resumed with another task
     count, sees the same parts. Once parts are done, a changed corpus is an error, not a replan."""
-    from attninf.manifest import write_json
-    from pretrain.corpus_parts import Part, files_fingerprint, parts_json, plan_parts
+    from selection.corpus_parts import stored_plan
 
-    path = out / "plan.json"
-    key = {"part_rows": part_rows, "corpus": {k: v for k, v in asdict(ccfg).items() if k != "sources"}}
-    files = files_fingerprint(ccfg)
-    old = _read_json(path)
-    if old is not None:
-        if old.get("key") == key and old.get("files") == files:
-            return [Part.from_json(d) for d in old["parts"]]
-        if any((out / "parts").glob("*.done")):
-            changed = next((f"{a[0]}" for a, b in zip(old.get("files", []), files) if a != b), None) or \
-                "the file list or the part settings"
-            raise ValueError(f"mix: the corpus changed since {path} was planned ({changed}); its finished "
-                             f"parts would not match: restore the corpus or remove {out} to start over")
-    parts = plan_parts(ccfg, part_rows)
-    write_json(path, {"key": key, "files": files, "parts": parts_json(parts),
-                      "rows": sum(p.rows or 0 for p in parts), "bytes": sum(p.bytes for p in parts)})
-    return parts
+    return stored_plan(ccfg, out / "plan.json", part_rows, lambda: any((out / "parts").glob("*.done")), "mix")
 
 
 def part_done(out: Path, part_id: str) -> bool:
@@ -343,7 +463,7 @@ def run_part(part, ccfg, out: Path, encode, eod: int, vocab: int, valid_fraction
 
     from attninf.manifest import write_atomic, write_json
     from pretrain import indexed
-    from pretrain.corpus_parts import ByteCounter, read_part
+    from selection.corpus_parts import ByteCounter, read_part
 
     t0, c0 = time.perf_counter(), time.process_time()
     io = ByteCounter()
@@ -386,44 +506,49 @@ def _part_job(args) -> dict:
     return run_part(part, ccfg, out, indexed._encode, eod, vocab, frac)
 
 
-def run_parts(parts: list, ccfg, out: Path, tok_dir: str, eod: int, vocab: int, valid_fraction: float,
-              workers: int, progress=None) -> list[dict]:
-    """This task's share: the parts not yet done, over a pool of `workers` processes."""
+def iter_run_parts(parts: list, ccfg, out: Path, tok_dir: str, eod: int, vocab: int, valid_fraction: float,
+                   workers: int, progress=None):
+    """This task's share: the parts not yet done, over a pool of `workers` processes; yields each
+    part's stats as it is written (in completion order)."""
     import multiprocessing as mp
 
     from pretrain import indexed
 
     todo = [p for p in parts if not part_done(out, p.id)]
     jobs = [(p, ccfg, out, eod, vocab, valid_fraction) for p in todo]
-    done: list[dict] = []
 
     def tick(st):
-        done.append(st)
         if progress is not None:
             n = sum(v["docs"] + v["valid_docs"] + v["skipped_empty"] for v in st["domains"].values())
             progress.update(n, tokens=st["tokens"])
+        return st
 
     if not jobs:
-        return done
+        return
     if workers <= 1 or len(jobs) == 1:
         indexed._init_worker(tok_dir)
         for j in jobs:
-            tick(_part_job(j))
+            yield tick(_part_job(j))
     else:
         with mp.get_context("spawn").Pool(min(workers, len(jobs)), initializer=indexed._init_worker,
                                            initargs=(tok_dir,)) as pool:
             for st in pool.imap_unordered(_part_job, jobs):
-                tick(st)
-    return done
+                yield tick(st)
+
+
+def run_parts(parts: list, ccfg, out: Path, tok_dir: str, eod: int, vocab: int, valid_fraction: float,
+              workers: int, progress=None) -> list[dict]:
+    """This task's share, all of it (iter_run_parts): the stats of the parts it tokenised."""
+    return list(iter_run_parts(parts, ccfg, out, tok_dir, eod, vocab, valid_fraction, workers, progress))
 
 
 def build_mix_parts(ccfg, out: Path, tok_dir: Path, eod: int, vocab: int, tok_name: str, mcfg: MixConfig,
                     arms: dict[str, dict], selected_path: Path | None, progress=None, rank: int = 0,
                     world: int = 1) -> dict[str, Any]:
     """The stage on local corpus files: plan, this task's parts (a contiguous run of ~1/world of
-    the corpus bytes, pretrain.corpus_parts.assign), then - in whichever task finds every part
+    the corpus bytes, selection.corpus_parts.assign), then - in whichever task finds every part
     done - `finish`. Others stop with Incomplete."""
-    from pretrain.corpus_parts import assign
+    from selection.corpus_parts import assign
 
     methods = sorted({a.get("selection") for a in arms.values() if a.get("selection")})
     if methods:

@@ -1,12 +1,18 @@
 """Stage `score`: reference loss with and without the retrieval heads for every document, sharded.
 
-Sharding: the corpus stream (selection.corpora, deterministic order) is cut into contiguous
-blocks of `score.shard_size` rows (skipped rows included, so a shard's content never depends on
-the tokenizer). Shard i belongs to worker `i % world` (attninf.dist.rank_world: torchrun rank,
-Slurm array task, or a single process). A finished shard is two files, written atomically (temp
-+ rename), stats first:
+Sharding: a local corpus is cut into parts defined by the data (selection.corpus_parts): a
+parquet file's consecutive row groups up to `score.shard_size` rows, or a jsonl file's row
+ranges of `score.shard_size` lines (skipped rows included, so a shard's content never depends on
+the tokenizer). The plan is made once, from parquet footers, and kept in `corpus_plan.json`
+(reused while the corpus files' path, size and mtime hold), so the shards do not depend on the
+task count and a run resumed with another array size re-does no finished shard. Shard i is part
+i of the plan. The executors give each array task a contiguous run of the parts holding ~1/N of
+the corpus bytes (attninf.lifecycle.share), and a task reads only its parts' row groups (plus
+their footers): N tasks read the corpus once between them. A finished shard is two files,
+written atomically (temp + rename), stats first:
 
-  score/shard-00007.stats.json   counts, skips by reason (with the first few file:row), tokens, wall
+  score/shard-00007.stats.json   counts, skips by reason (with the first few file:row), tokens, wall,
+                                 the part (file, row groups, rows) and the bytes read for it
   score/shard-00007.parquet      doc_id, domain, n_tokens, n_tokens_full, loss_base, loss_masked, score,
                                  repetition, compression_ratio (selection/repetition.py)
 
@@ -18,10 +24,11 @@ The parquet's presence is the completion marker, so a worker killed at any momen
 a whole shard or nothing, and a re-run recomputes exactly the missing shards: no document is
 lost or duplicated, and rows come out identical (same shard -> same batches -> same kernels).
 The executors (attninf/lifecycle.py) see one part per shard (`parts`): an array task scores
-its share with `run_parts` (streaming the corpus up to its last shard, tokenising only its own)
-and `finish` merges the shard stats once every part is marked. Reading local jsonl/parquet is cheap next to scoring
-(~1,000x fewer operations per byte); streaming a hub corpus of the paper's size once per worker
-is not, so at that scale export the hub configs to local parquet first (corpus=parquet).
+its share with `run_parts` and `finish` merges the shard stats once every part is marked,
+reading shard stats and digests, never the corpus. A hub corpus (corpus.kind=hf) has no files
+to split: it is one part, `all`, that streams the whole corpus in one process and cuts it into
+`score.shard_size` blocks; at the paper's size ingest it to local parquet first
+(`python -m tools.ingest`, slurm/README.md), then score `corpus=parquet`.
 
 Precision: the selector runs in `score.dtype` (default: the model config's dtype, `auto` in the
 shipped configs: bf16 on GPU, on CPU whichever of bf16 / fp32 this machine runs faster, see
@@ -134,7 +141,7 @@ def score_shard(docs: list[Document], *, tokenizer, scorer, cfg: ScoreConfig, pr
     """Score one shard: (columns dict in corpus order, stats). Skips are counted with a reason."""
     from selection import scoring
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     skipped: dict[str, int] = {}
     examples: dict[str, list[str]] = {}
 
@@ -193,6 +200,7 @@ def score_shard(docs: list[Document], *, tokenizer, scorer, cfg: ScoreConfig, pr
         "tokens_full": int(sum(cols["n_tokens_full"])),
         "truncated": int(sum(1 for k in keep if k[2] > len(k[1]))),
         "wall_s": time.perf_counter() - t0,
+        "cpu_s": time.process_time() - c0,  # this process's CPU (all its threads): a rate that load does not skew
     }
     return cols, stats
 
@@ -230,33 +238,6 @@ def write_shard(out: Path, i: int, cols: dict, stats: dict) -> Path:
     _write_parquet_atomic(table, path, lambda sha: manifest.write_json(
         out / f"{shard_name(i)}.stats.json", {**stats, "sha256": sha}))
     return path
-
-
-def _count_rows(cfg: CorpusConfig) -> int | None:
-    """Rows in local files (for the progress bar's ETA); None when unknown or costly."""
-    if cfg.kind == "hf":
-        return None
-    from selection.corpora import local_files
-
-    total = 0
-    try:
-        for path, _ in local_files(cfg):
-            if path.name.endswith(".parquet"):
-                import pyarrow.parquet as pq
-
-                total += pq.ParquetFile(path).metadata.num_rows
-            elif path.suffix == ".gz":
-                return None
-            else:
-                with open(path, "rb") as fh:
-                    total += sum(buf.count(b"\n") for buf in iter(lambda: fh.read(1 << 20), b""))
-    except Exception:  # noqa: BLE001 - the reader will name the bad file properly
-        return None
-    if cfg.max_docs_per_domain and cfg.domains:
-        total = min(total, cfg.max_docs_per_domain * len(cfg.domains))
-    if cfg.max_docs:
-        total = min(total, cfg.max_docs)
-    return total
 
 
 def summarize(out: Path, n_shards: int) -> dict:
@@ -324,22 +305,37 @@ class _Scorer:
         return state["scorer"], state["tok"], state["info"]
 
 
-def parts(ctx) -> list[str]:
-    """The stage's parts for an executor: one per shard (`shard-00007`), from an exact row count.
+PLAN = "corpus_plan.json"
 
-    Counting streams the corpus once without tokenising (cheap next to scoring). A hub corpus
-    (corpus.kind=hf) has no count without downloading it: one part, `all`, scores every shard.
+
+def corpus_plan(ctx, cfg: ScoreConfig, ccfg: CorpusConfig) -> list:
+    """The corpus's parts of `score.shard_size` rows, planned once into `corpus_plan.json`."""
+    from selection.corpus_parts import stored_plan
+
+    out: Path = ctx.out
+    return stored_plan(ccfg, out / PLAN, cfg.shard_size, lambda: any(out.glob("shard-*.parquet")), "score")
+
+
+def parts(ctx) -> list:
+    """The stage's parts for an executor: one per part of the corpus plan (`shard-00007`), with
+    its bytes as the weight that balances the tasks' shares (attninf.lifecycle.share).
+
+    Planning reads parquet footers (jsonl: counts lines; a capped corpus: one counting pass). A
+    hub corpus (corpus.kind=hf) has no files to split: one part, `all`, scores every shard of
+    the stream in one process; ingest it first for the parallel path (python -m tools.ingest).
     """
     cfg = build(ScoreConfig, ctx.cfg.get("score"), "score")
     ccfg = build(CorpusConfig, ctx.cfg.get("corpus"), "corpus")
     if ccfg.kind == "hf":
+        log.warning("score: corpus.kind=hf is one part ('all'): one process streams the whole corpus; "
+                    "ingest it to local parquet first (python -m tools.ingest) to score it as an array")
         return ["all"]
-    rows = sum(1 for _ in iter_documents(ccfg, with_skips=True))
-    return [shard_name(i) for i in range((rows + cfg.shard_size - 1) // cfg.shard_size)]
+    return [(shard_name(i), p.bytes) for i, p in enumerate(corpus_plan(ctx, cfg, ccfg))]
 
 
 def run_parts(ctx, names: list[str], rank: int | None = None, world: int | None = None):
-    """Score the shards named (`all` = every shard); yield each name once its shard is on disk.
+    """Score the shards named (`all` = every shard of a hub stream); yield each name once its
+    shard is on disk. A shard reads only its own part of the corpus (selection.corpus_parts).
 
     A shard already present, intact and made under this key is yielded without re-scoring.
     (rank, world) only label the progress file and the shard stats (default: rank_world()).
@@ -349,56 +345,85 @@ def run_parts(ctx, names: list[str], rank: int | None = None, world: int | None 
     cfg = build(ScoreConfig, ctx.cfg.get("score"), "score")
     ccfg = build(CorpusConfig, ctx.cfg.get("corpus"), "corpus")
     out: Path = ctx.out
-    every = "all" in names
-    wanted = set(names)
     scorer = _Scorer(ctx, cfg, rank, world)
-    total = None if every else len(wanted) * cfg.shard_size
-    prog = Progress(total=total, desc=f"score[{rank}/{world}]", tracker=ctx.tracker, prefix="score",
-                    disable=not cfg.progress, path=out / f"progress-{rank}.json")
     # The executor wrote this run's key into the `running` manifest; every shard records it, so a
     # shard made under another config is never reused, even when the old manifest was torn.
     key = (manifest.read(out) or {}).get("key")
-    left = len(wanted)
+    if "all" in names:
+        yield from _run_stream(ctx, cfg, ccfg, scorer, key, rank, world)
+        return
+    from selection.corpus_parts import ByteCounter, read_part
+
+    plan = corpus_plan(ctx, cfg, ccfg)
+    index = {shard_name(i): i for i in range(len(plan))}
+    unknown = [n for n in names if n not in index]
+    if unknown:
+        raise InputError(f"score: parts {unknown[:3]} are not in {out / PLAN} ({len(plan)} parts); "
+                         "the corpus or score.shard_size changed since the parts were listed")
+    todo = sorted(index[n] for n in names)
+    prog = Progress(total=sum(plan[i].rows or 0 for i in todo) or None, desc=f"score[{rank}/{world}]",
+                    tracker=ctx.tracker, prefix="score", disable=not cfg.progress, path=out / f"progress-{rank}.json")
     with prog:
-        for i, block in iter_shards(iter_documents(ccfg, with_skips=True), cfg.shard_size):
-            name = shard_name(i)
-            if not every and name not in wanted:
-                continue
+        for i in todo:
+            part, name = plan[i], shard_name(i)
             if (out / f"{name}.parquet").exists():
-                why = shard_problem(out, i, key, len(block))
+                why = shard_problem(out, i, key)
                 if why is None:
-                    prog.total = None if prog.total is None else max(prog.total - len(block), 0)
-                    if not every:
-                        yield name
-                        left -= 1
-                        if left == 0:
-                            return
+                    prog.total = None if prog.total is None else max(prog.total - (part.rows or 0), 0)
+                    yield name
                     continue
                 log.warning("score: %s; re-scoring it", why)
                 (out / f"{name}.parquet").unlink(missing_ok=True)
-            check_unique_ids(block)
-            model, tok, info = scorer.get()
-            cols, stats = score_shard(block, tokenizer=tok, scorer=model, cfg=cfg, progress=prog)
-            stats.update(shard=i, rank=rank, world=world, key=key, **info)
-            write_shard(out, i, cols, stats)
-            if not every:
-                yield name
-                left -= 1
-                if left == 0:  # the rest of the stream is other tasks' shards
-                    return
-    if every:
-        yield "all"
+            io = ByteCounter()
+            t0 = time.perf_counter()
+            block = list(read_part(part, ccfg, io=io))
+            read_s = time.perf_counter() - t0
+            _score_and_write(out, i, block, scorer, cfg, prog, key, rank, world,
+                             part={"file": part.file, "row_groups": part.row_groups, "first_row": part.first_row,
+                                   "rows": part.rows, "planned_bytes": part.bytes},
+                             files_opened=io.files, bytes_read=io.bytes, bytes_requested=io.requested,
+                             read_s=round(read_s, 4))
+            yield name
+
+
+def _score_and_write(out: Path, i: int, block: list[Document], scorer: "_Scorer", cfg: ScoreConfig, prog, key,
+                     rank: int, world: int, **extra) -> None:
+    check_unique_ids(block)
+    model, tok, info = scorer.get()
+    cols, stats = score_shard(block, tokenizer=tok, scorer=model, cfg=cfg, progress=prog)
+    stats.update(shard=i, rank=rank, world=world, key=key, **info, **extra)
+    write_shard(out, i, cols, stats)
+
+
+def _run_stream(ctx, cfg: ScoreConfig, ccfg: CorpusConfig, scorer: "_Scorer", key, rank: int, world: int):
+    """The hub stream's one part, `all`: blocks of `shard_size` rows of the stream, in order."""
+    out: Path = ctx.out
+    prog = Progress(total=None, desc=f"score[{rank}/{world}]", tracker=ctx.tracker, prefix="score",
+                    disable=not cfg.progress, path=out / f"progress-{rank}.json")
+    with prog:
+        for i, block in iter_shards(iter_documents(ccfg, with_skips=True), cfg.shard_size):
+            name = shard_name(i)
+            if (out / f"{name}.parquet").exists():
+                why = shard_problem(out, i, key, len(block))
+                if why is None:
+                    continue
+                log.warning("score: %s; re-scoring it", why)
+                (out / f"{name}.parquet").unlink(missing_ok=True)
+            _score_and_write(out, i, block, scorer, cfg, prog, key, rank, world)
+    yield "all"
 
 
 def _n_shards(ctx) -> int:
-    names = ctx.parts if ctx.parts is not None else parts(ctx)
+    names = ctx.parts if ctx.parts is not None else [p[0] if isinstance(p, tuple) else p for p in parts(ctx)]
     if names == ["all"]:
         return len(list(ctx.out.glob("shard-*.stats.json")))
     return len(names)
 
 
 def finish(ctx) -> dict:
-    """Every shard present: the plan select verifies (rows and digest per shard) and the summary."""
+    """Every shard present: the plan select verifies (rows and digest per shard) and the summary.
+
+    Reads the shards' stats and digests (the score folder), never the corpus."""
     cfg = build(ScoreConfig, ctx.cfg.get("score"), "score")
     ccfg = build(CorpusConfig, ctx.cfg.get("corpus"), "corpus")
     out: Path = ctx.out
@@ -422,11 +447,16 @@ def finish(ctx) -> dict:
 
 
 def run(ctx) -> dict:
-    """This worker's share (`parts[rank::world]`, attninf.dist.rank_world), then finish when every
-    shard exists; Incomplete while other workers' shards are missing (torchrun / manual fan-out)."""
+    """This worker's share (attninf.lifecycle.share of the parts, rank and world from
+    attninf.dist.rank_world), then finish when every shard exists; Incomplete while other
+    workers' shards are missing (torchrun / manual fan-out)."""
+    from attninf.lifecycle import share
+
     rank, world = rank_world()
-    names = parts(ctx)
-    for _ in run_parts(ctx, names[rank::world] if names != ["all"] else names, rank, world):
+    listed = parts(ctx)
+    names = [p[0] if isinstance(p, tuple) else p for p in listed]
+    weights = [p[1] for p in listed] if listed and isinstance(listed[0], tuple) else None
+    for _ in run_parts(ctx, share(names, rank, world, weights) if names != ["all"] else names, rank, world):
         pass
     ctx.parts = names
     key = (manifest.read(ctx.out) or {}).get("key")

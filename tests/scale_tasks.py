@@ -1,5 +1,8 @@
 """One simulated array task of the scale test, in its own process: `python -m tests.scale_tasks
-mix-task|mix-finish --out MIX --corpus CORPUS.yaml --tok DIR --selected SEL [--rank k --world n]`.
+mix-task|mix-finish --out MIX --corpus CORPUS.yaml --tok DIR --selected SEL [--rank k --world n]`,
+or `python -m tests.scale_tasks stage-step --out STAGE_DIR --step parts|finish|process`: one step
+of a lifecycle stage from its frozen folder, exactly what `python -m attninf.worker` runs in a
+Slurm array task (rank and world from ATTNINF_RANK / ATTNINF_WORLD_SIZE).
 
 Prints one JSON line: what the task did, its wall time and its peak resident memory
 (VmHWM: the process's own high-water mark, imports included). The scale
@@ -33,7 +36,9 @@ def _rss_mb() -> float:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=["mix-task", "mix-finish", "baseline-rss"])
+    p.add_argument("what", choices=["mix-task", "mix-finish", "baseline-rss", "stage-step", "score-sample"])
+    p.add_argument("--parts", type=int, default=1)
+    p.add_argument("--step", default=None)
     p.add_argument("--out", type=Path)
     p.add_argument("--corpus", type=Path)
     p.add_argument("--tok", type=Path)
@@ -43,11 +48,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shard-docs", type=int, default=2000)
     a = p.parse_args(argv)
     t0 = time.perf_counter()
+    if a.what == "stage-step":
+        from attninf.dist import rank_world
+        from attninf.runner import setup_logging
+        from attninf.worker import run_step
+
+        setup_logging()
+        rc = run_step(a.out, a.step)
+        rank, world = rank_world()
+        print(json.dumps({"what": a.step, "rank": rank, "world": world, "rc": rc,
+                          "wall_s": round(time.perf_counter() - t0, 2), "rss_mb": round(_rss_mb(), 1)}))
+        return rc
+    if a.what == "score-sample":  # the first --parts parts of this task's share, through the stage's run_parts
+        from attninf import lifecycle
+        from selection import score
+
+        unit, cfg = lifecycle.unit_of(a.out)
+        ctx = lifecycle.context(cfg, unit)
+        names, mine = lifecycle.task_parts(ctx, unit, a.rank, a.world)
+        done = list(score.run_parts(ctx, mine[:a.parts], a.rank, a.world))
+        print(json.dumps({"what": a.what, "rank": a.rank, "world": a.world, "share": len(mine), "ran": done,
+                          "wall_s": round(time.perf_counter() - t0, 2), "rss_mb": round(_rss_mb(), 1)}))
+        return 0
     from omegaconf import OmegaConf
 
     from attninf.config import build
     from pretrain import mix
-    from pretrain.corpus_parts import assign
+    from selection.corpus_parts import assign
     from selection.corpora import CorpusConfig
 
     from transformers import AutoTokenizer

@@ -2,16 +2,23 @@
 
 A SmolLM-Corpus-shaped corpus (tools.synth_corpus: 4 domains, 400 parquet files with several
 row groups, 1,000,000 short documents) in hub layout is ingested as 8 array tasks
-(`python -m tools.ingest` with ATTNINF_RANK / ATTNINF_WORLD_SIZE), a synthetic selection (20%
-per method, made here with pyarrow) is mixed with tokenisation as 8 array tasks (each its own
-process, two at a time on two cores) and one finishing task, and the run is resumed with another
-task count. Asserted and printed: files and bytes each task opened (<= 1/N of the corpus plus one
-file), blend entries per arm, peak RSS of the tasks and of the finish (merge + subset join),
-tokens/s per process, wall times, identical artifacts after the resume.
+(`python -m tools.ingest` with ATTNINF_RANK / ATTNINF_WORLD_SIZE); then the score stage runs
+with the tiny random selector (model=random_tiny) as 8 array tasks, each its own process running
+what a Slurm array task runs (`attninf.worker`'s parts step on the frozen stage folder, two at a
+time on two cores), and its finish runs with the corpus moved away (it reads shard stats, never
+the corpus); select runs on the scores; mix tokenises the corpus with that selection as 8 tasks
+plus a finishing task; three pretraining steps run on the blend (one rank, the tiny Megatron
+model); score and mix are resumed with another task count. Asserted and printed: files and bytes
+each task opened (<= 1/N of the corpus plus one file), blend entries per arm, peak RSS of
+select and of the mix tasks and finish (merge + subset join), tokens/s per process of scoring
+and tokenisation, wall time per training step, identical artifacts after the resumes.
 
-Not here yet (they need the run lifecycle's array executor): scoring with the tiny random
-selector as 8 array tasks and a few pretraining steps on the blend. The fixtures `ingested` and
-`mixed` hold the corpus, its config and the finished mix for those steps to build on.
+Scoring is the one step run on a stated fraction: the tiny selector scores a few hundred synthetic
+documents per CPU-second here (~640 at 64 tokens), so the 1M documents would take ~26 CPU-minutes. On the
+1M-document corpus each of the 8 tasks scores the first SCORE_PARTS_PER_TASK parts of its
+contiguous share (the printed table extrapolates its rate to the whole corpus); the stage then
+runs to completion, and feeds select and mix, on one file per domain of the same corpus
+(SCORE_FILES_PER_DOMAIN), also as 8 tasks.
 """
 
 from __future__ import annotations
@@ -25,7 +32,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -38,6 +44,9 @@ DOCS = int(os.environ.get("ATTNINF_SCALE_DOCS", 1_000_000))
 FILES = int(os.environ.get("ATTNINF_SCALE_FILES", 400))
 CONCURRENT = 2  # this machine's cores
 FIGURES: dict = {}
+SCORE_PARTS_PER_TASK = 1  # parts each task scores of its share of the 1M-document corpus (see the docstring)
+SCORE_FILES_PER_DOMAIN = 1  # files per domain of the corpus scored to completion (select, mix, pretrain)
+SCORE_SHARD = 1024  # score.shard_size: parts of two 512-row groups
 
 
 def _env(**extra) -> dict:
@@ -97,18 +106,221 @@ def ingested(tmp_path_factory):
     return root, out, tok
 
 
-def _selection(ingest: Path, path: Path) -> int:
-    """20% of each domain as `attention_influence` (a hash of the id) and another 20% as `random`."""
-    t = pa.concat_tables(pq.read_table(f, columns=["id", "domain"]) for f in sorted(ingest.glob("*/*.parquet")))
-    h = np.array([int(hashlib.md5(i.encode()).hexdigest()[:8], 16) % 100 for i in t.column("id").to_pylist()])
-    ai, rnd = t.filter(pa.array(h < 20)), t.filter(pa.array((h >= 50) & (h < 70)))
-    sel = pa.concat_tables([
-        pa.table({"doc_id": ai.column("id"), "domain": ai.column("domain"), "score": pa.array(h[h < 20] / 100.0),
-                  "method": pa.array(["attention_influence"] * ai.num_rows)}),
-        pa.table({"doc_id": rnd.column("id"), "domain": rnd.column("domain"),
-                  "score": pa.array(h[(h >= 50) & (h < 70)] / 100.0), "method": pa.array(["random"] * rnd.num_rows)})])
-    pq.write_table(sel.sort_by([("method", "ascending"), ("score", "descending")]), path)
-    return sel.num_rows
+def _stage_cmd(stage_dir: Path, step: str, rank: int | None = None, world: int | None = None):
+    extra = {} if rank is None else {"ATTNINF_RANK": str(rank), "ATTNINF_WORLD_SIZE": str(world)}
+    return ([sys.executable, "-m", "tests.scale_tasks", "stage-step", "--out", str(stage_dir), "--step", step],
+            _env(OMP_NUM_THREADS="1", **extra))
+
+
+def _score_cfg(run: Path, paths: list[str], domains: list[str]):
+    """The score and select stages on the tiny random selector, composed by Hydra from conf/."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=[
+            f"run_dir={run}", "stages=[score,select]", "wandb.mode=disabled", "model=random_tiny",
+            "model.device=cpu", "corpus=parquet", f"corpus.paths=[{','.join(paths)}]", "corpus.id_field=id",
+            "corpus.domain_field=domain", f"corpus.domains=[{','.join(domains)}]", "heads.set=list",
+            "heads.list=[[1,0],[2,3]]", f"score.shard_size={SCORE_SHARD}", "score.max_tokens=64",
+            "score.progress=false", "select.methods=[attention_influence,random]", "select.figures=false",
+            "select.contamination.scope=none"])
+
+
+def _prepare(cfg, name: str):
+    """What the executor does before an array: freeze the stage folder, list its parts once."""
+    from attninf import lifecycle
+    from attninf.runner import stage_dirs
+
+    dirs = stage_dirs(cfg, [], False)
+    unit = lifecycle.plan_unit(cfg, name, None, dirs)
+    assert lifecycle.prepare(cfg, unit) is None
+    names = lifecycle.part_list(lifecycle.context(cfg, unit, dirs), unit) if name == "score" else None
+    return unit, names
+
+
+def _shard_stats(score_dir: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(score_dir.glob("shard-*.stats.json"))]
+
+
+@pytest.fixture(scope="module")
+def scored(ingested):
+    """Score on the 1M corpus as 8 tasks (a stated fraction of each share), then to completion on
+    SCORE_FILES files as 8 tasks, finish with the corpus moved away, select."""
+    from attninf import lifecycle
+
+    root, ingest, tok = ingested
+    domains = sorted(p.name for p in ingest.iterdir() if p.is_dir() and p.name != "parts")
+    # 1. the 1M-document corpus: each task scores the first parts of its contiguous share
+    cfg = _score_cfg(root / "score-1m", [f"{ingest}/*/*.parquet"], domains)
+    t0 = time.perf_counter()
+    unit, names = _prepare(cfg, "score")
+    plan_s = time.perf_counter() - t0
+    sample = [([sys.executable, "-m", "tests.scale_tasks", "score-sample", "--out", str(unit.out), "--rank",
+                str(k), "--world", str(N_TASKS), "--parts", str(SCORE_PARTS_PER_TASK)], _env(OMP_NUM_THREADS="1"))
+              for k in range(N_TASKS)]
+    t0 = time.perf_counter()
+    tasks_1m = _run_tasks(sample)
+    FIGURES["score_1m"] = {"parts": len(names), "plan_s": round(plan_s, 2),
+                           "tasks_wall_s": round(time.perf_counter() - t0, 1)}
+    # 2. SCORE_FILES files to completion: 8 tasks (the worker's parts step), finish, select
+    files = [str(f) for d in domains for f in sorted((ingest / d).glob("*.parquet"))[:SCORE_FILES_PER_DOMAIN]]
+    cfg = _score_cfg(root / "run", files, domains)
+    unit, names = _prepare(cfg, "score")
+    t0 = time.perf_counter()
+    tasks = _run_tasks([_stage_cmd(unit.out, "parts", k, N_TASKS) for k in range(N_TASKS)])
+    tasks_wall = time.perf_counter() - t0
+    assert lifecycle.missing_parts(unit, names) == []
+    aside = ingest.with_name(ingest.name + "-moved-away")
+    ingest.rename(aside)  # the finish must not read a byte of the corpus: here there is none
+    try:
+        fin, fin_wall = _run_tasks([_stage_cmd(unit.out, "finish")])[0]
+    finally:
+        aside.rename(ingest)
+    assert json.loads((unit.out / "manifest.json").read_text())["status"] == "done"
+    sel_unit, _ = _prepare(cfg, "select")
+    sel, sel_wall = _run_tasks([_stage_cmd(sel_unit.out, "process")])[0]
+    FIGURES["score"] = {"files": len(files), "parts": len(names), "tasks_wall_s": round(tasks_wall, 1),
+                        "finish_wall_s": round(fin_wall, 1), "finish_rss_mb": fin["rss_mb"],
+                        "select_wall_s": round(sel_wall, 1), "select_rss_mb": sel["rss_mb"]}
+    return root, cfg, unit, names, tasks_1m, tasks, sel_unit
+
+
+def _task_rows(stats: list[dict], corpus_bytes: int) -> list[dict]:
+    rows = []
+    for r in range(N_TASKS):
+        st = [s for s in stats if s["rank"] == r]
+        if not st:  # more tasks than parts' worth of bytes: this task's share is empty
+            rows.append({"task": r, "parts": 0, "files": 0, "MB_read": 0.0, "share": 0.0, "docs": 0, "tokens": 0,
+                         "tokens_per_s": "-", "docs_per_s": "-", "tokens_per_cpu_s": "-", "docs_per_cpu_s": "-",
+                         "read_share": "-"})
+            continue
+        nbytes, tokens, secs = sum(s["bytes_read"] for s in st), sum(s["tokens_scored"] for s in st), \
+            sum(s["wall_s"] + s["read_s"] for s in st)
+        cpu = sum(s["cpu_s"] for s in st)
+        rows.append({"task": r, "parts": len(st), "files": len({s["part"]["file"] for s in st}),
+                     "MB_read": round(nbytes / 2**20, 2), "share": round(nbytes / corpus_bytes, 4),
+                     "docs": sum(s["rows"] for s in st), "tokens": tokens, "tokens_per_s": round(tokens / secs),
+                     "docs_per_s": round(sum(s["rows"] for s in st) / secs),
+                     "tokens_per_cpu_s": round(tokens / cpu), "docs_per_cpu_s": round(sum(s["rows"] for s in st) / cpu),
+                     "read_share": round(sum(s["read_s"] for s in st) / secs, 4)})
+    return rows
+
+
+def _print_rows(title: str, rows: list[dict], capsys) -> None:
+    with capsys.disabled():
+        print(f"\n== scale: {title} ==")
+        print(" | ".join(rows[0]))
+        for r in rows:
+            print(" | ".join(str(v) for v in r.values()))
+
+
+def test_scale_score(scored, capsys):
+    """Each task reads only its part: per task, files and bytes opened, within 1/N of the corpus
+    plus one file; the finish read no corpus byte (it ran with the corpus moved away)."""
+    from attninf import lifecycle
+    from selection.corpus_parts import Part
+
+    root, cfg, unit, names, tasks_1m, tasks, sel_unit = scored
+    # the 1M-document corpus: a task's share is contiguous and ~1/N of the bytes; each part read
+    # no more than its own row groups and its file's footer
+    d1m = root / "score-1m" / "score"
+    plan = [Part.from_json(p) for p in json.loads((d1m / "corpus_plan.json").read_text())["parts"]]
+    files = {p.file for p in plan}
+    corpus_bytes = sum(os.path.getsize(f) for f in files)
+    biggest = max(os.path.getsize(f) for f in files)
+    idx = json.loads((d1m / "parts" / "index.json").read_text())
+    shares = [lifecycle.share(idx["parts"], k, N_TASKS, idx["weights"]) for k in range(N_TASKS)]
+    assert [n for s in shares for n in s] == idx["parts"]
+    by_name = {f"shard-{i:05d}": p for i, p in enumerate(plan)}
+    share_rows = []
+    for k, s in enumerate(shares):
+        fs = {by_name[n].file for n in s}
+        nbytes = sum(by_name[n].bytes for n in s)
+        share_rows.append({"task": k, "parts": len(s), "files": len(fs), "MB_planned": round(nbytes / 2**20, 2),
+                           "share": round(nbytes / corpus_bytes, 4)})
+        assert nbytes <= corpus_bytes / N_TASKS + biggest
+    assert sum(r["files"] for r in share_rows) <= len(files) + N_TASKS - 1
+    stats = _shard_stats(d1m)
+    assert len(stats) == N_TASKS * SCORE_PARTS_PER_TASK
+    for st in stats:
+        assert st["files_opened"] == 1
+        footer = _footer_bytes(st["part"]["file"])
+        assert st["bytes_read"] <= st["part"]["planned_bytes"] + footer + 8 + 4096, st  # + page headers slack
+    rows_1m = _task_rows(stats, corpus_bytes)
+    _print_rows(f"score shares on the 1M-document corpus ({len(plan)} parts of <= {SCORE_SHARD} rows; "
+                f"planned bytes per task)", share_rows, capsys)
+    _print_rows(f"score, {SCORE_PARTS_PER_TASK} part(s) per task scored of each share (tiny random selector, "
+                "1 thread per task, 2 tasks at a time)", rows_1m, capsys)
+    secs = sum(s["wall_s"] + s["read_s"] for s in stats)
+    docs_s, tok_s = sum(s["rows"] for s in stats) / secs, sum(s["tokens_scored"] for s in stats) / secs
+    cpu = sum(s["cpu_s"] for s in stats)
+    docs_cpu = sum(s["rows"] for s in stats) / cpu
+    FIGURES["score_1m"].update(docs_per_s_per_process=round(docs_s), tokens_per_s_per_process=round(tok_s),
+                               docs_per_cpu_s=round(docs_cpu),
+                               tokens_per_cpu_s=round(sum(s["tokens_scored"] for s in stats) / cpu),
+                               extrapolated_cpu_h_1m_docs=round(DOCS / docs_cpu / 3600, 2),
+                               read_share=round(sum(s["read_s"] for s in stats) / secs, 4),
+                               read_us_per_doc=round(1e6 * sum(s["read_s"] for s in stats) / sum(s["rows"] for s in stats), 1),
+                               read_MB_per_s=round(sum(s["bytes_read"] for s in stats) / 2**20
+                                                   / sum(s["read_s"] for s in stats), 1))
+    # the completed run: every shard made by the task whose contiguous share holds it
+    stats = _shard_stats(unit.out)
+    assert len(stats) == len(names)
+    idx = json.loads((unit.out / "parts" / "index.json").read_text())
+    for k in range(N_TASKS):
+        mine = lifecycle.share(idx["parts"], k, N_TASKS, idx["weights"])
+        assert {f"shard-{s['shard']:05d}" for s in stats if s["rank"] == k} == set(mine)
+    sfiles = {s["part"]["file"] for s in stats}
+    sbytes = sum(os.path.getsize(f) for f in sfiles)
+    sbig = max(os.path.getsize(f) for f in sfiles)
+    rows = _task_rows(stats, sbytes)
+    for k in range(N_TASKS):
+        nbytes = sum(s["bytes_read"] for s in stats if s["rank"] == k)
+        assert nbytes <= sbytes / N_TASKS + sbig, (k, nbytes, sbytes / N_TASKS + sbig)
+    assert sum(r["files"] for r in rows) <= len(sfiles) + N_TASKS - 1
+    _print_rows(f"score to completion on {len(sfiles)} files ({len(names)} parts) as {N_TASKS} tasks", rows, capsys)
+    summ = json.loads((unit.out / "stats.json").read_text())
+    assert summ["rows"] == sum(s["rows"] for s in stats) and summ["shards"] == len(names)
+    sel = json.loads((sel_unit.out / "manifest.json").read_text())
+    assert sel["status"] == "done"
+
+
+def _footer_bytes(path: str) -> int:
+    import struct
+
+    with open(path, "rb") as fh:
+        fh.seek(-8, 2)
+        return struct.unpack("<i", fh.read(4))[0]
+
+
+def test_scale_score_resume_with_another_task_count(scored, capsys):
+    """Drop every 4th shard, resume as 3 tasks: only those are scored again (the others' files
+    are untouched), every shard is byte-identical, select's input plan is the same."""
+    from attninf import lifecycle
+
+    root, cfg, unit, names, tasks_1m, tasks, sel_unit = scored
+    out = unit.out
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.glob("shard-*.parquet")}
+    plan_before = json.loads((out / "plan.json").read_text())
+    dropped = names[::4]
+    for n in dropped:
+        (out / f"{n}.parquet").unlink()
+        lifecycle.clear_part(out, n)
+    kept = {p: p.stat().st_mtime_ns for p in out.glob("shard-*.stats.json")}
+    m = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**m, "status": "running"}))
+    t0 = time.perf_counter()
+    _run_tasks([_stage_cmd(out, "parts", k, 3) for k in range(3)])
+    _run_tasks([_stage_cmd(out, "finish")])
+    wall = time.perf_counter() - t0
+    after = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.glob("shard-*.parquet")}
+    assert after == before
+    redone = [p for p, t in kept.items() if p.stat().st_mtime_ns != t]
+    assert sorted(p.name.split(".")[0] for p in redone) == sorted(dropped)
+    assert json.loads((out / "plan.json").read_text())["files"] == plan_before["files"]
+    with capsys.disabled():
+        print(f"\n== scale: score resumed as 3 tasks: {len(dropped)} of {len(names)} shards redone, "
+              f"{len(after)} shards byte-identical, {wall:.1f} s ==")
 
 
 def _mix_cmd(what: str, out: Path, corpus: Path, tok: Path, sel: Path, rank: int, world: int):
@@ -129,10 +341,12 @@ def _artifacts(mix: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def mixed(ingested):
+def mixed(ingested, scored):
     root, ingest, tok = ingested
-    corpus, sel, mix = ingest / "corpus.yaml", root / "selected.parquet", root / "mix"
-    FIGURES["selected_rows"] = _selection(ingest, sel)
+    sel_unit = scored[-1]
+    corpus, sel, mix = ingest / "corpus.yaml", sel_unit.out / "selected.parquet", root / "mix"
+    t = pq.read_table(sel, columns=["method"]).column("method").to_pylist()
+    FIGURES["selected_rows"] = sum(1 for m in t if m in ("attention_influence", "random"))
     base = _run_tasks([_mix_cmd("baseline-rss", mix, corpus, root / "tok", sel, 0, 1)])[0][0]
     from attninf.config import build
     from omegaconf import OmegaConf
@@ -202,8 +416,6 @@ def test_scale_mix(mixed, capsys):
         tok_total / sum(st.get("cpu_s", st["seconds"]) for st in stats.values())), blend_entries=entries,
         corpus_MB=round(corpus_bytes / 2**20, 1), largest_file_MB=round(biggest / 2**20, 2),
         files_opened_total=files_opened_total, files=n_files)
-    with capsys.disabled():
-        print(json.dumps(FIGURES, indent=1))
 
 
 def test_scale_resume_with_another_task_count(mixed, capsys):
@@ -230,3 +442,43 @@ def test_scale_resume_with_another_task_count(mixed, capsys):
     with capsys.disabled():
         print(f"\n== scale: resumed as 3 tasks: {len(dropped)} of {len(parts)} parts redone, "
               f"{len(before)} artifacts identical, {wall:.1f} s ==")
+
+
+@pytest.fixture(scope="module")
+def trained(mixed):
+    """Three training steps of the tiny Megatron model on the attention_influence arm's blend
+    (one rank, as tests/pretrain/test_pretrain_train.py runs it)."""
+    from omegaconf import OmegaConf
+
+    from tests.helpers import launch_ranks
+
+    root, mix = mixed[0], mixed[1]
+    base = OmegaConf.load(ROOT / "conf" / "pretrain" / "default.yaml")
+    base.pop("defaults")
+    base.model = OmegaConf.load(ROOT / "conf" / "pretrain" / "model" / "tiny.yaml")
+    pre = OmegaConf.merge(base, {
+        "model": {"num_layers": 2, "hidden_size": 64, "ffn_hidden_size": 128, "num_attention_heads": 4,
+                  "num_query_groups": 2, "seq_length": 64},
+        "train_iters": 3, "global_batch_size": 4, "micro_batch_size": 2, "eval_interval": 3, "eval_samples": 4,
+        "save_interval": 0, "keep_last": 1, "export_hf": False, "export_pre_decay": False})
+    stage = root / "pretrain"
+    stage.mkdir()
+    cfg = OmegaConf.create({"pretrain": pre, "wandb": {"mode": "disabled"}, "experiment_name": "scale"})
+    (stage / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    (stage / "job.json").write_text(json.dumps({"arm": "attention_influence", "mix_dir": str(mix)}))
+    t0 = time.perf_counter()
+    assert launch_ranks(stage, 1) == "done"
+    FIGURES["pretrain"] = {"wall_s": round(time.perf_counter() - t0, 1)}
+    return stage
+
+
+def test_scale_pretrain_on_the_blend(trained, capsys):
+    rows = [json.loads(ln) for ln in (trained / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    train = [r for r in rows if "step_time_s" in r]
+    assert [r["step"] for r in train] == [1, 2, 3]
+    assert all(np.isfinite(r["loss"]) for r in train)
+    FIGURES["pretrain"].update(step_time_s=[round(r["step_time_s"], 3) for r in train],
+                               tokens_per_s=[round(r["tokens_per_s"]) for r in train])
+    with capsys.disabled():
+        print("\n== scale: figures ==")
+        print(json.dumps(FIGURES, indent=1))

@@ -99,30 +99,67 @@ def _worker(stage_dir: Path, step: str, rank: int | None = None, world: int | No
 
 
 def test_array_tasks_run_any_subset_and_finish_needs_every_marker(tmp_path, array_toy):
-    """What a Slurm array runs: tasks r of n take parts[r::n]; the finish job refuses while a part
-    is missing and completes the manifest once every part is marked; a re-run repeats nothing."""
+    """What a Slurm array runs: task r of n takes a contiguous run of the parts
+    (lifecycle.share); the finish job refuses while a part is missing and completes the manifest
+    once every part is marked; a re-run repeats nothing."""
     cfg = _cfg(tmp_path)
     run_pipeline(OmegaConf.merge(cfg, {"stages": ["detect"]}))
     dirs = stage_dirs(cfg, [], False)
     unit = lifecycle.plan_units(cfg, ["score"], dirs)[("score", None)]
     assert lifecycle.prepare(cfg, unit) is None  # frozen config + running manifest
     out = unit.out
-    p = _worker(out, "parts", 1, 2)  # task 1 of 2: p1, p3
+    p = _worker(out, "parts", 1, 2)  # task 1 of 2: p2, p3, p4 (the parts whose midpoints lie in the second half)
     assert p.returncode == 0, p.stderr
-    assert sorted(x.name for x in (out / "parts").glob("*.done")) == ["p1.done", "p3.done"]
+    assert sorted(x.name for x in (out / "parts").glob("*.done")) == ["p2.done", "p3.done", "p4.done"]
     p = _worker(out, "finish")
-    assert p.returncode == 2 and "3 of 5 parts are not finished (e.g. p0)" in p.stderr, p.stderr
+    assert p.returncode == 2 and "2 of 5 parts are not finished (e.g. p0)" in p.stderr, p.stderr
     assert json.loads((out / "manifest.json").read_text())["status"] == "running"
-    assert _worker(out, "parts", 0, 2).returncode == 0  # p0, p2, p4
+    assert _worker(out, "parts", 0, 2).returncode == 0  # p0, p1
     assert _worker(out, "parts", 0, 2).returncode == 0  # again: every part of its share is marked
-    assert (out / "calls.log").read_text().split() == ["p1", "p3", "p0", "p2", "p4"]
+    assert (out / "calls.log").read_text().split() == ["p2", "p3", "p4", "p0", "p1"]
     p = _worker(out, "finish")
     assert p.returncode == 0, p.stderr
     m = json.loads((out / "manifest.json").read_text())
     assert (m["status"], m["key"], m["outputs"]) == ("done", unit.key, {"parts": 5})
     # the local executor sees the same folder as done: nothing runs again
     run_pipeline(cfg)
-    assert (out / "calls.log").read_text().split() == ["p1", "p3", "p0", "p2", "p4"]
+    assert (out / "calls.log").read_text().split() == ["p2", "p3", "p4", "p0", "p1"]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 7, 8, 40])
+def test_share_is_contiguous_covers_every_part_and_balances_the_weights(world):
+    """The executors' one split: contiguous runs in list order, each part once, every task
+    within half of the heaviest part of 1/world of the weight; without weights, blocks."""
+    import numpy as np
+
+    names = [f"shard-{i:05d}" for i in range(40)]
+    weights = [int(w) for w in np.random.default_rng(world).integers(1, 1000, size=40)]
+    got = [lifecycle.share(names, r, world, weights) for r in range(world)]
+    assert [n for g in got for n in g] == names
+    total = sum(weights)
+    for g in got:
+        assert abs(sum(weights[names.index(n)] for n in g) - total / world) <= max(weights)
+    blocks = [lifecycle.share(names, r, world) for r in range(world)]
+    assert [n for g in blocks for n in g] == names
+    assert max(map(len, blocks)) - min(map(len, blocks)) <= 1
+
+
+def test_a_stage_may_weight_its_parts_and_the_index_keeps_the_weights(tmp_path, array_toy, monkeypatch):
+    """parts(ctx) may return (name, weight) pairs: the index keeps names and weights, and a task's
+    share is balanced by them (one heavy first part is a task's whole share)."""
+    cfg = _cfg(tmp_path)
+    run_pipeline(OmegaConf.merge(cfg, {"stages": ["detect"]}))
+    monkeypatch.setattr(sys.modules[__name__], "toy_parts",
+                        lambda ctx: [("p0", 100.0)] + [(f"p{i}", 1.0) for i in range(1, 5)])
+    dirs = stage_dirs(cfg, [], False)
+    unit = lifecycle.plan_units(cfg, ["score"], dirs)[("score", None)]
+    lifecycle.prepare(cfg, unit)
+    ctx = lifecycle.context(cfg, unit, dirs)
+    names, mine = lifecycle.task_parts(ctx, unit, 0, 2)
+    assert names == PART_NAMES and mine == ["p0"]
+    assert lifecycle.task_parts(ctx, unit, 1, 2)[1] == ["p1", "p2", "p3", "p4"]
+    idx = json.loads((unit.out / "parts" / "index.json").read_text())
+    assert idx["weights"] == [100.0, 1.0, 1.0, 1.0, 1.0]
 
 
 def test_a_marker_under_another_key_does_not_count(tmp_path, array_toy):

@@ -43,12 +43,12 @@ def test_paper_7b_submits_32_nodes_of_8_ranks(tmp_path, code_eval_permitted):
     jobs, problems = _plan(tmp_path, "paper_7b", *PERMIT)
     assert problems == [], problems
     arms = ["baseline", "attention_influence", "random", "perplexity"]
-    assert list(jobs) == ["detect", "score:parts", "score:finish", "select", "mix",
+    assert list(jobs) == ["detect", "score:parts", "score:finish", "select", "mix:parts", "mix:finish",
                           *[f"pretrain[{a}]" for a in arms], *[f"eval[{a}]" for a in arms], "report"]
     for a in arms:
         j = jobs[f"pretrain[{a}]"]
         assert (j.step, j.nodes, j.tasks_per_node, j.gpus_per_node, j.gpus) == ("ranks", 32, 8, 8, 256)
-        assert j.after == ["mix"] and j.time_min == 2880
+        assert j.after == ["mix:finish"] and j.time_min == 2880
         # 6 x 6.07e9 x 1e12 + attention, at MFU 0.4 of 989.4 TFLOP/s, over 4 arms: ~30k GPU-h each
         assert 29_000 < j.gpu_hours < 31_000 and j.wall_hours == pytest.approx(j.gpu_hours / 256)
         mem = j.facts["memory_per_gpu"]
@@ -56,6 +56,8 @@ def test_paper_7b_submits_32_nodes_of_8_ranks(tmp_path, code_eval_permitted):
     s = jobs["score:parts"]
     assert (s.array, s.gpus_per_node, jobs["score:finish"].after) == (128, 1, ["score:parts"])
     assert jobs["select"].after == ["score:finish"]
+    m = jobs["mix:parts"]
+    assert (m.array, m.gpus_per_node, jobs["mix:finish"].after) == (32, 0, ["mix:parts"])
 
 
 def test_paper_1b_proxy_submits_4_nodes_of_8_ranks(tmp_path, code_eval_permitted):
@@ -134,7 +136,7 @@ def test_dry_run_prints_the_graph_writes_plan_json_and_submits_nothing(tmp_path)
     assert row[1:4] == ["32", "8", "256"] and row[6] == "48h00"
     assert any(ln.startswith("memory per GPU (pretrain, GiB): weights 5.7") for ln in lines)
     plan = json.loads((run / "cluster" / "plan.json").read_text())
-    assert len(plan["jobs"]) == 14 and plan["problems"] == []
+    assert len(plan["jobs"]) == 15 and plan["problems"] == []  # mix is an array: parts + finish
     # nothing prepared, nothing submitted: no stage folder, no jobs.json (Hydra's own .hydra/ aside)
     assert set(os.listdir(run)) - {".hydra"} == {"cluster"} and os.listdir(run / "cluster") == ["plan.json"]
     # a refusal: one `refused:` line per problem, exit 2, plan.json still written

@@ -49,7 +49,7 @@ def _ccfg(paths, **kw):
                                   {"domains": ["web", "math"], "unknown_domain": "skip"}])
 @pytest.mark.parametrize("part_rows", [1, 13, 1000])
 def test_parts_read_exactly_the_stream(tmp_path, caps, part_rows):
-    from pretrain.corpus_parts import plan_parts, read_part
+    from selection.corpus_parts import plan_parts, read_part
     from selection.corpora import iter_documents
 
     cfg = _ccfg(_corpus(tmp_path / "c"), **caps)
@@ -63,7 +63,7 @@ def test_parts_read_exactly_the_stream(tmp_path, caps, part_rows):
 
 
 def test_unknown_domain_in_a_part_names_file_and_row(tmp_path):
-    from pretrain.corpus_parts import plan_parts, read_part
+    from selection.corpus_parts import plan_parts, read_part
     from selection.corpora import CorpusError
 
     cfg = _ccfg(_corpus(tmp_path / "c"), domains=["web", "code"])
@@ -223,7 +223,7 @@ def test_more_tasks_than_parts_is_an_error_before_compute(tmp_path, tiny_tokeniz
 
 
 def test_assign_is_contiguous_balanced_and_covers_every_part():
-    from pretrain.corpus_parts import Part, assign
+    from selection.corpus_parts import Part, assign
 
     rng = np.random.default_rng(0)
     parts = [Part(f"p{i:05d}", f"f{i // 3}", "parquet", None, (0, 1), 0, 10, int(b))
@@ -233,3 +233,69 @@ def test_assign_is_contiguous_balanced_and_covers_every_part():
         got = [assign(parts, r, world) for r in range(world)]
         assert [p.id for g in got for p in g] == [p.id for p in parts]  # contiguous, in plan order, once each
         assert all(sum(p.bytes for p in g) <= total / world + 1000 for g in got)
+
+
+def _mix_stage_cfg(tmp_path, tok, paths, run):
+    """The mix stage composed by Hydra from conf/ (real defaults), on the test corpus."""
+    from hydra import compose, initialize_config_dir
+
+    from attninf import manifest
+
+    (run / "select").mkdir(parents=True, exist_ok=True)
+    import shutil
+
+    shutil.copy(tmp_path / "selected.parquet", run / "select" / "selected.parquet")
+    manifest.write(run / "select", stage="select", arm=None, key="standin", status="done", config={}, inputs={})
+    root = Path(__file__).resolve().parents[2]
+    with initialize_config_dir(config_dir=str(root / "conf"), version_base="1.3"):
+        return compose("config", overrides=[
+            f"run_dir={run}", "stages=[mix]", "wandb.mode=disabled", "corpus=jsonl",
+            f"corpus.paths=[{','.join(paths)}]", "corpus.domains=null", f"tokenizer.path={tok}",
+            *[f"+arms.{a}.selection={v['selection'] or 'null'}" for a, v in ARMS.items()],
+            "mix.shard_docs=10", "mix.workers=1", "mix.valid_fraction=0.1", "mix.planned_tokens=10000"])
+
+
+def test_mix_is_an_array_stage_of_the_lifecycle(tmp_path, tiny_tokenizer, monkeypatch):
+    """The registry declares mix an array: the runner lists its parts (with their bytes as
+    weights), a manual fan-out task (ATTNINF_RANK/ATTNINF_WORLD_SIZE) tokenises its contiguous
+    share and stops without blend.json, the last task finishes; the blend equals build_mix_parts'."""
+    from attninf import lifecycle
+    from attninf.context import Incomplete
+    from attninf.runner import run_pipeline
+    from attninf.stages import STAGES
+    from pretrain.mix import MixConfig, build_mix_parts
+    from selection.corpora import iter_documents
+
+    assert STAGES["mix"].shape_of({}).kind == "array"
+    tok = tmp_path / "tok"
+    tiny_tokenizer.save_pretrained(tok)
+    paths = _corpus(tmp_path / "c")
+    cfg = _ccfg(paths)
+    _selection(tmp_path / "selected.parquet", list(iter_documents(cfg)))
+    ref = build_mix_parts(cfg, tmp_path / "ref", tok, tiny_tokenizer.eos_token_id, len(tiny_tokenizer), "tiny",
+                          MixConfig(shard_docs=10, workers=1, valid_fraction=0.1, planned_tokens=10_000), ARMS,
+                          tmp_path / "selected.parquet")
+    run = tmp_path / "run"
+    hcfg = _mix_stage_cfg(tmp_path, tok, paths, run)
+    out = run / "mix"
+    monkeypatch.setenv("ATTNINF_WORLD_SIZE", "2")
+    monkeypatch.setenv("ATTNINF_RANK", "0")
+    with pytest.raises(Incomplete, match=r"worker 0/2 did its share; \d+ of \d+ parts still missing"):
+        run_pipeline(hcfg)
+    assert not (out / "blend.json").exists()
+    idx = json.loads((out / "parts" / "index.json").read_text())
+    plan = json.loads((out / "plan.json").read_text())["parts"]
+    assert idx["parts"] == [p["id"] for p in plan] and idx["weights"] == [p["bytes"] for p in plan]
+    mine = lifecycle.share(idx["parts"], 0, 2, idx["weights"])
+    assert 0 < len(mine) < len(plan) and mine == idx["parts"][:len(mine)]  # a contiguous first share
+    assert sorted(p.stem for p in (out / "parts").glob("p*.done")) == mine
+    monkeypatch.setenv("ATTNINF_RANK", "1")
+    run_pipeline(hcfg)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["status"] == "done" and m["outputs"]["parts"] == len(plan)
+    b_ref = json.loads((tmp_path / "ref" / "blend.json").read_text())
+    b_got = json.loads((out / "blend.json").read_text())
+    for key in ("datasets", "valid", "subsets", "arms"):
+        assert b_got[key] == b_ref[key], key
+    assert _files(out) == {k: v for k, v in _files(tmp_path / "ref").items()}
+    assert m["outputs"]["arms"] == ref["arms"]

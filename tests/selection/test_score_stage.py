@@ -22,7 +22,11 @@ def test_score_and_select_stages(tmp_path, tiny_model_dir):
     paths = score_corpus(tmp_path)
     run_pipeline(score_stage_cfg(tmp_path, tiny_model_dir, paths))
     sd = tmp_path / "run/score"
-    assert sorted(p.name for p in sd.glob("shard-*.parquet")) == [f"shard-{i:05d}.parquet" for i in range(9)]
+    # shards are parts of the data: each 30-row file in row ranges of 7 (7, 7, 7, 7, 2) -> 10
+    assert sorted(p.name for p in sd.glob("shard-*.parquet")) == [f"shard-{i:05d}.parquet" for i in range(10)]
+    plan = json.loads((sd / "corpus_plan.json").read_text())["parts"]
+    assert [(p["file"], p["first_row"], p["rows"]) for p in plan] == \
+        [(f, a, min(7, 30 - a)) for f in paths for a in range(0, 30, 7)]
     t = pq.read_table(min(sd.glob("shard-*.parquet")))
     assert [f.name for f in t.schema][:3] == ["doc_id", "domain", "n_tokens"]
     assert str(t.schema.field("n_tokens").type) == "int64" and str(t.schema.field("score").type) == "double"
@@ -75,7 +79,11 @@ def test_ranks_share_shards_and_last_one_finishes(tmp_path, tiny_model_dir, monk
     with pytest.raises(Incomplete, match="worker 0/2 did its share; 2 of 4 parts still missing"):
         run_pipeline(cfg)
     sd = tmp_path / "run/score"
-    assert sorted(p.name for p in sd.glob("shard-*.parquet")) == ["shard-00000.parquet", "shard-00002.parquet"]
+    # a contiguous half of the parts (by bytes): the first file's two row ranges
+    assert sorted(p.name for p in sd.glob("shard-*.parquet")) == ["shard-00000.parquet", "shard-00001.parquet"]
+    stats = [json.loads(p.read_text()) for p in sd.glob("shard-*.stats.json")]
+    assert {st["part"]["file"] for st in stats} == {paths[0]}  # task 0 opened only the first file
+    assert all(st["files_opened"] == 1 and st["rank"] == 0 for st in stats)
     monkeypatch.setenv("ATTNINF_RANK", "1")
     run_pipeline(cfg)
     assert json.loads((sd / "manifest.json").read_text())["status"] == "done"

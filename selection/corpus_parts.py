@@ -4,8 +4,14 @@ Why parts by file and row group: at paper size the corpus is ~1 TB in thousands 
 and tokenisation runs as an array of tasks. A part names its file and its row-group range, so a
 task opens only its own parts' bytes (plus their footers), the plan does not depend on the
 number of tasks (a run resumed with another array size re-does no finished part), and a part is
-small enough to hold in memory. A jsonl file is one part (lines cannot be sought without a scan;
-the paper path is parquet, which `selection.ingest` writes).
+small enough to hold in memory. A jsonl file is cut into row ranges of up to `part_rows` lines;
+lines cannot be sought without a scan, so planning counts its lines and each of its parts reads
+the file up to its last row (fine at test and demo size; the paper path is parquet, which
+`selection.ingest` writes).
+
+Both array stages that read the corpus split it this way: `score` (parts of `score.shard_size`
+rows, shard files named by the part's index) and `mix` (parts of `mix.shard_docs` rows); the
+executors hand each task a contiguous run of the plan (`assign`, attninf.lifecycle.share).
 
 The documents of the parts, concatenated in plan order, are exactly `selection.corpora`'s
 stream: same ids (the corpus's id field, else "<file-stem>:<row>" counting every row), same
@@ -37,8 +43,8 @@ class Part:
     domain: str | None  # the file's fixed domain (corpus.domain / domain_paths) or None
     row_groups: tuple[int, int] | None  # parquet: row groups [a, b)
     first_row: int  # row number of the part's first row in its file (ids count every row)
-    rows: int | None  # rows in the part (None: the whole jsonl file)
-    bytes: int  # compressed bytes of those row groups (jsonl: file size)
+    rows: int | None  # rows in the part (None: the whole jsonl file, in plans made before row ranges)
+    bytes: int  # compressed bytes of those row groups (jsonl: the part's share of the file size)
     start: dict = field(default_factory=dict)  # {"per_domain": {...}, "n": int} when capped
 
     @classmethod
@@ -112,8 +118,9 @@ def _capped(cfg: CorpusConfig) -> bool:
 
 def plan_parts(cfg: CorpusConfig, part_rows: int) -> list[Part]:
     """The corpus's parts in corpus order: consecutive row groups of a parquet file up to about
-    `part_rows` rows (at least one group), a whole jsonl file. Reads footers, not rows, unless
-    the corpus is capped (then one counting pass, see the module docstring)."""
+    `part_rows` rows (at least one group), row ranges of up to `part_rows` lines of a jsonl file.
+    Reads parquet footers, not rows (jsonl: counts lines), unless the corpus is capped (then one
+    counting pass, see the module docstring)."""
     import pyarrow.parquet as pq
 
     if cfg.kind == "hf":
@@ -122,8 +129,11 @@ def plan_parts(cfg: CorpusConfig, part_rows: int) -> list[Part]:
     parts: list[Part] = []
     for path, fixed in local_files(cfg):
         if not _is_parquet(cfg, path):
-            parts.append(Part(f"p{len(parts):05d}", str(path), "jsonl", fixed, None, 0, None,
-                              os.path.getsize(path)))
+            n, size = _count_lines(path), os.path.getsize(path)
+            for a in range(0, max(n, 1), part_rows):
+                k = min(part_rows, n - a)
+                parts.append(Part(f"p{len(parts):05d}", str(path), "jsonl", fixed, None, a, k,
+                                  size * k // n if n else size))
             continue
         try:
             md = pq.ParquetFile(path).metadata
@@ -146,17 +156,28 @@ def plan_parts(cfg: CorpusConfig, part_rows: int) -> list[Part]:
 
 def _cap(parts: list[Part], cfg: CorpusConfig) -> list[Part]:
     """The counting pass of a capped corpus: counters at each part's start; parts after the caps
-    are reached are dropped."""
+    are reached, and parts whose every row is over its domain's cap (they give no document, not
+    even a skip), are dropped, and the kept parts are numbered again in order."""
     state = {"per_domain": {}, "n": 0}
     kept = []
     for p in parts:
         if _exhausted(state, cfg):
             break
         p.start = json.loads(json.dumps(state))
-        kept.append(p)
-        for _ in read_part(p, cfg, state=state):
-            pass
+        if sum(1 for _ in read_part(p, cfg, state=state)):
+            kept.append(p)
+    for i, p in enumerate(kept):
+        p.id = f"p{i:05d}"
     return kept
+
+
+def _count_lines(path: Path) -> int:
+    """Lines as selection.corpora's jsonl reader counts rows (a last line without newline counts)."""
+    import gzip
+
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as fh:
+        return sum(1 for _ in fh)
 
 
 def _exhausted(state: dict, cfg: CorpusConfig) -> bool:
@@ -193,8 +214,13 @@ def _rows(part: Part, cfg: CorpusConfig, io: ByteCounter) -> Iterator[tuple[int,
     from selection.corpora import _jsonl_rows
 
     if part.kind == "jsonl":
-        # corpora's jsonl reader, fed through the byte counter
-        yield from _jsonl_rows_counted(Path(part.file), io, _jsonl_rows)
+        # corpora's jsonl reader, fed through the byte counter; a row range reads up to its end
+        end = None if part.rows is None else part.first_row + part.rows
+        for row, rec, problem in _jsonl_rows_counted(Path(part.file), io, _jsonl_rows):
+            if end is not None and row >= end:
+                break
+            if row >= part.first_row:
+                yield row, rec, problem
         return
     cols = [c for c in (cfg.text_field, cfg.domain_field, cfg.id_field) if c]
     row = part.first_row
@@ -256,21 +282,18 @@ def read_part(part: Part, cfg: CorpusConfig, state: dict | None = None,
 
 
 def assign(parts: list[Part], rank: int, world: int) -> list[Part]:
-    """Task `rank`'s parts: a contiguous run of the plan holding ~1/world of its bytes.
+    """Task `rank`'s parts: a contiguous run of the plan holding ~1/world of its bytes, by the
+    executors' one rule (attninf.lifecycle.share, weighted by the parts' bytes).
 
     Contiguous, not round-robin: consecutive parts share files, so a task opens ~1/world of the
     files and only the two files at its ends are shared with a neighbour (round-robin would have
     every task open most files for a few row groups each). Balanced by the plan's bytes, so a task
-    of N reads ~1/N of the corpus whatever the file sizes. A part belongs to the task whose byte
-    range holds its first byte; any world size works on the same plan (finished parts are kept)."""
-    total = sum(p.bytes for p in parts)
-    mine, start = [], 0
-    for i, p in enumerate(parts):
-        owner = min(world - 1, start * world // total) if total else i * world // len(parts)
-        if owner == rank:
-            mine.append(p)
-        start += p.bytes
-    return mine
+    of N reads ~1/N of the corpus whatever the file sizes. Any world size works on the same plan
+    (finished parts are kept)."""
+    from attninf.lifecycle import share
+
+    keep = set(share([p.id for p in parts], rank, world, [p.bytes for p in parts]))
+    return [p for p in parts if p.id in keep]
 
 
 def files_fingerprint(cfg: CorpusConfig) -> list[list]:
@@ -284,3 +307,31 @@ def files_fingerprint(cfg: CorpusConfig) -> list[list]:
 
 def parts_json(parts: list[Part]) -> list[dict]:
     return [asdict(p) for p in parts]
+
+
+def stored_plan(cfg: CorpusConfig, path: Path, part_rows: int, finished, stage: str) -> list[Part]:
+    """The corpus's parts, kept in `path` and reused while the corpus files (path, size, mtime)
+    and the part settings hold, so every task, and a run resumed with another task count, sees
+    the same parts. `finished()` says whether any part's output exists: then a changed corpus is
+    an error naming the file, not a replan (finished parts would no longer match their rows)."""
+    from attninf.manifest import write_json
+
+    path = Path(path)
+    key = {"part_rows": part_rows, "corpus": {k: v for k, v in asdict(cfg).items() if k != "sources"}}
+    files = files_fingerprint(cfg)
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        old = None  # missing or torn: plan again
+    if old is not None:
+        if old.get("key") == key and old.get("files") == files:
+            return [Part.from_json(d) for d in old["parts"]]
+        if finished():
+            changed = next((f"{a[0]}" for a, b in zip(old.get("files", []), files) if a != b), None) or \
+                "the file list or the part settings"
+            raise CorpusError(f"{stage}: the corpus changed since {path} was planned ({changed}); its finished "
+                              f"parts would not match: restore the corpus or remove {path.parent} to start over")
+    parts = plan_parts(cfg, part_rows)
+    write_json(path, {"key": key, "files": files, "parts": parts_json(parts),
+                      "rows": sum(p.rows or 0 for p in parts), "bytes": sum(p.bytes for p in parts)})
+    return parts
