@@ -12,16 +12,17 @@ stage through these functions; neither names a stage, both read its declared sha
   another key is moved aside (`<stage>.old-<key>`); otherwise the resolved config is frozen
   into `config.yaml` beside a `running` manifest, which is all a worker anywhere needs.
 - parts: an array stage lists its parts; any executor runs any subset of them (an array task
-  takes `parts[r::n]`); each finished part gets a marker `parts/<name>.done` holding the key,
+  takes `share(parts, r, n)`); each finished part gets a marker `parts/<name>.done` holding the key,
   written atomically (temp file + rename). No lock is held while parts run: two workers that
   race on one part write identical files, and a marker under another key does not count.
   A ranks stage is one part, `ranks`, marked when every rank exited 0.
 - `complete`: the stage's finish ran; the manifest says `done` with its outputs.
 
-Stopping for a requeue: the worker installs `install_stop_handlers` (SIGUSR1 = Slurm's
-time-limit warning, SIGTERM = preemption or `scontrol requeue`); an array stops at the next part
-boundary, a training rank at the next step (after a checkpoint), and the process exits with
-`EXIT_REQUEUE` so the job script requeues the job.
+Stopping for a requeue: every worker and rank records SIGUSR1 (Slurm's time-limit warning) and
+SIGTERM (preemption, `scontrol requeue`) as a flag (attninf/stop.py; the handler never raises).
+Safe points read it: an array task stops at the next part boundary, a training rank at the next
+step (after a checkpoint), a finish step before it starts; the process exits with `EXIT_REQUEUE`
+so the job script requeues the job. A step with no safe point left runs to its end.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +37,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from attninf import arms, manifest
+from attninf import arms, manifest, stop
 from attninf.config import digest, to_plain
 from attninf.context import MissingInput, StageContext
 from attninf.stages import STAGES
@@ -235,8 +235,14 @@ def part_list(ctx: StageContext, unit: Unit) -> list[str]:
     return names
 
 
-def run_parts(ctx: StageContext, unit: Unit, names: list[str]) -> list[str]:
-    """Run the unmarked parts among `names`; mark each as the stage reports it finished.
+def share(names: list[str], rank: int, world: int) -> list[str]:
+    """The parts array task `rank` of `world` runs (every executor and the tests ask here)."""
+    return names[rank::world]
+
+
+def run_parts(ctx: StageContext, unit: Unit, names: list[str], **info) -> list[str]:
+    """Run the unmarked parts among `names`; mark each as the stage reports it finished (`info`,
+    e.g. the array task, goes into the marker).
 
     Stops at a part boundary when a stop was requested (raises Interrupted).
     """
@@ -245,10 +251,11 @@ def run_parts(ctx: StageContext, unit: Unit, names: list[str]) -> list[str]:
         return []
     done = []
     for name in STAGES[unit.name].call("run_parts")(ctx, todo):
-        mark_part(unit, name)
+        mark_part(unit, name, **info)
         done.append(name)
         if stop_requested():
-            raise Interrupted(f"{unit.label}: stopped after part {name} ({len(done)} of {len(todo)} here)")
+            raise Interrupted(f"{unit.label}: stopped by {stop.name()} after part {name} "
+                              f"({len(done)} of {len(todo)} here)")
     return done
 
 
@@ -271,23 +278,17 @@ class Interrupted(RuntimeError):
     """A stop was requested (time-limit signal, preemption); work so far is saved."""
 
 
-_STOP = {"signal": None}
-
-
 def stop_requested() -> bool:
-    return _STOP["signal"] is not None
+    """A stop signal arrived (attninf/stop.py records it; the safe points here read it)."""
+    return stop.requested()
 
 
-def install_stop_handlers(immediate: bool = False) -> None:
-    """SIGUSR1 (Slurm's warning before the time limit) and SIGTERM (preemption, requeue) set a
-    flag that parts and training steps check; `immediate` raises Interrupted at once instead
-    (a one-process stage has no safe point to reach: it restarts on requeue)."""
+def install_stop_handlers() -> None:
+    """SIGUSR1 / SIGTERM set a flag and nothing else (attninf/stop.py says why)."""
+    stop.install()
 
-    def handler(signum, frame):
-        _STOP["signal"] = signum
-        log.warning("received %s: stopping at the next safe point for a requeue", signal.Signals(signum).name)
-        if immediate:
-            raise Interrupted(f"stopped by {signal.Signals(signum).name}")
 
-    for s in (signal.SIGUSR1, signal.SIGTERM):
-        signal.signal(s, handler)
+def raise_if_stop_requested(where: str) -> None:
+    """A safe point: stop here (Interrupted, exit 75, requeue) when a signal arrived before it."""
+    if stop.requested():
+        raise Interrupted(f"{where}: stopped by {stop.name()} before it started")

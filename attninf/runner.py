@@ -117,7 +117,7 @@ def execute(ctx: StageContext, unit: lifecycle.Unit) -> Any:
         # torchrun ranks, an array task that started the stage; attninf.dist.rank_world).
         rank, world = rank_world()
         names = lifecycle.part_list(ctx, unit)
-        lifecycle.run_parts(ctx, unit, names[rank::world])
+        lifecycle.run_parts(ctx, unit, lifecycle.share(names, rank, world))
         missing = lifecycle.missing_parts(unit, names)
         if missing:
             raise Incomplete(f"{unit.label}: worker {rank}/{world} did its share; {len(missing)} of "

@@ -9,7 +9,12 @@ output folders); a hand-made folder may give them as `job.json` ({"arm", "mix_di
 
 Exit codes: 0 = trained to the last step; 75 (lifecycle.EXIT_REQUEUE) = stopped earlier with a
 checkpoint (SIGUSR1 before the time limit, SIGTERM on preemption or requeue, or
-exit_after_steps), so the job script requeues the job and the next start resumes.
+exit_after_steps), so the job script requeues the job and the next start resumes. A signal that
+arrives after the last step's check also gives 75 (nothing left to save): the finish step then
+runs after the requeue, at the start of a fresh allocation, instead of racing the time limit.
+The signals are recorded from the module's first line (attninf/stop.py), before torch and
+megatron load: a signal during those imports would otherwise kill the rank (their default
+action), and spawned helpers that re-import this module as __mp_main__ record them too.
 
 Rank and rendezvous (`rendezvous_env`): torchrun's RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT
 when present, else Slurm's SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID; MASTER_ADDR/MASTER_PORT as
@@ -22,6 +27,11 @@ The `__main__` guard matters: dist_checkpointing spawns helper processes that re
 """
 
 from __future__ import annotations
+
+if __name__ in ("__main__", "__mp_main__"):  # first: record stop signals, never die of them
+    from attninf import stop as _stop
+
+    _stop.install()
 
 import json
 import logging
@@ -109,8 +119,9 @@ def stage_job(stage: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     from attninf.lifecycle import EXIT_REQUEUE, install_stop_handlers
+    from attninf.stop import name as stop_name
 
-    install_stop_handlers()  # first: a stop request is honoured at the next step, after a checkpoint
+    install_stop_handlers()  # (again, for a caller that imported this module): honoured at the next step
     import torch
     from omegaconf import OmegaConf
 
@@ -128,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     # Megatron logs every config object and bucket at INFO: keep its warnings, our progress lines.
     logging.getLogger("megatron").setLevel(logging.WARNING)
     from pretrain import cpu_compat
-    from pretrain.train import load_config, train
+    from pretrain.train import _stop_agreed, load_config, train
 
     cfg_all = OmegaConf.load(stage / "config.yaml")
     job = stage_job(stage)
@@ -170,7 +181,12 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if tracker is not None:
             tracker.finish()
-    if rank == 0 and not summary["finished"]:
+    # A signal after the last step's check: requeue too (every rank agrees: one all-reduce).
+    stopped = not summary["finished"] or _stop_agreed(not on_cpu)
+    if summary["finished"] and stopped and rank == 0:
+        logging.getLogger("pretrain").info("%s after the last step: the finish step runs after the requeue",
+                                           stop_name())
+    if rank == 0 and stopped:
         # Before the barrier: no rank exits (and no srun kills rank 0) until this marker exists,
         # so the job script knows the ranks stopped for a requeue whatever srun's exit code says.
         from attninf.lifecycle import mark_stopped
@@ -179,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     # Only on success: after a failure on one rank a barrier would hang the others.
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
-    return 0 if summary["finished"] else EXIT_REQUEUE
+    return EXIT_REQUEUE if stopped else 0
 
 
 if __name__ == "__main__":
