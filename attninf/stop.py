@@ -15,6 +15,8 @@ Stdlib only, so an entry point installs it before its heavy imports (torch, mega
 a signal that arrives while those load is recorded instead of killing the process (the default
 action of both signals). Child processes a step starts are started inside `shielded()`: Slurm
 signals every process of a step, and a child with default dispositions would die mid-work.
+On the way out an entry point calls `settle()`: Python's own teardown would otherwise restore
+the default action and let a late signal turn a finished step into a killed one.
 """
 
 from __future__ import annotations
@@ -57,6 +59,15 @@ def name() -> str | None:
 def reset() -> None:
     """Forget a recorded request (tests; a process that serves several stages in turn)."""
     _STATE["signal"] = None
+
+
+def settle() -> None:
+    """Ignore both signals from here to the exit: the outcome is decided. Python's finalization
+    puts a Python-level handler back to the default action (terminate), so a signal during the
+    seconds of teardown (threads, process groups, W&B) would kill a process that finished its
+    work and turn its exit code into "killed by SIGUSR1"; an ignored signal is left alone."""
+    for s in SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
 
 
 @contextmanager

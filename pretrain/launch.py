@@ -199,4 +199,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        code = main()
+    finally:
+        _stop.settle()  # a signal during interpreter teardown must not change the exit code
+    raise SystemExit(code)

@@ -91,3 +91,35 @@ def test_share_splits_the_recorded_list_among_tasks():
     shares = [share(names, r, 3) for r in range(3)]
     assert sorted(sum(shares, [])) == sorted(names)  # every part once
     assert all(shares)
+
+
+@pytest.mark.parametrize("settle", [False, True])
+def test_a_signal_after_python_s_teardown_kills_unless_settled(tmp_path, settle):
+    """Python's finalization puts recorded-signal handlers back to the default action: a process
+    that finished its work and is still tearing down (here: a C exit handler that waits) dies of
+    SIGUSR1, which Slurm reports as a failed step. `stop.settle()` (what the entry points call on
+    their way out) ignores the signals instead."""
+    import signal
+    import time
+
+    code = f"""
+import ctypes
+from attninf import stop
+stop.install()
+libc = ctypes.CDLL("libc.so.6")
+libc.on_exit(libc.pause, None)  # runs after Python's finalization and waits for a signal
+{"stop.settle()" if settle else ""}
+print("main done", flush=True)
+"""
+    p = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT,
+                         stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "main done"
+    time.sleep(0.5)  # into the exit handler
+    p.send_signal(signal.SIGUSR1)
+    try:
+        rc = p.wait(timeout=3)
+    except subprocess.TimeoutExpired:
+        rc = None
+        p.kill()
+        p.wait()
+    assert rc == (None if settle else -signal.SIGUSR1)
