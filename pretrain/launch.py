@@ -42,6 +42,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Mapping
 
+from attninf.stop import shielded
+
 
 def rendezvous_env(env: Mapping[str, str]) -> dict[str, str]:
     """RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT for this process, from torchrun or srun.
@@ -70,8 +72,9 @@ def rendezvous_env(env: Mapping[str, str]) -> dict[str, str]:
                       if k in env), None)
         if "SLURM_JOB_NODELIST" in env and nodes != "1":
             nodelist = env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"]
-            hosts = subprocess.run(["scontrol", "show", "hostnames", nodelist],
-                                   capture_output=True, text=True, check=True).stdout.split()
+            with shielded():  # a step signal must not kill scontrol under us
+                hosts = subprocess.run(["scontrol", "show", "hostnames", nodelist],
+                                       capture_output=True, text=True, check=True).stdout.split()
             out["MASTER_ADDR"] = node_address(hosts[0])
         else:
             out["MASTER_ADDR"] = "127.0.0.1"
@@ -83,7 +86,8 @@ def rendezvous_env(env: Mapping[str, str]) -> dict[str, str]:
 def node_address(node: str) -> str:
     """The address a Slurm node is reached at (NodeAddr): a node name need not resolve (two
     slurmd on one host are `n1`, `n2` at 127.0.0.1); on most clusters it is the hostname."""
-    p = subprocess.run(["scontrol", "show", "node", "-o", node], capture_output=True, text=True)
+    with shielded():
+        p = subprocess.run(["scontrol", "show", "node", "-o", node], capture_output=True, text=True)
     for kv in p.stdout.split():
         if kv.startswith("NodeAddr="):
             return kv.split("=", 1)[1]
@@ -158,12 +162,13 @@ def main(argv: list[str] | None = None) -> int:
         from attninf.tracking import Tracker
 
         w = cfg_all.get("wandb") or {}
-        tracker = Tracker(mode=w.get("mode", "offline"), project=w.get("project", "attention-influence"),
-                          group=w.get("group") or cfg_all.get("experiment_name"),
-                          name=f"{name}/{job['arm']}", dir=stage / "wandb",
-                          config={"stage": name, "arm": job["arm"],
-                                  name: OmegaConf.to_container(cfg_all.get(name), resolve=True)},
-                          tags=[name, job["arm"]])
+        with shielded():  # W&B's service process must outlive a step signal, like the rank
+            tracker = Tracker(mode=w.get("mode", "offline"), project=w.get("project", "attention-influence"),
+                              group=w.get("group") or cfg_all.get("experiment_name"),
+                              name=f"{name}/{job['arm']}", dir=stage / "wandb",
+                              config={"stage": name, "arm": job["arm"],
+                                      name: OmegaConf.to_container(cfg_all.get(name), resolve=True)},
+                              tags=[name, job["arm"]])
     try:
         summary = train(cfg, blend, mix_dir, job["arm"], stage,
                         log_fn=(lambda m, s: tracker.log({f"train/{k}" if "/" not in k else k: v
