@@ -49,12 +49,12 @@ test-scale: setup
 	$(BIN)/python -m pytest -q -s -m scale
 
 # Real Slurm jobs on a two-node Slurm started here (two slurmd on this machine; root; installs slurm-wlm + munge when
-# missing) and stopped again whatever the tests do.
+# missing) and stopped again whatever the tests do. CI runs this, the time-limit test included.
 test-cluster: setup
 	slurm/local_cluster.sh up 2
-	$(BIN)/python -m pytest -q -m "slurm and not timelimit"; rc=$$?; slurm/local_cluster.sh down; exit $$rc
+	$(BIN)/python -m pytest -q -m slurm; rc=$$?; slurm/local_cluster.sh down; exit $$rc
 
-# The live time-limit / requeue test alone (not in CI yet; see the `timelimit` marker).
+# The live time-limit / requeue test alone (also part of test-cluster).
 test-cluster-timelimit: setup
 	slurm/local_cluster.sh up 2
 	$(BIN)/python -m pytest -q -s -m timelimit; rc=$$?; slurm/local_cluster.sh down; exit $$rc

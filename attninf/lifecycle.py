@@ -19,10 +19,11 @@ stage through these functions; neither names a stage, both read its declared sha
   A ranks stage is one part, `ranks`, marked when every rank exited 0.
 - `complete`: the stage's finish ran; the manifest says `done` with its outputs.
 
-Stopping for a requeue: the worker installs `install_stop_handlers` (SIGUSR1 = Slurm's
-time-limit warning, SIGTERM = preemption or `scontrol requeue`); an array stops at the next part
-boundary, a training rank at the next step (after a checkpoint), and the process exits with
-`EXIT_REQUEUE` so the job script requeues the job.
+Stopping for a requeue: every worker and rank records SIGUSR1 (Slurm's time-limit warning) and
+SIGTERM (preemption, `scontrol requeue`) as a flag (attninf/stop.py; the handler never raises).
+Safe points read it: an array task stops at the next part boundary, a training rank at the next
+step (after a checkpoint), a finish step before it starts; the process exits with `EXIT_REQUEUE`
+so the job script requeues the job. A step with no safe point left runs to its end.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +38,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from attninf import arms, manifest
+from attninf import arms, manifest, stop
 from attninf.config import digest, to_plain
 from attninf.context import MissingInput, StageContext
 from attninf.stages import STAGES
@@ -275,8 +275,9 @@ def task_parts(ctx: StageContext, unit: Unit, rank: int, world: int) -> tuple[li
     return names, share(names, rank, world, idx.get("weights"))
 
 
-def run_parts(ctx: StageContext, unit: Unit, names: list[str]) -> list[str]:
-    """Run the unmarked parts among `names`; mark each as the stage reports it finished.
+def run_parts(ctx: StageContext, unit: Unit, names: list[str], **info) -> list[str]:
+    """Run the unmarked parts among `names`; mark each as the stage reports it finished (`info`,
+    e.g. the array task, goes into the marker).
 
     Stops at a part boundary when a stop was requested (raises Interrupted).
     """
@@ -285,10 +286,11 @@ def run_parts(ctx: StageContext, unit: Unit, names: list[str]) -> list[str]:
         return []
     done = []
     for name in STAGES[unit.name].call("run_parts")(ctx, todo):
-        mark_part(unit, name)
+        mark_part(unit, name, **info)
         done.append(name)
         if stop_requested():
-            raise Interrupted(f"{unit.label}: stopped after part {name} ({len(done)} of {len(todo)} here)")
+            raise Interrupted(f"{unit.label}: stopped by {stop.name()} after part {name} "
+                              f"({len(done)} of {len(todo)} here)")
     return done
 
 
@@ -311,23 +313,17 @@ class Interrupted(RuntimeError):
     """A stop was requested (time-limit signal, preemption); work so far is saved."""
 
 
-_STOP = {"signal": None}
-
-
 def stop_requested() -> bool:
-    return _STOP["signal"] is not None
+    """A stop signal arrived (attninf/stop.py records it; the safe points here read it)."""
+    return stop.requested()
 
 
-def install_stop_handlers(immediate: bool = False) -> None:
-    """SIGUSR1 (Slurm's warning before the time limit) and SIGTERM (preemption, requeue) set a
-    flag that parts and training steps check; `immediate` raises Interrupted at once instead
-    (a one-process stage has no safe point to reach: it restarts on requeue)."""
+def install_stop_handlers() -> None:
+    """SIGUSR1 / SIGTERM set a flag and nothing else (attninf/stop.py says why)."""
+    stop.install()
 
-    def handler(signum, frame):
-        _STOP["signal"] = signum
-        log.warning("received %s: stopping at the next safe point for a requeue", signal.Signals(signum).name)
-        if immediate:
-            raise Interrupted(f"stopped by {signal.Signals(signum).name}")
 
-    for s in (signal.SIGUSR1, signal.SIGTERM):
-        signal.signal(s, handler)
+def raise_if_stop_requested(where: str) -> None:
+    """A safe point: stop here (Interrupted, exit 75, requeue) when a signal arrived before it."""
+    if stop.requested():
+        raise Interrupted(f"{where}: stopped by {stop.name()} before it started")

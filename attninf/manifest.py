@@ -24,14 +24,17 @@ TRACKED_PACKAGES = ("torch", "transformers", "megatron-core", "lm-eval", "hydra-
 
 def git_commit() -> str | None:
     """Commit of the code that ran (with '-dirty' when the tree had local changes)."""
+    from attninf.stop import shielded
+
     root = Path(__file__).resolve().parent.parent
     try:
-        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
-                             text=True, timeout=10).stdout.strip()
-        if not sha:
-            return None
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        with shielded():  # a Slurm step signal must not kill git and drop the provenance
+            sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                                 text=True, timeout=10).stdout.strip()
+            if not sha:
+                return None
+            dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                   capture_output=True, text=True, timeout=10).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None

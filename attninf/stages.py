@@ -128,15 +128,27 @@ def array_shape(cfg) -> Shape:
 
 
 def eval_preflight(cfg, arm, resources) -> tuple[dict, list[str]]:
-    """HumanEval requested without the code-execution permission fails before anything runs
-    (the eval stage itself refuses the same way, but only after pretraining)."""
+    """HumanEval requested without the code-execution permission, and eval.backend=vllm where it
+    cannot run (no vllm package for the jobs' interpreter, no GPU in the eval job's request),
+    fail before anything runs (the eval stage itself refuses the same way, but only after
+    pretraining). `resources` is the job's request (None on this machine: CUDA is asked here)."""
     import os
 
-    from attninf.config import build
+    from attninf.config import ConfigError, build
     from eval.config import EvalConfig
+    from eval.harness import cuda_available, resolve_backend, vllm_installed
 
     ecfg = build(EvalConfig, cfg.get("eval"), "eval")
     problems = []
+    facts: dict = {}
+    if ecfg.backend != "hf":
+        gpu = bool(int(getattr(resources, "gpus_per_node", 0) or 0)) if resources is not None else cuda_available()
+        no_gpu = ("the eval job asks for no GPU (cluster.stages.eval.gpus_per_node)" if resources is not None
+                  else "no CUDA device is visible")
+        try:
+            facts["eval_backend"] = resolve_backend(ecfg.backend, gpu, vllm_installed(), no_gpu)
+        except ConfigError as e:
+            problems.append(str(e))
     if "humaneval" in ecfg.tasks:
         missing = [what for what, ok in (("eval.allow_code_eval=true", ecfg.allow_code_eval),
                                          ("HF_ALLOW_CODE_EVAL=1 in the environment",
@@ -144,7 +156,7 @@ def eval_preflight(cfg, arm, resources) -> tuple[dict, list[str]]:
         if missing:
             problems.append(f"eval: HumanEval is requested but code execution is not permitted "
                             f"(missing {' and '.join(missing)}); permit it or drop humaneval from eval.tasks")
-    return {}, problems
+    return facts, problems
 
 
 STAGES: dict[str, StageSpec] = {s.name: s for s in [

@@ -227,8 +227,11 @@ def job_script(job: plan.Job, cc: ClusterConfig, logs: Path) -> str:
         *(cc.setup or []),
         body.rstrip("\n"),
         f"if [ $rc -eq {lifecycle.EXIT_REQUEUE} ] && [ \"${{SLURM_RESTART_COUNT:-0}}\" -lt {cc.max_requeues} ]; then",
-        '  echo "attninf: stopped at a safe point; requeueing job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0})"',
-        '  scontrol requeue "$SLURM_JOB_ID" && exit 0',
+        # an array task by <array id>_<task>: its SLURM_JOB_ID may be the array's own id, and
+        # `scontrol requeue <array id>` requeues every task of the array
+        '  me=$SLURM_JOB_ID; [ -n "${SLURM_ARRAY_JOB_ID:-}" ] && me=${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}',
+        '  echo "attninf: stopped at a safe point; requeueing job $me (restart ${SLURM_RESTART_COUNT:-0})"',
+        '  scontrol requeue "$me" && exit 0',
         "fi",
         "exit $rc",
         ""])

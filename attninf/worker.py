@@ -16,9 +16,17 @@ attninf.dist.spawn_ranks), then `--step finish`, which marks the ranks part done
 
 Exit codes: 0 = the step did its work; 75 (lifecycle.EXIT_REQUEUE) = stopped at a safe point on
 SIGUSR1/SIGTERM, requeue the job; 2 = an expected failure (one line: missing input, config).
+Safe points: a part boundary (parts), the start of the step (finish, process). A signal that
+arrives later in a finish or process step is recorded and the step runs to its end (see
+attninf/stop.py for why that beats restarting it).
 """
 
 from __future__ import annotations
+
+if __name__ == "__main__":  # before the heavy imports: a signal while they load is only recorded
+    from attninf import stop as _stop
+
+    _stop.install()
 
 import argparse
 import logging
@@ -51,12 +59,15 @@ def run_step(stage_dir: Path, step: str | None = None) -> int:
         lifecycle.install_stop_handlers()
         rank, world = rank_world()
         names, mine = lifecycle.task_parts(ctx, unit, rank, world)
-        done = lifecycle.run_parts(ctx, unit, mine)
+        done = lifecycle.run_parts(ctx, unit, mine, task=rank)
         log.info("%s: task %d/%d ran %d of its %d part(s)", unit.label, rank, world, len(done), len(mine))
         return 0
     t0 = time.perf_counter()
+    lifecycle.install_stop_handlers()
+    # The step's one safe point: a signal before here (while this process started) means the time
+    # limit is near, so requeue rather than start work the limit may cut.
+    lifecycle.raise_if_stop_requested(f"{unit.label} --step {step}")
     if step == "finish":
-        lifecycle.install_stop_handlers(immediate=True)  # near the time limit: stop, requeue, finish again
         if shape.kind == "array":
             names = lifecycle.part_list(ctx, unit)
             missing = lifecycle.missing_parts(unit, names)
@@ -68,12 +79,13 @@ def run_step(stage_dir: Path, step: str | None = None) -> int:
         if shape.kind == "ranks":
             lifecycle.mark_part(unit, lifecycle.RANKS_PART)
     elif step == "process":
-        lifecycle.install_stop_handlers(immediate=True)
         outputs = spec.fn()(ctx)
     else:
         raise ConfigError(f"--step {step}: one of process | parts | finish")
     lifecycle.complete(unit, outputs, time.perf_counter() - t0)
-    log.info("%s: done in %.1fs", unit.label, time.perf_counter() - t0)
+    log.info("%s: done in %.1fs%s", unit.label, time.perf_counter() - t0,
+             f" ({lifecycle.stop.name()} arrived after the step's safe point: it ran to its end)"
+             if lifecycle.stop_requested() else "")
     return 0
 
 
@@ -95,4 +107,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        code = main()
+    finally:
+        _stop.settle()  # a signal during interpreter teardown must not change the exit code
+    raise SystemExit(code)

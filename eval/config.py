@@ -13,6 +13,41 @@ from attninf.config import check
 from eval.tasks import HumanEvalSettings
 
 HEAD_SETS = ("none", "retrieval", "random")
+BACKENDS = ("hf", "vllm", "auto")
+
+
+@dataclass
+class VLLMSettings:
+    """lm-eval's `vllm` model for the generation tasks (eval.backend=vllm | auto on a GPU).
+
+    Why generation only: a generation request decodes up to hundreds of tokens one at a time
+    (GSM8K 256, HumanEval 1,024 x n=20 samples per problem); HF `generate` decodes a padded batch
+    in lockstep, so short answers wait for the longest and the KV cache is sized for the worst
+    case, while vLLM's continuous batching and paged KV cache keep the GPU full, the bulk of an
+    eval's wall time at 7B. Loglikelihood tasks (MMLU, the *_bpb twins) are one forward pass per
+    request, where vLLM gains little, and stay on HF, lm-eval's reference implementation (its
+    README treats HF as the reference and vLLM output as possibly differing slightly).
+    """
+
+    # requested eval.tasks that go through vLLM (the paper's generation tasks lm-eval has)
+    tasks: list[str] = field(default_factory=lambda: ["gsm8k", "humaneval", "minerva_math",
+                                                      "bbh_fewshot", "drop", "triviaqa"])
+    dtype: str = "auto"                 # auto = eval.dtype's GPU choice (bfloat16) | bfloat16 | float16 | float32
+    tensor_parallel_size: int = 1       # GPUs per model copy (a 7B model fits one 80 GB GPU)
+    gpu_memory_utilization: float = 0.9 # share of the GPU vLLM may take (weights + paged KV cache)
+    max_model_len: int | None = None    # null = eval.max_length, capped at the model's positions
+    max_num_seqs: int = 256             # sequences decoded at once (vLLM's default)
+    enforce_eager: bool = False         # true = no CUDA graphs (less memory, slower decode)
+
+    def validate(self) -> None:
+        check(bool(self.tasks), "tasks", "must name at least one generation task")
+        check(self.dtype in ("auto", "bfloat16", "float16", "float32"), "dtype",
+              "must be auto, bfloat16, float16 or float32")
+        check(self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1")
+        check(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", "must be in (0, 1]")
+        check(self.max_model_len is None or self.max_model_len >= 128, "max_model_len",
+              "must be >= 128 (or null for eval.max_length)")
+        check(self.max_num_seqs >= 1, "max_num_seqs", "must be >= 1")
 
 
 @dataclass
@@ -49,6 +84,8 @@ class MaskedEvalSettings:
 
 @dataclass
 class EvalConfig:
+    # How vLLM runs, not what it computes: changing them keeps the stage's key.
+    OPERATIONAL = ("vllm.gpu_memory_utilization", "vllm.max_num_seqs", "vllm.enforce_eager")
     # HF model dir or hub id; when set, eval runs once on it (into run_dir/eval/); otherwise once
     # per arm on that arm's pretraining export (pretrain/<arm>/hf).
     model: str | None = None
@@ -87,8 +124,14 @@ class EvalConfig:
     apply_chat_template: bool = False   # base models, as in the paper
     seed: int = 1234                    # lm-eval's seeds (python/numpy/torch/few-shot sampler)
     masked: MaskedEvalSettings = field(default_factory=MaskedEvalSettings)
+    # Who runs the generation tasks (eval.vllm.tasks): hf (transformers, everywhere) | vllm
+    # (lm-eval's vLLM model: needs CUDA and the vllm package; refused in one line otherwise) |
+    # auto (vllm when both are present, else hf). Loglikelihood tasks always run on HF.
+    backend: str = "hf"
+    vllm: VLLMSettings = field(default_factory=VLLMSettings)
 
     def validate(self) -> None:
+        check(self.backend in BACKENDS, "backend", f"'{self.backend}' is not one of hf | vllm | auto")
         check(not (self.pre_decay and self.model), "pre_decay",
               "evaluates the arms' pre-decay exports; unset eval.model (or set eval.pre_decay=false)")
         check(bool(self.tasks), "tasks", "must name at least one lm-eval task or group")

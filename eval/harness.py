@@ -135,6 +135,115 @@ def load_model(path: str, dtype: str, device: str):
     return model, tok
 
 
+def cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def vllm_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def resolve_backend(backend: str, cuda: bool, vllm: bool, no_cuda: str = "no CUDA device is visible") -> str:
+    """hf | vllm: `auto` takes vLLM only when CUDA and the package are both there; an explicit
+    `vllm` without them is one ConfigError line, before any model loads (`no_cuda` says where
+    the GPU is missing: this machine, or a job's request)."""
+    if backend == "hf":
+        return "hf"
+    if backend == "auto":
+        return "vllm" if cuda and vllm else "hf"
+    missing = [w for w, ok in (("the vllm package is not installed (pip install vllm)", vllm),
+                               (no_cuda, cuda)) if not ok]
+    if missing:
+        raise ConfigError(f"eval.backend=vllm: {' and '.join(missing)}; use eval.backend=hf or auto "
+                          "(auto falls back to hf)")
+    return "vllm"
+
+
+def split_tasks(tasks: list[str], ecfg: EvalConfig, backend: str) -> tuple[list[str], list[str]]:
+    """(HF tasks, vLLM tasks): with the vLLM backend, eval.vllm.tasks among `tasks` go to vLLM."""
+    if backend != "vllm":
+        return list(tasks), []
+    gen = [t for t in tasks if t in ecfg.vllm.tasks]
+    return [t for t in tasks if t not in gen], gen
+
+
+def vllm_model_args(ecfg: EvalConfig, path: str, window: int) -> dict[str, Any]:
+    """The keyword arguments of lm-eval's `vllm` model (lm_eval.models.vllm_causallms.VLLM):
+    its own (pretrained, dtype, tensor_parallel_size, max_model_len, batch_size, max_gen_toks,
+    seed) and vLLM engine arguments it passes through to `vllm.LLM` (gpu_memory_utilization,
+    max_num_seqs, enforce_eager). The window is the HF path's: eval.max_length (or
+    eval.vllm.max_model_len) capped at the model's positions, so both backends see one prompt."""
+    v = ecfg.vllm
+    dtype = v.dtype
+    if dtype == "auto":  # the HF path's GPU choice (eval.dtype auto = bf16 on GPU)
+        dtype = ecfg.dtype if ecfg.dtype != "auto" else "bfloat16"
+    return {"pretrained": str(path), "dtype": dtype, "tensor_parallel_size": v.tensor_parallel_size,
+            "max_model_len": min(window, v.max_model_len or ecfg.max_length),
+            "gpu_memory_utilization": v.gpu_memory_utilization, "max_num_seqs": v.max_num_seqs,
+            "enforce_eager": v.enforce_eager, "batch_size": "auto", "seed": ecfg.seed}
+
+
+def make_vllm_lm(path: str, ecfg: EvalConfig, window: int):
+    """lm-eval's vLLM model with the generation budget rules of the HF path (`_budget_generation`)."""
+    return _budgeted_vllm()(**vllm_model_args(ecfg, path, window))
+
+
+@functools.cache
+def _budgeted_vllm():
+    from lm_eval.api.registry import get_model
+
+    base = get_model("vllm")
+
+    class BudgetedVLLM(base):
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            _budget_generation(self, requests)
+            return super().generate_until(requests, disable_tqdm=disable_tqdm)
+
+    return BudgetedVLLM
+
+
+def _budget_generation(lm, requests) -> int:
+    """Resolve eval/tasks' prompt+completion budget (BigCode's max_length) into max_gen_toks and
+    cap new tokens at half the window; returns how many requests were capped."""
+    from eval.tasks import MAX_TOTAL_KEY
+
+    cap = max(1, lm.max_length // 2)
+    capped = 0
+    for req in requests:
+        kwargs = req.args[1] if len(req.args) > 1 and isinstance(req.args[1], dict) else None
+        if kwargs is not None and MAX_TOTAL_KEY in kwargs:
+            # prompt + completion budget (BigCode): new tokens = budget - prompt tokens
+            kwargs = dict(kwargs)
+            total = int(kwargs.pop(MAX_TOTAL_KEY))
+            n_prompt = len(lm.tok_encode(req.args[0]))
+            kwargs["max_gen_toks"] = max(1, min(kwargs.get("max_gen_toks", lm.max_gen_toks), total - n_prompt))
+            req.arguments = (req.args[0], kwargs, *req.args[2:])
+        if kwargs is not None and kwargs.get("max_gen_toks", lm.max_gen_toks) > cap:
+            req.arguments = (req.args[0], {**kwargs, "max_gen_toks": cap}, *req.args[2:])
+            capped += 1
+    if capped:
+        log.warning("%d generation requests asked for more than half of the model's "
+                    "%d-token window; capped at %d new tokens", capped, lm.max_length, cap)
+    return capped
+
+
+def model_window(path: str, ecfg: EvalConfig) -> int:
+    """eval.max_length capped at the model's positions (what both backends use)."""
+    from transformers import AutoConfig
+
+    from selection.models import resolve_model_path
+
+    cfg = AutoConfig.from_pretrained(resolve_model_path(path))
+    window = int(getattr(cfg, "max_position_embeddings", ecfg.max_length) or ecfg.max_length)
+    return min(window, ecfg.max_length)
+
+
 def make_lm(model, tokenizer, ecfg: EvalConfig):
     """lm-eval HFLM around an already-loaded (possibly masked) model."""
     window = int(getattr(model.config, "max_position_embeddings", ecfg.max_length) or ecfg.max_length)
@@ -201,26 +310,7 @@ def _short_window_lm():
             return [tuple(x) for x in out]
 
         def generate_until(self, requests, disable_tqdm: bool = False):
-            from eval.tasks import MAX_TOTAL_KEY
-
-            cap = max(1, self.max_length // 2)
-            capped = 0
-            for req in requests:
-                kwargs = req.args[1] if len(req.args) > 1 and isinstance(req.args[1], dict) else None
-                if kwargs is not None and MAX_TOTAL_KEY in kwargs:
-                    # prompt + completion budget (BigCode): new tokens = budget - prompt tokens
-                    kwargs = dict(kwargs)
-                    total = int(kwargs.pop(MAX_TOTAL_KEY))
-                    n_prompt = len(self.tok_encode(req.args[0]))
-                    kwargs["max_gen_toks"] = max(1, min(kwargs.get("max_gen_toks", self.max_gen_toks),
-                                                        total - n_prompt))
-                    req.arguments = (req.args[0], kwargs, *req.args[2:])
-                if kwargs is not None and kwargs.get("max_gen_toks", self.max_gen_toks) > cap:
-                    req.arguments = (req.args[0], {**kwargs, "max_gen_toks": cap}, *req.args[2:])
-                    capped += 1
-            if capped:
-                log.warning("%d generation requests asked for more than half of the model's "
-                            "%d-token window; capped at %d new tokens", capped, self.max_length, cap)
+            _budget_generation(self, requests)
             for req in requests:  # HFLM keeps the last max_length - max_gen_toks prompt tokens
                 kw = req.args[1] if len(req.args) > 1 and isinstance(req.args[1], dict) else {}
                 self._count_cut(req, len(self.tok_encode(req.args[0])),
@@ -241,8 +331,11 @@ def _merge_results(a: dict, b: dict) -> dict:
     return out
 
 
-def run_suite(lm, ecfg: EvalConfig, tp: TaskPlan, out: Path, *, cache_tag: str = "requests") -> dict:
-    """simple_evaluate over the planned tasks; returns lm-eval's result dict (with samples)."""
+def run_suite(lm, ecfg: EvalConfig, tp: TaskPlan, out: Path, *, cache_tag: str = "requests",
+              tasks: list[str] | None = None) -> dict:
+    """simple_evaluate over the planned tasks (or `tasks` among them); returns lm-eval's result
+    dict (with samples). Each backend keeps its own request cache (`cache_tag`): a cached answer
+    from one must never stand in for the other's."""
     from lm_eval import simple_evaluate
 
     out = Path(out)
@@ -254,7 +347,7 @@ def run_suite(lm, ecfg: EvalConfig, tp: TaskPlan, out: Path, *, cache_tag: str =
     # lm-eval takes one limit per call: tasks with their own (eval.task_limit) get their own call,
     # and the result dicts (disjoint tasks) are merged key by key.
     by_limit: dict[int | float | None, list[str]] = {}
-    for t in tp.tasks:
+    for t in (tp.tasks if tasks is None else tasks):
         by_limit.setdefault(ecfg.limit_for(t), []).append(t)
     res = None
     for limit, tasks in by_limit.items():
@@ -270,7 +363,7 @@ def run_suite(lm, ecfg: EvalConfig, tp: TaskPlan, out: Path, *, cache_tag: str =
     res["attninf_wall_s"] = time.perf_counter() - t0
     by_task: dict[str, dict[str, int]] = {}  # leaves summed into the requested task (mmlu_x -> mmlu)
     for leaf, (n_cut, n_req) in getattr(lm, "attninf_truncated", {}).items():
-        top = max((t for t in tp.tasks if leaf == t or leaf.startswith(t + "_")), key=len, default=leaf)
+        top = max((t for t in (tp.tasks if tasks is None else tasks) if leaf == t or leaf.startswith(t + "_")), key=len, default=leaf)
         c = by_task.setdefault(top, {"cut": 0, "requests": 0})
         c["cut"] += n_cut
         c["requests"] += n_req

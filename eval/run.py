@@ -26,20 +26,48 @@ from eval.config import EvalConfig
 log = logging.getLogger(__name__)
 
 
-def _evaluate(ctx, ecfg: EvalConfig, tp, data, path: str, source: str, out: Path, phase: str) -> dict:
+def _evaluate(ctx, ecfg: EvalConfig, tp, data, path: str, source: str, out: Path, phase: str,
+              backend: str = "hf") -> dict:
     from selection.models import precision_of, resolve_model_path
 
-    t0 = time.perf_counter()
-    model, tok = harness.load_model(path, ecfg.dtype, ecfg.device)
-    load_s = time.perf_counter() - t0
-    lm = harness.make_lm(model, tok, ecfg)
-    res = harness.run_suite(lm, ecfg, tp, out)
+    hf_tasks, gen_tasks = harness.split_tasks(tp.tasks, ecfg, backend)
+    res, model_meta, load_s = None, {}, 0.0
+    if hf_tasks:
+        t0 = time.perf_counter()
+        model, tok = harness.load_model(path, ecfg.dtype, ecfg.device)
+        load_s = time.perf_counter() - t0
+        lm = harness.make_lm(model, tok, ecfg)
+        res = harness.run_suite(lm, ecfg, tp, out, tasks=hf_tasks)
+        model_meta = {"dtype": precision_of(model)["dtype"], "precision": precision_of(model),
+                      "device": str(model.device), "max_length": lm.max_length}
+        del lm, model  # the GPU's memory goes to vLLM next
+    vllm_meta = None
+    if gen_tasks:
+        import gc
+
+        import torch
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        window = harness.model_window(path, ecfg)
+        t0 = time.perf_counter()
+        vlm = harness.make_vllm_lm(path, ecfg, window)
+        vllm_meta = {"tasks": gen_tasks, "model_args": harness.vllm_model_args(ecfg, path, window),
+                     "load_s": time.perf_counter() - t0}
+        part = harness.run_suite(vlm, ecfg, tp, out, cache_tag="requests-vllm", tasks=gen_tasks)
+        if res is None:
+            res = part
+        else:
+            wall = res.get("attninf_wall_s", 0) + part.pop("attninf_wall_s", 0)
+            cut = {**res.pop("attninf_truncated", {}), **part.pop("attninf_truncated", {})}
+            res = {**harness._merge_results(res, part), "attninf_wall_s": wall, "attninf_truncated": cut}
+        model_meta.setdefault("max_length", window)
     meta = {
         "stage": "eval", "arm": ctx.arm, "phase": phase, "suite": ecfg.suite,
-        "model": {"path": path, "source": source, "resolved": resolve_model_path(path),
-                  "dtype": precision_of(model)["dtype"], "precision": precision_of(model),
-                  "device": str(model.device), "load_s": load_s,
-                  "max_length": lm.max_length},
+        "model": {"path": path, "source": source, "resolved": resolve_model_path(path), "load_s": load_s,
+                  **model_meta},
+        "backend": {"requested": ecfg.backend, "used": backend, "vllm": vllm_meta},
         "limit": ecfg.limit, "task_limit": dict(ecfg.task_limit), "tasks": tp.tasks, "skipped_tasks": tp.skipped,
         "num_fewshot": {k: v["num_fewshot"] for k, v in tp.leaves.items()},
         "offline_data": harness.data_meta(data),
@@ -74,9 +102,13 @@ def run(ctx) -> dict:
                 f"eval.pre_decay: {pre} does not exist; train with pretrain.export_pre_decay=true "
                 "and pretrain.save_pre_decay=true (and a schedule with a decay phase)")
         todo.append(("pre_decay", str(pre), f"pretrain/{ctx.arm}/hf_pre_decay", ctx.out / "pre_decay"))
-    # Tasks, offline data and the code-execution gate are settled before the model loads.
+    # The backend, tasks, offline data and the code-execution gate are settled before the model loads.
+    backend = harness.resolve_backend(ecfg.backend, harness.cuda_available(), harness.vllm_installed())
+    if ecfg.backend != "hf":
+        log.info("eval.backend=%s: %s for %s", ecfg.backend, backend,
+                 "the generation tasks in eval.vllm.tasks" if backend == "vllm" else "every task")
     tp, data = harness.plan(ecfg, ctx.out)
-    done = {phase: _evaluate(ctx, ecfg, tp, data, p, src, out, phase) for phase, p, src, out in todo}
+    done = {phase: _evaluate(ctx, ecfg, tp, data, p, src, out, phase, backend) for phase, p, src, out in todo}
     final = done["final"]
     return {"model": path, "tasks": tp.tasks, "skipped": tp.skipped, "offline_data": data.used,
             "headline": final["head"], "wall_s": final["wall_s"],

@@ -9,7 +9,12 @@ output folders); a hand-made folder may give them as `job.json` ({"arm", "mix_di
 
 Exit codes: 0 = trained to the last step; 75 (lifecycle.EXIT_REQUEUE) = stopped earlier with a
 checkpoint (SIGUSR1 before the time limit, SIGTERM on preemption or requeue, or
-exit_after_steps), so the job script requeues the job and the next start resumes.
+exit_after_steps), so the job script requeues the job and the next start resumes. A signal that
+arrives after the last step's check also gives 75 (nothing left to save): the finish step then
+runs after the requeue, at the start of a fresh allocation, instead of racing the time limit.
+The signals are recorded from the module's first line (attninf/stop.py), before torch and
+megatron load: a signal during those imports would otherwise kill the rank (their default
+action), and spawned helpers that re-import this module as __mp_main__ record them too.
 
 Rank and rendezvous (`rendezvous_env`): torchrun's RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT
 when present, else Slurm's SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID; MASTER_ADDR/MASTER_PORT as
@@ -23,6 +28,11 @@ The `__main__` guard matters: dist_checkpointing spawns helper processes that re
 
 from __future__ import annotations
 
+if __name__ in ("__main__", "__mp_main__"):  # first: record stop signals, never die of them
+    from attninf import stop as _stop
+
+    _stop.install()
+
 import json
 import logging
 import os
@@ -31,6 +41,8 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 from typing import Mapping
+
+from attninf.stop import shielded
 
 
 def rendezvous_env(env: Mapping[str, str]) -> dict[str, str]:
@@ -60,8 +72,9 @@ def rendezvous_env(env: Mapping[str, str]) -> dict[str, str]:
                       if k in env), None)
         if "SLURM_JOB_NODELIST" in env and nodes != "1":
             nodelist = env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"]
-            hosts = subprocess.run(["scontrol", "show", "hostnames", nodelist],
-                                   capture_output=True, text=True, check=True).stdout.split()
+            with shielded():  # a step signal must not kill scontrol under us
+                hosts = subprocess.run(["scontrol", "show", "hostnames", nodelist],
+                                       capture_output=True, text=True, check=True).stdout.split()
             out["MASTER_ADDR"] = node_address(hosts[0])
         else:
             out["MASTER_ADDR"] = "127.0.0.1"
@@ -73,7 +86,8 @@ def rendezvous_env(env: Mapping[str, str]) -> dict[str, str]:
 def node_address(node: str) -> str:
     """The address a Slurm node is reached at (NodeAddr): a node name need not resolve (two
     slurmd on one host are `n1`, `n2` at 127.0.0.1); on most clusters it is the hostname."""
-    p = subprocess.run(["scontrol", "show", "node", "-o", node], capture_output=True, text=True)
+    with shielded():
+        p = subprocess.run(["scontrol", "show", "node", "-o", node], capture_output=True, text=True)
     for kv in p.stdout.split():
         if kv.startswith("NodeAddr="):
             return kv.split("=", 1)[1]
@@ -109,8 +123,9 @@ def stage_job(stage: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     from attninf.lifecycle import EXIT_REQUEUE, install_stop_handlers
+    from attninf.stop import name as stop_name
 
-    install_stop_handlers()  # first: a stop request is honoured at the next step, after a checkpoint
+    install_stop_handlers()  # (again, for a caller that imported this module): honoured at the next step
     import torch
     from omegaconf import OmegaConf
 
@@ -128,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     # Megatron logs every config object and bucket at INFO: keep its warnings, our progress lines.
     logging.getLogger("megatron").setLevel(logging.WARNING)
     from pretrain import cpu_compat
-    from pretrain.train import load_config, train
+    from pretrain.train import _stop_agreed, load_config, train
 
     cfg_all = OmegaConf.load(stage / "config.yaml")
     job = stage_job(stage)
@@ -147,12 +162,13 @@ def main(argv: list[str] | None = None) -> int:
         from attninf.tracking import Tracker
 
         w = cfg_all.get("wandb") or {}
-        tracker = Tracker(mode=w.get("mode", "offline"), project=w.get("project", "attention-influence"),
-                          group=w.get("group") or cfg_all.get("experiment_name"),
-                          name=f"{name}/{job['arm']}", dir=stage / "wandb",
-                          config={"stage": name, "arm": job["arm"],
-                                  name: OmegaConf.to_container(cfg_all.get(name), resolve=True)},
-                          tags=[name, job["arm"]])
+        with shielded():  # W&B's service process must outlive a step signal, like the rank
+            tracker = Tracker(mode=w.get("mode", "offline"), project=w.get("project", "attention-influence"),
+                              group=w.get("group") or cfg_all.get("experiment_name"),
+                              name=f"{name}/{job['arm']}", dir=stage / "wandb",
+                              config={"stage": name, "arm": job["arm"],
+                                      name: OmegaConf.to_container(cfg_all.get(name), resolve=True)},
+                              tags=[name, job["arm"]])
     try:
         summary = train(cfg, blend, mix_dir, job["arm"], stage,
                         log_fn=(lambda m, s: tracker.log({f"train/{k}" if "/" not in k else k: v
@@ -170,7 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if tracker is not None:
             tracker.finish()
-    if rank == 0 and not summary["finished"]:
+    # A signal after the last step's check: requeue too (every rank agrees: one all-reduce).
+    stopped = not summary["finished"] or _stop_agreed(not on_cpu)
+    if summary["finished"] and stopped and rank == 0:
+        logging.getLogger("pretrain").info("%s after the last step: the finish step runs after the requeue",
+                                           stop_name())
+    if rank == 0 and stopped:
         # Before the barrier: no rank exits (and no srun kills rank 0) until this marker exists,
         # so the job script knows the ranks stopped for a requeue whatever srun's exit code says.
         from attninf.lifecycle import mark_stopped
@@ -179,8 +200,12 @@ def main(argv: list[str] | None = None) -> int:
     # Only on success: after a failure on one rank a barrier would hang the others.
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
-    return 0 if summary["finished"] else EXIT_REQUEUE
+    return EXIT_REQUEUE if stopped else 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        code = main()
+    finally:
+        _stop.settle()  # a signal during interpreter teardown must not change the exit code
+    raise SystemExit(code)

@@ -586,7 +586,7 @@ def _stop_agreed(on_gpu: bool) -> bool:
     same step: the checkpoint save is collective and must be entered by all of them."""
     import torch
 
-    from attninf.lifecycle import stop_requested
+    from attninf.stop import requested as stop_requested
 
     dev = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     t = torch.tensor([1 if stop_requested() else 0], dtype=torch.int32, device=dev)
@@ -703,10 +703,17 @@ def _env() -> dict:
 
 
 def export_stage(stage_dir: Path) -> None:
+    """The HF export in a process of its own. Slurm's time-limit warning reaches every process of
+    the job step: the child starts with it blocked (attninf/stop.py) and finishes; the finish step
+    it belongs to has no safe point left and runs to its end."""
+    from attninf.stop import shielded
+
     log_path = stage_dir / "export.log"
     with open(log_path, "a") as fh:
-        rc = subprocess.run([sys.executable, "-m", "pretrain.export", str(stage_dir)], env=_env(),
-                            stdout=fh, stderr=subprocess.STDOUT).returncode
+        with shielded():
+            proc = subprocess.Popen([sys.executable, "-m", "pretrain.export", str(stage_dir)], env=_env(),
+                                    stdout=fh, stderr=subprocess.STDOUT)
+        rc = proc.wait()
     if rc != 0:
         raise RuntimeError(f"pretrain: export exited with code {rc}; see {log_path}")
 
