@@ -296,6 +296,30 @@ def stage_parts(ctx) -> list:
     return [(p.id, p.bytes) for p in plan(st.ccfg, st.out, st.mcfg.shard_docs)]
 
 
+# Peak resident memory of one tokenising process (imports, tokenizer, a part's documents), with
+# headroom: the scale test's per-process peak (README, Measured) rounded up.
+PROCESS_GB = 0.5
+
+
+def preflight(cfg, arm, resources) -> tuple[dict, list[str]]:
+    """Before any job: the array's task count against the corpus's parts, and each task's memory
+    request against its processes (`mix.workers` tokenisers + the task itself)."""
+    from selection.corpora import CorpusConfig
+    from selection.corpus_parts import preflight_parts
+
+    mcfg = build(MixConfig, cfg.get("mix"), "mix")
+    ccfg = build(CorpusConfig, cfg.get("corpus"), "corpus")
+    facts, problems = preflight_parts(ccfg, mcfg.shard_docs, int(resources.array_tasks), "mix")
+    procs = (mcfg.workers or min(8, int(resources.cpus_per_task) or 1)) + 1
+    need = PROCESS_GB * procs
+    facts["memory_gb_per_task"] = need
+    mem = float(resources.mem_gb or 0)
+    if mem and mem < need:
+        problems.append(f"mix: cluster.stages.mix.mem_gb={mem:g} but each task runs {procs} processes of "
+                        f"~{PROCESS_GB:g} GB ({need:g} GB); raise mem_gb or lower mix.workers")
+    return facts, problems
+
+
 def stage_run_parts(ctx, names: list[str]):
     """Tokenise the parts named (a process pool of `mix.workers`); yield each id once its
     datasets, stats and marker are written (`all`: the whole hub stream, then its shard list)."""

@@ -335,3 +335,31 @@ def stored_plan(cfg: CorpusConfig, path: Path, part_rows: int, finished, stage: 
     write_json(path, {"key": key, "files": files, "parts": parts_json(parts),
                       "rows": sum(p.rows or 0 for p in parts), "bytes": sum(p.bytes for p in parts)})
     return parts
+
+
+def preflight_parts(cfg: CorpusConfig, part_rows: int, tasks: int, stage: str) -> tuple[dict, list[str]]:
+    """(facts, problems) of an array over the corpus's parts, for a dry run (attninf/plan.py):
+    errors that only show at size, caught before any job is submitted.
+
+    - a hub stream (corpus.kind=hf) is one part: more than one array task would idle;
+    - more tasks than parts: the surplus tasks would start, find no work and hold their GPUs.
+
+    Counting reads parquet footers only (a paper-size corpus: one small read per file); a capped
+    corpus needs a counting pass, and a corpus not on disk yet (before ingest) cannot be counted:
+    both are facts, not problems."""
+    key = f"cluster.stages.{stage}.array_tasks"
+    if cfg.kind == "hf":
+        if tasks > 1:
+            return {"parts": 1}, [f"{stage}: corpus.kind=hf is one part ('all') but {key}={tasks}: "
+                                  f"ingest the corpus first (python -m tools.ingest) or set {key}=1"]
+        return {"parts": 1}, []
+    if _capped(cfg):
+        return {"parts": None, "parts_note": "capped corpus: parts counted at run time"}, []
+    try:
+        n = len(plan_parts(cfg, part_rows))
+    except CorpusError as e:
+        return {"parts": None, "parts_note": f"not counted: {e}"}, []
+    if tasks > n:
+        return {"parts": n}, [f"{stage}: {key}={tasks} but the corpus has {n} parts of <= {part_rows:,} rows: "
+                              f"{tasks - n} tasks would find no work; lower {key} or the part size"]
+    return {"parts": n}, []

@@ -333,6 +333,15 @@ def parts(ctx) -> list:
     return [(shard_name(i), p.bytes) for i, p in enumerate(corpus_plan(ctx, cfg, ccfg))]
 
 
+def preflight(cfg, arm, resources) -> tuple[dict, list[str]]:
+    """Before any job: the array's task count against the corpus's parts (selection.corpus_parts)."""
+    from selection.corpus_parts import preflight_parts
+
+    scfg = build(ScoreConfig, cfg.get("score"), "score")
+    ccfg = build(CorpusConfig, cfg.get("corpus"), "corpus")
+    return preflight_parts(ccfg, scfg.shard_size, int(resources.array_tasks), "score")
+
+
 def run_parts(ctx, names: list[str], rank: int | None = None, world: int | None = None):
     """Score the shards named (`all` = every shard of a hub stream); yield each name once its
     shard is on disk. A shard reads only its own part of the corpus (selection.corpus_parts).

@@ -21,6 +21,22 @@ from tests.helpers import ROOT
 PERMIT = ["eval.allow_code_eval=true", "pretrain.allow_local_spec=true"]
 
 
+def ingested(folder, files_per_domain: int = 32) -> list[str]:
+    """The paper presets after ingest (slurm/README.md): every stage reads local parquet. A
+    stand-in with the ingest's layout and fields, one row group per file: 128 parts, enough for
+    the presets' 128 score tasks."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for d in ("fineweb_edu", "cosmopedia", "python_edu", "openwebmath"):
+        (folder / d).mkdir(parents=True, exist_ok=True)
+        for f in range(files_per_domain):
+            pq.write_table(pa.table({"id": [f"{d}-{f}-0", f"{d}-{f}-1"], "domain": [d, d],
+                                     "text": ["a document", "another one"]}), folder / d / f"{f:05d}.parquet")
+    return ["corpus=parquet", f"corpus.paths=[{folder}/*/*.parquet]", "corpus.id_field=id",
+            "corpus.domain_field=domain"]
+
+
 def _compose(overrides):
     from hydra import compose, initialize_config_dir
 
@@ -33,8 +49,9 @@ def code_eval_permitted(monkeypatch):
     monkeypatch.setenv("HF_ALLOW_CODE_EVAL", "1")
 
 
-def _plan(tmp_path, preset, *extra):
-    cfg = _compose([f"+experiment={preset}", f"run_dir={tmp_path / 'run'}", "cluster=slurm", *extra])
+def _plan(tmp_path, preset, *extra, corpus: list[str] | None = None):
+    corpus = ingested(tmp_path / "ingested") if corpus is None else corpus
+    cfg = _compose([f"+experiment={preset}", f"run_dir={tmp_path / 'run'}", "cluster=slurm", *corpus, *extra])
     _, _, _, jobs, problems = preflight(cfg)
     return {j.id: j for j in jobs}, problems
 
@@ -126,8 +143,9 @@ def test_dry_run_prints_the_graph_writes_plan_json_and_submits_nothing(tmp_path)
     env = {**os.environ, "PATH": f"{empty}:{os.path.dirname(sys.executable)}", "PYTHONPATH": str(ROOT),
            "WANDB_MODE": "disabled", "HF_ALLOW_CODE_EVAL": "1"}
     run = tmp_path / "run"
+    corpus = ingested(tmp_path / "ingested")
     p = subprocess.run([sys.executable, "-m", "attninf.cli", "+experiment=paper_7b", f"run_dir={run}",
-                        "cluster=slurm", "cluster.dry_run=true", *PERMIT], env=env, cwd=tmp_path,
+                        "cluster=slurm", "cluster.dry_run=true", *PERMIT, *corpus], env=env, cwd=tmp_path,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     lines = p.stdout.splitlines()
@@ -141,7 +159,7 @@ def test_dry_run_prints_the_graph_writes_plan_json_and_submits_nothing(tmp_path)
     assert set(os.listdir(run)) - {".hydra"} == {"cluster"} and os.listdir(run / "cluster") == ["plan.json"]
     # a refusal: one `refused:` line per problem, exit 2, plan.json still written
     p = subprocess.run([sys.executable, "-m", "attninf.cli", "+experiment=paper_7b", f"run_dir={run}",
-                        "cluster=slurm", "cluster.dry_run=true", "pretrain.allow_local_spec=true"],
+                        "cluster=slurm", "cluster.dry_run=true", "pretrain.allow_local_spec=true", *corpus],
                        env={**env, "HF_ALLOW_CODE_EVAL": "0"}, cwd=tmp_path, capture_output=True, text=True,
                        timeout=300)
     assert p.returncode == 2
@@ -149,3 +167,24 @@ def test_dry_run_prints_the_graph_writes_plan_json_and_submits_nothing(tmp_path)
     assert len(refused) == 1 and "HumanEval" in refused[0]
     assert json.loads((run / "cluster" / "plan.json").read_text())["problems"] == [refused[0][len("refused: "):]]
 
+
+
+def test_refusals_of_the_data_path_at_size(tmp_path, code_eval_permitted):
+    """Errors that only show at size, before any job: a hub stream split over array tasks, more
+    tasks than parts, a mix task's memory request below its processes."""
+    _, problems = _plan(tmp_path, "paper_7b", *PERMIT, corpus=[])  # the preset's own hub stream
+    assert problems == [
+        "score: corpus.kind=hf is one part ('all') but cluster.stages.score.array_tasks=128: ingest the "
+        "corpus first (python -m tools.ingest) or set cluster.stages.score.array_tasks=1",
+        "mix: corpus.kind=hf is one part ('all') but cluster.stages.mix.array_tasks=32: ingest the "
+        "corpus first (python -m tools.ingest) or set cluster.stages.mix.array_tasks=1"], problems
+    small = ingested(tmp_path / "small", files_per_domain=2)  # 8 parts
+    jobs, problems = _plan(tmp_path, "paper_7b", *PERMIT, "+cluster.stages.mix.mem_gb=4", corpus=small)
+    assert jobs["score:parts"].facts["parts"] == 8 and jobs["mix:parts"].facts["memory_gb_per_task"] == 8.5
+    assert problems == [
+        "score: cluster.stages.score.array_tasks=128 but the corpus has 8 parts of <= 20,000 rows: 120 tasks "
+        "would find no work; lower cluster.stages.score.array_tasks or the part size",
+        "mix: cluster.stages.mix.array_tasks=32 but the corpus has 8 parts of <= 100,000 rows: 24 tasks would "
+        "find no work; lower cluster.stages.mix.array_tasks or the part size",
+        "mix: cluster.stages.mix.mem_gb=4 but each task runs 17 processes of ~0.5 GB (8.5 GB); raise mem_gb "
+        "or lower mix.workers"], problems
