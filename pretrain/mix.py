@@ -305,6 +305,9 @@ def preflight(cfg, arm, resources) -> tuple[dict, list[str]]:
     """Before any job: the array's task count against the corpus's parts, and each task's memory
     request against its processes (`mix.workers` tokenisers + the task itself)."""
     from selection.corpora import CorpusConfig
+
+    if resources is None:  # a local run (attninf/runner.py): one executor, no array to size
+        return {}, []
     from selection.corpus_parts import preflight_parts
 
     mcfg = build(MixConfig, cfg.get("mix"), "mix")

@@ -268,6 +268,17 @@ def _iter_hf(cfg: CorpusConfig) -> Iterator[Document]:
 
 # --- public entry -----------------------------------------------------------------------------
 
+def filter_domain(doc: Document, cfg: CorpusConfig, allowed: set[str] | None) -> Document:
+    """A document of a domain outside corpus.domains: an error naming it, or (unknown_domain=skip)
+    a counted skip. The one rule of the whole stream and of a part read alone (corpus_parts)."""
+    if allowed is not None and doc.domain and doc.domain not in allowed:
+        if cfg.unknown_domain == "error":
+            raise CorpusError(f"{doc.where}: domain '{doc.domain}' is not in corpus.domains "
+                              f"{sorted(allowed)}; add it, or set corpus.unknown_domain=skip")
+        return Document(doc.doc_id, doc.domain, "", skip="domain_not_configured", where=doc.where)
+    return doc
+
+
 def iter_documents(cfg: CorpusConfig, *, with_skips: bool = False,
                    stats: dict[str, Any] | None = None) -> Iterator[Document]:
     """All documents of the corpus in deterministic order, caps and domain filter applied.
@@ -282,11 +293,7 @@ def iter_documents(cfg: CorpusConfig, *, with_skips: bool = False,
     for doc in rows:
         if cfg.max_docs is not None and n >= cfg.max_docs:
             break
-        if allowed is not None and doc.domain and doc.domain not in allowed:
-            if cfg.unknown_domain == "error":
-                raise CorpusError(f"{doc.where}: domain '{doc.domain}' is not in corpus.domains "
-                                  f"{sorted(allowed)}; add it, or set corpus.unknown_domain=skip")
-            doc = Document(doc.doc_id, doc.domain, "", skip="domain_not_configured", where=doc.where)
+        doc = filter_domain(doc, cfg, allowed)
         key = doc.domain
         if cfg.max_docs_per_domain is not None and per_domain.get(key, 0) >= cfg.max_docs_per_domain:
             continue  # this domain is full: its later rows (good or bad) are not in the corpus

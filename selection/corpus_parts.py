@@ -256,7 +256,7 @@ def read_part(part: Part, cfg: CorpusConfig, state: dict | None = None,
     """The part's documents, skips included (Document.skip set), filtered as
     selection.corpora.iter_documents filters the whole stream. `state` (the cap counters) is
     advanced in place; by default it starts from the part's recorded `start`."""
-    from selection.corpora import _record_to_doc
+    from selection.corpora import _record_to_doc, filter_domain
 
     io = io or ByteCounter()
     state = state if state is not None else json.loads(json.dumps(part.start or {"per_domain": {}, "n": 0}))
@@ -268,11 +268,7 @@ def read_part(part: Part, cfg: CorpusConfig, state: dict | None = None,
                              id_field=cfg.id_field, fixed_domain=part.domain)
         if cfg.max_docs is not None and state["n"] >= cfg.max_docs:
             break
-        if allowed is not None and doc.domain and doc.domain not in allowed:
-            if cfg.unknown_domain == "error":
-                raise CorpusError(f"{doc.where}: domain '{doc.domain}' is not in corpus.domains "
-                                  f"{sorted(allowed)}; add it, or set corpus.unknown_domain=skip")
-            doc = Document(doc.doc_id, doc.domain, "", skip="domain_not_configured", where=doc.where)
+        doc = filter_domain(doc, cfg, allowed)
         if cfg.max_docs_per_domain is not None and per_domain.get(doc.domain, 0) >= cfg.max_docs_per_domain:
             continue
         if doc.skip is None:

@@ -337,6 +337,9 @@ def preflight(cfg, arm, resources) -> tuple[dict, list[str]]:
     """Before any job: the array's task count against the corpus's parts (selection.corpus_parts)."""
     from selection.corpus_parts import preflight_parts
 
+    if resources is None:  # a local run (attninf/runner.py): one executor, no array to size
+        return {}, []
+
     scfg = build(ScoreConfig, cfg.get("score"), "score")
     ccfg = build(CorpusConfig, cfg.get("corpus"), "corpus")
     return preflight_parts(ccfg, scfg.shard_size, int(resources.array_tasks), "score")
