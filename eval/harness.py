@@ -29,6 +29,20 @@ from eval.tasks import TaskPlan, TaskPlanError, builtin_task_manager, prepare_ta
 log = logging.getLogger(__name__)
 
 
+class _NoCustomKwargsHint(logging.Filter):
+    """Drop lm-eval's per-task hint that a `custom_dataset` loader takes kwargs from --metadata.
+
+    The offline tasks read their parquet through one (eval.benchmarks.load_splits), which takes
+    none: an MMLU evaluation would print the hint once per subject.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Custom kwargs can be passed" not in record.getMessage()
+
+
+logging.getLogger("lm_eval.api.task").addFilter(_NoCustomKwargsHint())
+
+
 @dataclass
 class DataChoice:
     used: bool
@@ -201,6 +215,44 @@ def _budgeted_vllm():
     base = get_model("vllm")
 
     class BudgetedVLLM(base):
+        def _scored_tail(self, requests, disable_tqdm, override_bs):
+            """lm-eval's loglikelihood with the lm_head (and its log-softmax) on the batch's tail only.
+
+            lm-eval computes logits at every position and log-softmaxes all of them, then reads the
+            continuation's few. With a large vocabulary that is most of the work: a 2-layer CPU
+            arm spends >90% of its FLOPs in the lm_head, and MMLU's continuation is 1-2 tokens of a
+            100-500 token input. `_model_call` below keeps the last positions that can hold a
+            continuation (HF's `logits_to_keep`); lm-eval reads the continuation through its
+            causal offset (`inplen + (logits.shape[0] - padding_len_inp)`), so the shorter tensor
+            gives the same numbers (tests/eval/test_tail_logits.py, against lm-eval's own HFLM).
+            """
+            # One lm-eval call per continuation-length class (1, 2-4, 5-16, 17-64, ...): the tail
+            # must cover a batch's longest continuation, so MMLU's one-token answers are not
+            # batched under the bound of a long bpb target's.
+            groups: dict[int, list[int]] = {}
+            for i, (_, _, cont) in enumerate(requests):
+                groups.setdefault((max(1, len(cont)) - 1).bit_length() // 2, []).append(i)
+            out: list = [None] * len(requests)
+            for idx in groups.values():
+                part = [requests[i] for i in idx]
+                self._attninf_tail = max(len(cont) for _, _, cont in part)
+                try:
+                    got = super()._loglikelihood_tokens(part, disable_tqdm, override_bs)
+                finally:
+                    self._attninf_tail = None
+                for i, r in zip(idx, got):
+                    out[i] = r
+            return out
+
+        def _model_call(self, inps, attn_mask=None, labels=None):
+            keep = tail_positions(inps, self.__dict__.get("_attninf_tail"))
+            if (keep is None or attn_mask is not None or labels is not None or self.backend != "causal"
+                    or not _takes_logits_to_keep(self.model)):
+                return super()._model_call(inps, attn_mask, labels)
+            with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
+                                                 enabled=self.mixed_precision_dtype is not None):
+                return self.model(inps, logits_to_keep=keep).logits
+
         def generate_until(self, requests, disable_tqdm: bool = False):
             _budget_generation(self, requests)
             return super().generate_until(requests, disable_tqdm=disable_tqdm)
@@ -254,6 +306,36 @@ def make_lm(model, tokenizer, ecfg: EvalConfig):
                               max_batch_size=ecfg.max_batch_size, max_length=min(window, ecfg.max_length))
 
 
+def tail_positions(inps, max_cont: int | None) -> int | None:
+    """How many trailing positions of right-padded [B, T] `inps` can hold a continuation.
+
+    lm-eval pads with token 0 on the right; a row's input ends at its last nonzero token or later
+    (a real trailing 0 only makes the kept tail longer), and its continuation is at most
+    `max_cont` tokens before that end. None = keep everything (no bound known, or no saving).
+    """
+    import torch
+
+    if max_cont is None or inps.ndim != 2:
+        return None
+    t = inps.shape[1]
+    nonpad = inps != 0
+    ends = torch.where(nonpad.any(1), t - nonpad.flip(1).int().argmax(1), 0)
+    keep = t - max(0, int(ends.min()) - int(max_cont))
+    return keep if keep < t else None
+
+
+@functools.cache
+def _forward_params(cls) -> frozenset:
+    import inspect
+
+    return frozenset(inspect.signature(cls.forward).parameters)
+
+
+def _takes_logits_to_keep(model) -> bool:
+    """HF causal LMs of the Llama family (and most recent ones) take `logits_to_keep`."""
+    return "logits_to_keep" in _forward_params(type(model))
+
+
 @functools.cache
 def _short_window_lm():
     """HFLM that caps generation at half the model's window instead of asserting.
@@ -263,6 +345,7 @@ def _short_window_lm():
     never triggers for the paper's settings (HumanEval 1,024 new tokens in a >= 2,048 window),
     and when it does it is logged and the capped value is what the samples record.
     """
+    import torch
     from lm_eval.models.huggingface import HFLM
 
     class ShortWindowHFLM(HFLM):
@@ -288,7 +371,7 @@ def _short_window_lm():
             lm-eval's assertion. Chunks carry no cache key: only whole requests are cached."""
             k = max(1, self.max_length // 2)
             if all(len(cont) <= self.max_length for _, _, cont in requests):
-                return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
+                return self._scored_tail(requests, disable_tqdm, override_bs)
             flat, owner = [], []
             for i, (key, ctx, cont) in enumerate(requests):
                 if len(cont) <= self.max_length:
@@ -299,7 +382,7 @@ def _short_window_lm():
                 for start in range(len(ctx), len(whole), k):
                     flat.append((None, whole[:start], whole[start:start + k]))
                     owner.append(i)
-            got = super()._loglikelihood_tokens(flat, disable_tqdm, override_bs)
+            got = self._scored_tail(flat, disable_tqdm, override_bs)
             out = [[0.0, True] for _ in requests]
             for i, (ll, greedy) in zip(owner, got):
                 out[i][0] += ll
@@ -308,6 +391,44 @@ def _short_window_lm():
                 if len(cont) > self.max_length and key is not None:
                     self.cache_hook.add_partial("loglikelihood", key, tuple(out[i]))
             return [tuple(x) for x in out]
+
+        def _scored_tail(self, requests, disable_tqdm, override_bs):
+            """lm-eval's loglikelihood with the lm_head (and its log-softmax) on the batch's tail only.
+
+            lm-eval computes logits at every position and log-softmaxes all of them, then reads the
+            continuation's few. With a large vocabulary that is most of the work: a 2-layer CPU
+            arm spends >90% of its FLOPs in the lm_head, and MMLU's continuation is 1-2 tokens of a
+            100-500 token input. `_model_call` below keeps the last positions that can hold a
+            continuation (HF's `logits_to_keep`); lm-eval reads the continuation through its
+            causal offset (`inplen + (logits.shape[0] - padding_len_inp)`), so the shorter tensor
+            gives the same numbers (tests/eval/test_tail_logits.py, against lm-eval's own HFLM).
+            """
+            # One lm-eval call per continuation-length class (1, 2-4, 5-16, 17-64, ...): the tail
+            # must cover a batch's longest continuation, so MMLU's one-token answers are not
+            # batched under the bound of a long bpb target's.
+            groups: dict[int, list[int]] = {}
+            for i, (_, _, cont) in enumerate(requests):
+                groups.setdefault((max(1, len(cont)) - 1).bit_length() // 2, []).append(i)
+            out: list = [None] * len(requests)
+            for idx in groups.values():
+                part = [requests[i] for i in idx]
+                self._attninf_tail = max(len(cont) for _, _, cont in part)
+                try:
+                    got = super()._loglikelihood_tokens(part, disable_tqdm, override_bs)
+                finally:
+                    self._attninf_tail = None
+                for i, r in zip(idx, got):
+                    out[i] = r
+            return out
+
+        def _model_call(self, inps, attn_mask=None, labels=None):
+            keep = tail_positions(inps, self.__dict__.get("_attninf_tail"))
+            if (keep is None or attn_mask is not None or labels is not None or self.backend != "causal"
+                    or not _takes_logits_to_keep(self.model)):
+                return super()._model_call(inps, attn_mask, labels)
+            with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
+                                                 enabled=self.mixed_precision_dtype is not None):
+                return self.model(inps, logits_to_keep=keep).logits
 
         def generate_until(self, requests, disable_tqdm: bool = False):
             _budget_generation(self, requests)

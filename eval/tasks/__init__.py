@@ -104,6 +104,13 @@ class _Dumper(yaml.SafeDumper):
 _Dumper.add_representer(_Fn, lambda d, v: d.represent_scalar("!function", str(v)))
 
 
+def _yaml_source(local: dict[str, Any]) -> dict[str, Any]:
+    """Task keys from eval.benchmarks.dataset_source, its loader marked as a `!function`."""
+    if "custom_dataset" in local:
+        return {**local, "custom_dataset": _Fn(local["custom_dataset"])}
+    return local
+
+
 def builtin_task_manager():
     """lm-eval's TaskManager over the built-in tasks (indexing ~7 s; built once per process)."""
     global _TM
@@ -192,7 +199,7 @@ def _prepare_bpb(index, name: str, out_dir: Path, shots: int | None,
             local = offline_data(cfg.get("dataset_path"), cfg.get("dataset_name"))
             if local is None:
                 return f"no offline data for {leaf} ({cfg.get('dataset_path')})"
-            source = local
+            source = _yaml_source(local)
         ours, subject = bpb.leaf_name(name, leaf)
         docs[ours] = bpb.leaf_config(name, ours, source, shots, lambda f: _Fn(f"eval.tasks.bpb.{f}"),
                                      subject=subject, dataset_name=cfg.get("dataset_name"))
@@ -247,7 +254,7 @@ def prepare_tasks(tm, names: list[str], out_dir: Path, *, num_fewshot: dict[str,
                 if local is None:
                     missing.append(f"{leaf} ({cfg.get('dataset_path')})")
                     continue
-                source = local
+                source = _yaml_source(local)
             if leaf == "humaneval":
                 doc = humaneval_config(humaneval, source)
             elif entry.kind == Kind.TASK and entry.yaml_path is not None:

@@ -67,7 +67,9 @@ def test_plan_writes_overrides_and_skips_tasks_without_offline_data(tmp_path, of
     tp, data = harness.plan(e, tmp_path)
     assert tp.tasks == ["mmlu", "gsm8k", "humaneval"] and "hellaswag" in tp.skipped
     assert data.used and len([k for k in tp.leaves if k.startswith("mmlu_")]) == 57
-    anatomy = yaml.safe_load((tmp_path / "tasks/mmlu_anatomy.yaml").read_text())
+    text = (tmp_path / "tasks/mmlu_anatomy.yaml").read_text()
+    assert re.search(r"custom_dataset: !function '?eval\.benchmarks\.load_splits", text)
+    anatomy = yaml.safe_load(text.replace("!function ", ""))
     assert anatomy["include"].endswith("mmlu/default/mmlu_anatomy.yaml")
     assert anatomy["num_fewshot"] == 5 and anatomy["dataset_path"] == "parquet"
     assert anatomy["dataset_name"] is None
@@ -101,7 +103,9 @@ def test_hub_mode_keeps_hub_datasets_but_sets_shots(tmp_path, allow_code):
     e = build(EvalConfig, {"offline_data": "off", "tasks": ["mmlu", "gsm8k"]}, "eval")
     tp, data = harness.plan(e, tmp_path)
     assert not data.used
-    anatomy = yaml.safe_load((tmp_path / "tasks/mmlu_anatomy.yaml").read_text())
+    text = (tmp_path / "tasks/mmlu_anatomy.yaml").read_text()
+    assert "custom_dataset" not in text  # the hub copy goes through load_dataset
+    anatomy = yaml.safe_load(text.replace("!function ", ""))
     assert "dataset_path" not in anatomy and anatomy["num_fewshot"] == 5
 
 
