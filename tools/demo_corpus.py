@@ -26,11 +26,11 @@ are flagged in the manifest, so a reader can check where they land in the AI-sco
 Trade-offs: documents are cut at paragraph (prose) or top-level statement (code) boundaries into
 pieces of `--min-chars`..`--max-chars`, at most `--max-docs-per-file` pieces per file so a few
 long manuals cannot crowd out the rest; that makes documents shorter than real web pages, which
-keeps the CPU demo cheap (the 135M selector scores ~2,000 tokens/s on two cores). Sampling is
+keeps the CPU demo cheap (the demo scores each document's first score.max_tokens). Sampling is
 seeded and file lists are sorted, so the same installed packages give the same corpus. Exact
 duplicates (after whitespace normalisation) are dropped across all domains. Defaults, all sources
-present: 800 documents, 1.37M characters, 393k SmolLM2 tokens (longest document 1,377 tokens),
-i.e. ~6.5 minutes for the two scoring passes at ~2,000 tokens/s; built in ~2 s.
+present: 800 documents, 1.37M characters, 393k SmolLM2 tokens (longest document 1,377 tokens);
+the demo takes its first corpus.max_docs_per_domain per domain.
 
 Missing Debian sources are never fatal: the builder records them in `manifest.json` under
 `missing`, prints the exact apt-get command, and fills the domain from the remaining and
