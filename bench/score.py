@@ -84,8 +84,11 @@ def _random_copy(path: str, seed: int) -> str:
     return str(out)
 
 
-def gemm_peak(dtype: str = "bfloat16", n: int = 2048, reps: int = 5) -> dict:
+def gemm_peak(dtype: str = "bfloat16", n: int = 2048, reps: int = 5, via: str = "aten") -> dict:
     """This machine's dense GEMM rate: the best of `reps` n x n x n matmuls on all torch threads.
+
+    via=onednn times oneDNN's packed fp32 linear (selection.onednn_linear), the path `auto`
+    routes the model's linear layers through where ATen's BLAS is slow.
 
     Two figures: wall GFLOP/s (the usual peak) and GFLOP per second of process CPU time times
     the thread count, which stays near the quiet-machine figure when other jobs share the cores
@@ -93,20 +96,27 @@ def gemm_peak(dtype: str = "bfloat16", n: int = 2048, reps: int = 5) -> dict:
     """
     import torch
 
+    from selection import onednn_linear
+
     dt = getattr(torch, dtype)
     a = torch.randn(n, n).to(dt)
     b = torch.randn(n, n).to(dt)
-    a @ b  # warm-up: oneDNN picks and JITs its kernel
+    if via == "onednn":
+        packed = onednn_linear.pack(b)
+        mm = lambda: onednn_linear.linear(a, packed)  # noqa: E731
+    else:
+        mm = lambda: a @ b  # noqa: E731
+    mm()  # warm-up: oneDNN picks and JITs its kernel
     flops = 2.0 * n ** 3
     best_wall = best_cpu = 0.0
     for _ in range(reps):
         t0, c0 = time.perf_counter(), time.process_time()
-        a @ b
+        mm()
         w, c = time.perf_counter() - t0, time.process_time() - c0
         best_wall = max(best_wall, flops / w / 1e9)
         if c > 0:
             best_cpu = max(best_cpu, flops / c * torch.get_num_threads() / 1e9)
-    return {"gflops_wall": best_wall, "gflops_cpu_time": best_cpu, "n": n, "dtype": dtype,
+    return {"gflops_wall": best_wall, "gflops_cpu_time": best_cpu, "n": n, "dtype": dtype, "via": via,
             "threads": torch.get_num_threads()}
 
 
@@ -236,7 +246,8 @@ def _run_fast(args: argparse.Namespace, model_path: str, docs: list) -> tuple[di
     budget = args.batch_tokens or scoring.default_batch_tokens(dev.type, args.max_tokens)
     kw = {"max_batch_tokens": budget, "max_batch_size": args.max_batch_size, "pad_id": pad}
     on_cpu = dev.type == "cpu"
-    peaks = [gemm_peak(args.resolved_dtype, args.peak_size)] if on_cpu else []
+    via = "onednn" if args.resolved_dtype == "float32" and prec.get("linear") == "onednn" else "aten"
+    peaks = [gemm_peak(args.resolved_dtype, args.peak_size, via=via)] if on_cpu else []
     scoring.score_tokens(scorer, toks[:4], **kw)  # warm-up (kernels, allocator)
     _sync(dev)
     t0, c0 = time.perf_counter(), time.process_time()
@@ -244,7 +255,7 @@ def _run_fast(args: argparse.Namespace, model_path: str, docs: list) -> tuple[di
     _sync(dev)
     fast_s, fast_cpu = time.perf_counter() - t0, time.process_time() - c0
     if on_cpu:
-        peaks.append(gemm_peak(args.resolved_dtype, args.peak_size))  # before and after: the best is the machine's
+        peaks.append(gemm_peak(args.resolved_dtype, args.peak_size, via=via))  # before and after: the best is the machine's
         other = "float32" if args.resolved_dtype != "float32" else "bfloat16"
         other_peak = gemm_peak(other, min(args.peak_size, 1024), reps=2)
     n_tok = sum(len(t) for t in toks)
@@ -282,7 +293,7 @@ def _peak_fields(peaks: list[dict], fast_gflops: float, flop: float, fast_cpu: f
             # the same fraction from process CPU time: robust when other jobs share the cores
             "fast_gflops_cpu_time": fast_cpu_rate, "peak_gemm_gflops_cpu_time": peak_cpu,
             "fraction_of_peak_cpu_time": fast_cpu_rate / peak_cpu if fast_cpu_rate and peak_cpu else None,
-            "peak_gemm": f"{peaks[0]['dtype']} {peaks[0]['n']}^3 matmul, best of 5, "
+            "peak_gemm": f"{peaks[0]['dtype']} {peaks[0]['n']}^3 matmul ({peaks[0]['via']}), best of 5, "
                          f"{peaks[0]['threads']} threads, before and after the fast path"}
 
 
@@ -334,8 +345,10 @@ def _report(res: dict, args: argparse.Namespace) -> None:
     text = json.dumps(res, indent=2)
     print(text)
     prec = res.get("precision", {})
-    chose = (f"dtype {res['dtype']} ({'auto: ' if res.get('dtype_requested') == 'auto' else ''}"
-             + (f"bf16 {prec['bf16_gflops']:,.1f} vs fp32 {prec['fp32_gflops']:,.1f} GFLOP/s at the model's shape)"
+    via = " via oneDNN" if res["dtype"] == "float32" and prec.get("linear") == "onednn" else ""
+    dnn = f", oneDNN fp32 {prec['onednn_gflops']:,.1f}" if prec.get("onednn_gflops") is not None else ""
+    chose = (f"dtype {res['dtype']}{via} ({'auto: ' if res.get('dtype_requested') == 'auto' else ''}"
+             + (f"bf16 {prec['bf16_gflops']:,.1f} vs fp32 {prec['fp32_gflops']:,.1f}{dnn} GFLOP/s at the model's shape)"
                 if prec.get("source") == "measured" else f"{prec.get('source', 'explicit')})"))
     line = [chose, f"fast {res['fast_tokens_per_s']:,.0f} tokens/s, {res['fast_gflops']:,.0f} GFLOP/s"]
     if "speedup" in res:

@@ -137,15 +137,14 @@ def load_model(path: str, dtype: str, device: str):
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from selection.models import resolve_device, resolve_model_path, resolve_precision
+    from selection.models import apply_precision, resolve_device, resolve_model_path, resolve_precision
 
     local = resolve_model_path(path)
     tok = AutoTokenizer.from_pretrained(local)
     dev = resolve_device(device)
     choice = resolve_precision(dtype, dev, AutoConfig.from_pretrained(local))
     model = AutoModelForCausalLM.from_pretrained(local, dtype=choice.torch_dtype)
-    model = model.to(dev).eval()
-    model.attninf_precision = choice
+    model = apply_precision(model.to(dev).eval(), choice)
     return model, tok
 
 

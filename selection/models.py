@@ -195,6 +195,17 @@ def resolve_precision(dtype: str, device: torch.device, config) -> precision.Pre
     return choice
 
 
+def apply_precision(model, choice: precision.Precision):
+    """What the choice says beyond the dtype: fp32 linear layers through oneDNN where measured faster."""
+    model.attninf_precision = choice
+    if choice.onednn:
+        from selection import onednn_linear
+
+        n = onednn_linear.route(model)
+        log.info("fp32 linear layers through oneDNN: %d routed", n)
+    return model
+
+
 def precision_of(model) -> dict:
     """The dtype record a stage stores beside its outputs (set by load_selector / eval's loader)."""
     choice = getattr(model, "attninf_precision", None)
@@ -219,7 +230,7 @@ def load_selector(cfg: ModelConfig):
     name = masking.register(resolve_attn_impl(cfg.attn_impl, device))
     model = AutoModelForCausalLM.from_pretrained(path, dtype=choice.torch_dtype, attn_implementation=name)
     model.to(device).eval()
-    model.attninf_precision = choice
+    apply_precision(model, choice)
     if not masking.attention_modules(model):
         raise ConfigError(f"model.path={cfg.path}: no attention modules with layer_idx/o_proj found; "
                           "only HF Llama-family decoders are supported")

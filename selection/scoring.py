@@ -59,7 +59,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from selection import masking
+from selection import masking, onednn_linear
 
 # --- tokenisation -----------------------------------------------------------------------------
 
@@ -163,17 +163,20 @@ LM_HEAD_MIN_ROWS = 256
 
 def chunked_token_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                      chunk: int = 4096, bias: torch.Tensor | None = None,
-                     gemm_rows: int = LM_HEAD_MIN_ROWS) -> torch.Tensor:
+                     gemm_rows: int = LM_HEAD_MIN_ROWS, project=None) -> torch.Tensor:
     """Per-token cross entropy [N] in fp32 for hidden [N, H] under lm_head `weight` [V, H].
 
     The matmul runs in the weight's dtype (bf16 fast path) on max(chunk, gemm_rows) rows at a
     time; log-softmax runs in fp32 on at most `chunk` rows, so peak memory is about
-    max(chunk, gemm_rows) x V x 2 + chunk x V x 4 bytes instead of N x V x 4.
+    max(chunk, gemm_rows) x V x 2 + chunk x V x 4 bytes instead of N x V x 4. `project`, when
+    given, computes the logits instead of F.linear (the lm_head module routed through oneDNN,
+    selection.onednn_linear).
     """
     out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
     rows = max(chunk, gemm_rows)
     for g in range(0, hidden.shape[0], rows):
-        logits = F.linear(hidden[g:g + rows].to(weight.dtype), weight, bias)
+        h = hidden[g:g + rows].to(weight.dtype)
+        logits = F.linear(h, weight, bias) if project is None else project(h)
         for s in range(0, logits.shape[0], chunk):
             e = min(s + chunk, logits.shape[0])
             out[g + s:g + e] = F.cross_entropy(logits[s:e].float(), targets[g + s:g + e], reduction="none")
@@ -259,7 +262,8 @@ class BranchScorer:
 
         def loss_from(h):
             h = inner.norm(h)[:, :-1][valid]
-            tok = chunked_token_ce(h, head.weight, targets, self.ce_chunk, getattr(head, "bias", None))
+            tok = chunked_token_ce(h, head.weight, targets, self.ce_chunk, getattr(head, "bias", None),
+                                   project=head if onednn_linear.routed(head) else None)
             return mean_loss_per_doc(tok, doc_index, b)
 
         split = n_layers if self.split is None else self.split

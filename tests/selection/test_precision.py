@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from selection import precision
-from selection.precision import BF16_MIN_SPEEDUP, Precision, choose, resolve
+from selection.precision import BF16_MIN_SPEEDUP, ONEDNN_MIN_SPEEDUP, Precision, choose, resolve
 
 SHAPE = precision.MIN_SHAPE
 
@@ -42,16 +42,24 @@ def test_choice_rule_prefers_fp32_unless_bf16_clearly_wins():
     assert choose(195.0, 810.0) == "bfloat16"                       # native bf16
 
 
+def test_onednn_replaces_atens_fp32_only_when_clearly_faster():
+    assert precision.choose_linear(100.0, None) == "aten"            # no oneDNN in this build
+    assert precision.choose_linear(100.0, 100.0 * ONEDNN_MIN_SPEEDUP * 0.99) == "aten"
+    assert precision.choose_linear(42.0, 104.0) == "onednn"          # MKL on its SSE path
+
+
 def test_measurement_is_real_cached_and_consistent(tmp_path):
     cache = tmp_path / "precision.json"
     first = resolve("auto", torch.device("cpu"), SHAPE, cache)
     assert first.source == "measured" and not first.cached
     assert first.fp32_gflops > 0 and first.bf16_gflops > 0
-    assert first.dtype == choose(first.fp32_gflops, first.bf16_gflops)
+    assert first.linear == precision.choose_linear(first.fp32_gflops, first.onednn_gflops)
+    best32 = first.onednn_gflops if first.linear == "onednn" else first.fp32_gflops
+    assert first.dtype == choose(best32, first.bf16_gflops)
     assert first.shape == SHAPE and first.threads == torch.get_num_threads()
     again = resolve("auto", torch.device("cpu"), SHAPE, cache)
-    assert again.cached and (again.dtype, again.fp32_gflops, again.bf16_gflops) == (
-        first.dtype, first.fp32_gflops, first.bf16_gflops)
+    assert again.cached and (again.dtype, again.fp32_gflops, again.bf16_gflops, again.linear) == (
+        first.dtype, first.fp32_gflops, first.bf16_gflops, first.linear)
     # another shape is another entry; a torn cache is re-measured, not an error
     other = resolve("auto", torch.device("cpu"), (precision.ROWS, 576, 1536), cache)
     assert not other.cached and len(json.loads(cache.read_text())) == 2
@@ -84,8 +92,26 @@ def test_record_and_describe():
     assert p.record() == {"dtype": "float32", "source": "measured", "fp32_gflops": 80.0,
                           "bf16_gflops": 1.6, "shape": (256, 576, 1536), "threads": 2, "cached": False}
     assert "bf16 1.6 vs fp32 80.0 GFLOP/s" in p.describe()
+    q = Precision("float32", "measured", 40.0, 1.6, (256, 576, 1536), 2, onednn_gflops=100.0, linear="onednn")
+    assert q.onednn and q.describe().startswith("float32 via oneDNN (auto: bf16 1.6 vs fp32 40.0, oneDNN fp32 100.0 GFLOP/s")
+    assert not Precision("bfloat16", "measured", 40.0, 90.0, (256, 576, 1536), 2, 100.0, "onednn").onednn
     assert Precision("bfloat16", "explicit").record() == {"dtype": "bfloat16", "source": "explicit",
                                                           "cached": False}
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="MKL: x86 wheels only")
+def test_auto_routes_fp32_through_onednn_where_mkl_takes_its_sse_path(tmp_path):
+    """MKL runs sgemm on its SSE path on some AMD processors (the slowest machines of this kind);
+    MKL_ENABLE_INSTRUCTIONS=SSE4_2 puts any x86 machine's MKL there, oneDNN capped at AVX2."""
+    code = ("import torch; from selection import precision as p; "
+            "c = p.resolve('auto', torch.device('cpu'), (256, 576, 1536), None); "
+            "print(c.dtype, c.linear, c.fp32_gflops, c.onednn_gflops)")
+    env = {**os.environ, "MKL_ENABLE_INSTRUCTIONS": "SSE4_2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+           "ATEN_CPU_CAPABILITY": "avx2"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out[:2] == ["float32", "onednn"], out
+    assert float(out[3]) > float(out[2])
 
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="oneDNN's x86 ISA cap")

@@ -89,6 +89,23 @@ def test_no_heads_means_zero_score(model):
     assert fb == fm and sc.split is None
 
 
+def test_onednn_routed_fp32_matches_naive_reference(tiny_tokenizer):
+    """dtype auto's `linear: onednn` (selection.onednn_linear), lm_head included, at fp32 tolerance."""
+    from selection import onednn_linear
+
+    if not onednn_linear.available():
+        pytest.skip("torch built without oneDNN")
+    ref = make_tiny_llama(len(tiny_tokenizer), layers=4)
+    fast = make_tiny_llama(len(tiny_tokenizer), layers=4)
+    onednn_linear.route(fast)
+    docs = _docs()
+    fb, fm = scoring.score_tokens(scoring.BranchScorer(fast, HEADS), docs, max_batch_tokens=200,
+                                  max_batch_size=8, pad_id=0)
+    nb, nm = scoring.naive_losses(ref, docs, HEADS)
+    assert max(abs(a - b) for a, b in zip(fb, nb)) < 1e-5
+    assert max(abs(a - b) for a, b in zip(fm, nm)) < 1e-5
+
+
 def test_bf16_path_close_to_fp32_reference(tiny_tokenizer):
     ref = make_tiny_llama(len(tiny_tokenizer), layers=4)
     fast = make_tiny_llama(len(tiny_tokenizer), layers=4).to(torch.bfloat16)
