@@ -18,8 +18,9 @@ shared prefix once, both branches above it, causal attention, the lm_head per br
 fast path's wall time. On CPU the same run measures the machine's GEMM peak in the dtype the
 fast path ran in (a 2,048^3 matmul on all threads, best of 5, before and after the fast path)
 and prints the fraction, beside the other dtype's peak (one smaller matmul: where bf16 is
-emulated a 2,048^3 one takes tens of seconds), so one run shows both peaks and what `auto` chose. Both also come as per-CPU-second figures, which stay meaningful when other jobs
-share the cores (wall figures then understate both sides by different amounts).
+emulated a 2,048^3 one takes tens of seconds), so one run shows both peaks and what `auto`
+chose. Both also come as per-CPU-second figures, which stay meaningful when other jobs share
+the cores (wall figures then understate both sides by different amounts).
 
 Heads: --heads FILE (a detect/heads.json or a JSON list of [layer, head]); default a seeded
 random 5% of all heads, which usually includes a low layer and so understates what the shared

@@ -42,4 +42,5 @@ def test_bench_auto_reports_what_auto_chose_and_the_chosen_dtypes_peak(tmp_path,
     other = "bfloat16" if res["dtype"] == "float32" else "float32"
     assert res["peak_gemm_gflops_other"][other] > 0 and res["peak_gemm"].startswith(res["dtype"])
     last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert last.startswith(f"dtype {res['dtype']} (auto: bf16 ") and f"{res['dtype']} GEMM peak" in last
+    via = " via oneDNN" if prec["linear"] == "onednn" and res["dtype"] == "float32" else ""
+    assert last.startswith(f"dtype {res['dtype']}{via} (auto: bf16 ") and f"{res['dtype']} GEMM peak" in last
