@@ -214,44 +214,6 @@ def _budgeted_vllm():
     base = get_model("vllm")
 
     class BudgetedVLLM(base):
-        def _scored_tail(self, requests, disable_tqdm, override_bs):
-            """lm-eval's loglikelihood with the lm_head (and its log-softmax) on the batch's tail only.
-
-            lm-eval computes logits at every position and log-softmaxes all of them, then reads the
-            continuation's few. With a large vocabulary that is most of the work: a 2-layer CPU
-            arm spends >90% of its FLOPs in the lm_head, and MMLU's continuation is 1-2 tokens of a
-            100-500 token input. `_model_call` below keeps the last positions that can hold a
-            continuation (HF's `logits_to_keep`); lm-eval reads the continuation through its
-            causal offset (`inplen + (logits.shape[0] - padding_len_inp)`), so the shorter tensor
-            gives the same numbers (tests/eval/test_tail_logits.py, against lm-eval's own HFLM).
-            """
-            # One lm-eval call per continuation-length class (1, 2-4, 5-16, 17-64, ...): the tail
-            # must cover a batch's longest continuation, so MMLU's one-token answers are not
-            # batched under the bound of a long bpb target's.
-            groups: dict[int, list[int]] = {}
-            for i, (_, _, cont) in enumerate(requests):
-                groups.setdefault((max(1, len(cont)) - 1).bit_length() // 2, []).append(i)
-            out: list = [None] * len(requests)
-            for idx in groups.values():
-                part = [requests[i] for i in idx]
-                self._attninf_tail = max(len(cont) for _, _, cont in part)
-                try:
-                    got = super()._loglikelihood_tokens(part, disable_tqdm, override_bs)
-                finally:
-                    self._attninf_tail = None
-                for i, r in zip(idx, got):
-                    out[i] = r
-            return out
-
-        def _model_call(self, inps, attn_mask=None, labels=None):
-            keep = tail_positions(inps, self.__dict__.get("_attninf_tail"))
-            if (keep is None or attn_mask is not None or labels is not None or self.backend != "causal"
-                    or not _takes_logits_to_keep(self.model)):
-                return super()._model_call(inps, attn_mask, labels)
-            with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
-                                                 enabled=self.mixed_precision_dtype is not None):
-                return self.model(inps, logits_to_keep=keep).logits
-
         def generate_until(self, requests, disable_tqdm: bool = False):
             _budget_generation(self, requests)
             return super().generate_until(requests, disable_tqdm=disable_tqdm)
