@@ -59,7 +59,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from selection import masking, onednn_linear
+from selection import masking
 
 # --- tokenisation -----------------------------------------------------------------------------
 
@@ -169,8 +169,8 @@ def chunked_token_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.
     The matmul runs in the weight's dtype (bf16 fast path) on max(chunk, gemm_rows) rows at a
     time; log-softmax runs in fp32 on at most `chunk` rows, so peak memory is about
     max(chunk, gemm_rows) x V x 2 + chunk x V x 4 bytes instead of N x V x 4. `project`, when
-    given, computes the logits instead of F.linear (the lm_head module routed through oneDNN,
-    selection.onednn_linear).
+    given, computes the logits instead of F.linear(h, weight, bias): the model's lm_head module,
+    so a head routed through oneDNN (selection.onednn_linear) runs its routed forward.
     """
     out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
     rows = max(chunk, gemm_rows)
@@ -262,8 +262,7 @@ class BranchScorer:
 
         def loss_from(h):
             h = inner.norm(h)[:, :-1][valid]
-            tok = chunked_token_ce(h, head.weight, targets, self.ce_chunk, getattr(head, "bias", None),
-                                   project=head if onednn_linear.routed(head) else None)
+            tok = chunked_token_ce(h, head.weight, targets, self.ce_chunk, project=head)
             return mean_loss_per_doc(tok, doc_index, b)
 
         split = n_layers if self.split is None else self.split
