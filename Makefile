@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export WANDB_MODE ?= offline
 
-.PHONY: setup setup-debs setup-sandbox demo test test-slow test-scale test-cluster test-cluster-timelimit clean
+.PHONY: setup setup-debs setup-sandbox demo test test-slow test-scale test-cluster clean
 setup: $(VENV)/.installed setup-sandbox
 
 # HumanEval runs model-written code under bubblewrap (eval/code_exec.py refuses without it).
@@ -53,11 +53,6 @@ test-scale: setup
 test-cluster: setup
 	slurm/local_cluster.sh up 2
 	$(BIN)/python -m pytest -q -m slurm; rc=$$?; slurm/local_cluster.sh down; exit $$rc
-
-# The live time-limit / requeue test alone (also part of test-cluster).
-test-cluster-timelimit: setup
-	slurm/local_cluster.sh up 2
-	$(BIN)/python -m pytest -q -s -m timelimit; rc=$$?; slurm/local_cluster.sh down; exit $$rc
 
 clean:
 	rm -rf $(VENV) runs multirun outputs
